@@ -1,0 +1,109 @@
+"""The event dispatcher: turns a change unit into Kafka records, atomically.
+
+Each unit (source transaction or snapshot chunk) becomes, in ONE Kafka
+transaction: the schemas it needs (on the schema topic), a keyed envelope per
+row change on its table's topic (and a tombstone after each delete), and the
+unit's BEGIN and END on the transaction topic. The END's per-table counts tell
+a consumer when it holds the whole unit.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from confluent_kafka import Producer
+
+import schemas
+from cdc.events import ChangeUnit, RowChange
+from cdc.schema_history import SchemaHistory
+from djlink.topics import Admin, SchemaTopic, Topics, now_ms, produce
+from schemas.tables import TableShape, envelope_schema, key_schema, row_to_avro
+
+VERSION = "0.1.0"
+
+
+class EventDispatcher:
+    def __init__(
+        self, producer: Producer, topics: Topics, admin: Admin, history: SchemaHistory, schema_topic: SchemaTopic
+    ) -> None:
+        self._p = producer
+        self._topics = topics
+        self._admin = admin
+        self._history = history
+        self._schema_topic = schema_topic
+        self._codec = schemas.Codec()
+        self._schemas: dict[TableShape, tuple[schemas.Schema, schemas.Schema]] = {}
+        self.events_total = 0
+
+    def _schemas_of(self, shape: TableShape) -> tuple[schemas.Schema, schemas.Schema]:
+        if shape not in self._schemas:
+            self._schemas[shape] = (key_schema(shape, self._topics.prefix), envelope_schema(shape, self._topics.prefix))
+        return self._schemas[shape]
+
+    def dispatch(self, unit: ChangeUnit) -> None:
+        topics = {(c.db, c.table): self._topics.table(c.db, c.table) for c in unit.changes}
+        self._admin.ensure(topics.values())
+        self._p.begin_transaction()
+        try:
+            self._transaction_event(unit, "BEGIN", None)
+            counts: Counter[str] = Counter()
+            for order, change in enumerate(unit.changes, 1):
+                counts[f"{change.db}.{change.table}"] += 1
+                self._row(unit, change, topics[(change.db, change.table)], order, counts[f"{change.db}.{change.table}"])
+            self._transaction_event(unit, "END", counts)
+            self._p.commit_transaction()
+        except BaseException:
+            self._p.abort_transaction()
+            raise
+        self.events_total += len(unit.changes)
+
+    def _row(self, unit: ChangeUnit, change: RowChange, topic: str, order: int, table_order: int) -> None:
+        shape = self._history.shape(change.db, change.table)
+        kschema, vschema = self._schemas_of(shape)
+        self._schema_topic.publish(self._p, kschema)
+        self._schema_topic.publish(self._p, vschema)
+        before = None if change.before is None else row_to_avro(shape, change.before)
+        after = None if change.after is None else row_to_avro(shape, change.after)
+        image = after if after is not None else before
+        assert image is not None
+        key = self._codec.encode(kschema, {f["name"]: image[f["name"]] for f in kschema.definition["fields"]})
+        pos = unit.position
+        value: dict[str, Any] = {
+            "before": before,
+            "after": after,
+            "source": {
+                "version": VERSION,
+                "connector": "mariadb",
+                "name": self._topics.prefix,
+                "ts_ms": pos.ts_ms,
+                "snapshot": "true" if unit.snapshot else "false",
+                "db": change.db,
+                "table": change.table,
+                "server_id": pos.server_id,
+                "gtid": pos.gtid,
+                "file": pos.file,
+                "pos": pos.pos,
+                "row": change.row,
+            },
+            "op": change.op,
+            "ts_ms": now_ms(),
+            "transaction": {"id": unit.id, "total_order": order, "data_collection_order": table_order},
+        }
+        produce(self._p, topic, key, self._codec.encode(vschema, value))
+        if change.op == "d":
+            produce(self._p, topic, key, None)
+
+    def _transaction_event(self, unit: ChangeUnit, status: str, counts: Counter[str] | None) -> None:
+        record = {
+            "status": status,
+            "id": unit.id,
+            "event_count": None if counts is None else sum(counts.values()),
+            "data_collections": None
+            if counts is None
+            else [{"data_collection": k, "event_count": v} for k, v in counts.items()],
+            "ts_ms": now_ms(),
+            "request_id": unit.request_id,
+            "link_id": unit.link_id,
+        }
+        produce(self._p, self._topics.transaction, unit.id, self._codec.encode(schemas.FIXED["transaction"], record))

@@ -1,0 +1,46 @@
+"""Row changes and the units they travel in, before they become Kafka records."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where in the source's history a change was read."""
+
+    file: str
+    pos: int
+    gtid: str | None
+    ts_ms: int
+    server_id: int
+
+
+@dataclass(frozen=True)
+class RowChange:
+    db: str
+    table: str
+    op: str  # c, u, d, r
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+    row: int = 0  # index within its binlog event
+
+    @property
+    def image(self) -> dict[str, Any]:
+        """The row as it is after the change, or as it was before a delete."""
+        result = self.after if self.after is not None else self.before
+        assert result is not None
+        return result
+
+
+@dataclass
+class ChangeUnit:
+    """One source transaction, or one snapshot chunk: what the applier applies atomically."""
+
+    id: str
+    position: Position
+    snapshot: bool
+    changes: list[RowChange] = field(default_factory=list)
+    request_id: str | None = None
+    link_id: str | None = None

@@ -1,0 +1,69 @@
+"""Table shapes: the columns and primary key of each captured table.
+
+Read from INFORMATION_SCHEMA and cached; a DDL statement on a table drops its
+entry, so the next change re-reads it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pymysql
+
+from schemas.tables import Column, TableShape
+
+
+class UnknownTable(Exception):
+    """A captured table that the capture user cannot see (dropped, or no privilege)."""
+
+
+class SchemaHistory:
+    def __init__(self, connect: Any) -> None:
+        self._connect = connect  # () -> pymysql connection
+        self._conn: pymysql.connections.Connection[Any] | None = None
+        self._shapes: dict[tuple[str, str], TableShape] = {}
+
+    def _cursor(self) -> Any:
+        if self._conn is None or not self._conn.open:
+            self._conn = self._connect()
+        self._conn.ping(reconnect=True)
+        return self._conn.cursor()
+
+    def shape(self, db: str, table: str) -> TableShape:
+        key = (db, table)
+        if key not in self._shapes:
+            self._shapes[key] = self._read(db, table)
+        return self._shapes[key]
+
+    def forget(self, db: str, table: str | None = None) -> None:
+        for key in list(self._shapes):
+            if key[0] == db and (table is None or key[1] == table):
+                del self._shapes[key]
+
+    def part_tables(self, db: str, master: str) -> list[str]:
+        """DataJoint part tables of a master: `<master>__<part>` in the same schema."""
+        with self._cursor() as cur:
+            cur.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema=%s AND table_name LIKE %s "
+                "ORDER BY table_name",
+                (db, master.replace("_", "\\_") + "\\_\\_%"),
+            )
+            return [r[0] for r in cur.fetchall()]
+
+    def _read(self, db: str, table: str) -> TableShape:
+        with self._cursor() as cur:
+            cur.execute(
+                "SELECT column_name, data_type, column_type, is_nullable, numeric_precision, numeric_scale, column_key "
+                "FROM information_schema.columns WHERE table_schema=%s AND table_name=%s ORDER BY ordinal_position",
+                (db, table),
+            )
+            rows = cur.fetchall()
+        if not rows:
+            raise UnknownTable(f"table `{db}`.`{table}` does not exist or the capture user cannot see it")
+        columns = tuple(Column(r[0], r[1].lower(), r[2].lower(), r[3] == "YES", r[4], r[5]) for r in rows)
+        pk = tuple(r[0] for r in rows if r[6] == "PRI")
+        return TableShape(db, table, columns, pk)
+
+    def close(self) -> None:
+        if self._conn is not None and self._conn.open:
+            self._conn.close()

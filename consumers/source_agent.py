@@ -1,0 +1,231 @@
+"""The source agent: the only writer of helper tables, on the source site.
+
+It consumes commands (link registrations and pull requests) from the
+destination site and acknowledgements from the applier, moves each entity
+through the seed's states in the helper table, publishes links, asks the
+capture for snapshot reads of newly activated entities, and answers each
+request on the replies topic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pymysql
+import pymysql.cursors
+
+import schemas
+from cdc.schema_history import SchemaHistory, UnknownTable
+from cdc.snapshot import in_clause, quote
+from consumers.entity import NEW_HELPER_ROW, PullDecision, decide_pull
+from djlink import keys as keycodec
+from djlink.config import Settings
+from djlink.links import LinkRegistry, LinkSpec
+from djlink.topics import Admin, Topics, consumer, now_ms, produce, producer
+
+log = logging.getLogger(__name__)
+HELPER_COLUMNS = ("process", "is_flagged", "is_deprecated")
+
+
+class Refused(Exception):
+    """A request the source site does not allow; the message goes back to the requester."""
+
+
+class SourceAgent:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topics = Topics(settings.topic_prefix)
+        self._codec = schemas.Codec()
+        self._history = SchemaHistory(self._connect)
+
+    def _connect(self, **extra: Any) -> Any:
+        return pymysql.connect(**self.settings.source.connect_args(), charset="utf8mb4", **extra)
+
+    def run(self, stop: threading.Event, on_ready: Callable[[], None] | None = None) -> None:
+        s = self.settings
+        self._admin = Admin(s)
+        self._admin.ensure_control(self.topics)
+        self._registry = LinkRegistry(s, self.topics)
+        self._registry.catch_up()
+        self._db = self._connect(cursorclass=pymysql.cursors.DictCursor, autocommit=False)
+        self._p = producer(s)
+        c = consumer(s, f"{self.topics.prefix}-agent")
+        c.subscribe([self.topics.commands, self.topics.acks])
+        if on_ready:
+            on_ready()
+        try:
+            while not stop.is_set():
+                msg = c.poll(0.1)
+                if msg is None or msg.error() is not None or msg.value() is None:
+                    continue
+                record = self._codec.decode(msg.value())
+                self._db.ping(reconnect=True)
+                if msg.topic() == self.topics.acks:
+                    self._ack(record)
+                else:
+                    self._command(record)
+                self._p.flush(30)
+                c.commit(message=msg, asynchronous=False)
+        finally:
+            c.close()
+            self._registry.close()
+            self._db.close()
+            self._p.flush(10)
+
+    # -- replies -----------------------------------------------------------
+
+    def _reply(self, request_id: str, status: str, **fields: Any) -> None:
+        record = {"request_id": request_id, "status": status, "ts_ms": now_ms(), **fields}
+        produce(self._p, self.topics.replies, request_id, self._codec.encode(schemas.FIXED["reply"], record))
+
+    # -- commands ----------------------------------------------------------
+
+    def _command(self, cmd: dict[str, Any]) -> None:
+        rid = cmd["request_id"]
+        try:
+            link = self._register(LinkSpec.from_avro(cmd["link"]))
+            if cmd["kind"] == "REGISTER":
+                self._reply(rid, "ACCEPTED", message=f"link {link.link_id} registered")
+            else:
+                self._pull(rid, link, cmd["keys"])
+        except Refused as exc:
+            self._db.rollback()
+            self._reply(rid, "REFUSED", message=str(exc))
+
+    def _register(self, requested: LinkSpec) -> LinkSpec:
+        s = self.settings
+        if not s.schema_allowed(requested.source_db):
+            raise Refused(
+                f"source schema '{requested.source_db}' is not shared by this source site; "
+                f"its operator can allow it in DJLINK_ALLOWED_SCHEMAS"
+            )
+        self._history.forget(requested.source_db)
+        try:
+            shape = self._history.shape(requested.source_db, requested.source_table)
+        except UnknownTable as exc:
+            raise Refused(str(exc)) from exc
+        link = dataclasses.replace(
+            requested,
+            part_tables=tuple(self._history.part_tables(requested.source_db, requested.source_table)),
+            primary_key=shape.primary_key,
+        )
+        self._ensure_helper_table(link)
+        self._admin.ensure(self.topics.table(db, t) for db, t in link.captured_tables())
+        self._registry.refresh(0)
+        if self._registry.links.get(link.link_id) != link:
+            produce(self._p, self.topics.links, link.link_id, self._codec.encode(schemas.FIXED["link"], link.to_avro()))
+            self._p.flush(30)
+            self._registry.links[link.link_id] = link
+        return link
+
+    def _ensure_helper_table(self, link: LinkSpec) -> None:
+        """Create the helper table as datajoint-link declares it, with its foreign key to the source."""
+        with self._db.cursor() as cur:
+            cur.execute(
+                "SELECT column_name AS name, column_type AS type, column_comment AS comment "
+                "FROM information_schema.columns WHERE table_schema=%s AND table_name=%s AND column_key='PRI' "
+                "ORDER BY ordinal_position",
+                (link.source_db, link.source_table),
+            )
+            pk = cur.fetchall()
+            columns = [f"{quote(c['name'])} {c['type']} NOT NULL COMMENT {self._db.escape(c['comment'])}" for c in pk]
+            names = ", ".join(quote(c["name"]) for c in pk)
+            cur.execute(f"CREATE DATABASE IF NOT EXISTS {quote(link.helper_db)}")
+            cur.execute(
+                f"CREATE TABLE IF NOT EXISTS {quote(link.helper_db)}.{quote(link.helper_table)} ("
+                + ", ".join(columns)
+                + ', `process` enum("PULL","DELETE","NONE") NOT NULL COMMENT ""'
+                + ', `is_flagged` enum("TRUE","FALSE") NOT NULL COMMENT ""'
+                + ', `is_deprecated` enum("TRUE","FALSE") NOT NULL COMMENT ""'
+                + f", PRIMARY KEY ({names})"
+                + f", FOREIGN KEY ({names}) REFERENCES {quote(link.source_db)}.{quote(link.source_table)} ({names})"
+                + " ON UPDATE CASCADE ON DELETE RESTRICT"
+                + ') ENGINE=InnoDB, COMMENT "djlink helper table: sharing state of each entity"'
+            )
+        self._db.commit()
+
+    def _helper_rows(self, link: LinkSpec, key_texts: Sequence[str]) -> dict[str, dict[str, Any]]:
+        pk = list(link.primary_key)
+        result: dict[str, dict[str, Any]] = {}
+        table = f"{quote(link.helper_db)}.{quote(link.helper_table)}"
+        with self._db.cursor() as cur:
+            for start in range(0, len(key_texts), 1000):
+                chunk = [keycodec.decode(k) for k in key_texts[start : start + 1000]]
+                cur.execute(
+                    f"SELECT * FROM {table} WHERE {in_clause(pk, len(chunk))} FOR UPDATE",
+                    [k[c] for k in chunk for c in pk],
+                )
+                for row in cur.fetchall():
+                    result[keycodec.encode(row, pk)] = row
+        return result
+
+    def _pull(self, rid: str, link: LinkSpec, key_texts: list[str]) -> None:
+        pk = list(link.primary_key)
+        key_texts = [keycodec.encode(keycodec.decode(k), pk) for k in key_texts]
+        helpers = self._helper_rows(link, key_texts)
+        to_insert: list[str] = []
+        to_read: list[str] = []
+        skipped: list[str] = []
+        refused: list[str] = []
+        for k in key_texts:
+            decision = decide_pull(helpers.get(k))
+            if decision.action is PullDecision.ACTIVATE:
+                to_insert.append(k)
+                to_read.append(k)
+            elif decision.action is PullDecision.RESUME:
+                to_read.append(k)
+            elif decision.action is PullDecision.SKIP:
+                skipped.append(k)
+            else:
+                refused.append(f"{k}: {decision.reason}")
+        if to_insert:
+            cols = pk + list(HELPER_COLUMNS)
+            sql = (
+                f"INSERT INTO {quote(link.helper_db)}.{quote(link.helper_table)} "
+                f"({', '.join(quote(c) for c in cols)}) VALUES ({', '.join(['%s'] * len(cols))})"
+            )
+            rows = [
+                [keycodec.decode(k)[c] for c in pk] + [NEW_HELPER_ROW[c] for c in HELPER_COLUMNS] for k in to_insert
+            ]
+            with self._db.cursor() as cur:
+                try:
+                    cur.executemany(sql, rows)
+                except pymysql.err.IntegrityError as exc:
+                    raise Refused(f"cannot activate entities of {link.link_id}: {exc.args[-1]}") from exc
+        self._db.commit()
+        self._reply(rid, "ACCEPTED", activated=len(to_read), skipped=len(skipped), refused=refused, done=skipped)
+        if to_read:
+            signal = {
+                "signal_id": rid,
+                "kind": "SNAPSHOT_KEYS",
+                "request_id": rid,
+                "link": link.to_avro(),
+                "keys": to_read,
+                "ts_ms": now_ms(),
+            }
+            produce(self._p, self.topics.signals, link.link_id, self._codec.encode(schemas.FIXED["signal"], signal))
+
+    # -- acknowledgements ----------------------------------------------------
+
+    def _ack(self, ack: dict[str, Any]) -> None:
+        self._registry.refresh(0)
+        link = self._registry.links.get(ack["link_id"])
+        if link is None:
+            self._registry.catch_up()
+            link = self._registry.links[ack["link_id"]]
+        pk = list(link.primary_key)
+        chunk = [keycodec.decode(k) for k in ack["keys"]]
+        if chunk:
+            with self._db.cursor() as cur:
+                cur.execute(
+                    f"UPDATE {quote(link.helper_db)}.{quote(link.helper_table)} SET `process`='NONE' "
+                    f"WHERE `process`='PULL' AND {in_clause(pk, len(chunk))}",
+                    [k[c] for k in chunk for c in pk],
+                )
+            self._db.commit()
+        if ack["request_id"]:
+            self._reply(ack["request_id"], "PROGRESS", done=ack["keys"])

@@ -1,0 +1,143 @@
+"""The `djlink` command: run the services of a site, bring local services up, run the demo.
+
+djlink run --role capture --role agent     # source site
+djlink run --role applier                  # destination site
+djlink services up|down|status|env         # local MariaDB x2 + Kafka for development
+djlink demo                                # the README's end-to-end example
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Any
+
+import pymysql
+import typer
+
+from djlink.config import ConfigError, Settings
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
+
+
+class Role(StrEnum):
+    capture = "capture"
+    agent = "agent"
+    applier = "applier"
+
+
+def expected_error(exc: BaseException) -> str | None:
+    """A one-line message for failures a user can cause and fix; None for bugs."""
+    from cdc.preconditions import PreconditionError
+    from djlink.services import ServiceError
+
+    if isinstance(exc, PreconditionError | ConfigError | ServiceError):
+        return str(exc)
+    if isinstance(exc, pymysql.err.OperationalError):
+        code = exc.args[0] if exc.args else 0
+        if code == 1045:
+            return f"database refused the login: {exc.args[1]} (check DJLINK_*_USER / DJLINK_*_PASSWORD)"
+        if code in (2002, 2003):
+            return f"cannot reach the database: {exc.args[1]} (check DJLINK_*_HOST / DJLINK_*_PORT)"
+        if code in (1142, 1227, 1044):
+            return f"missing privilege: {exc.args[1]}"
+        return f"database error {code}: {exc.args[1] if len(exc.args) > 1 else exc}"
+    return None
+
+
+def _service(role: Role, settings: Settings) -> Any:
+    if role is Role.capture:
+        from cdc.coordinator import Capture
+
+        return Capture(settings)
+    if role is Role.agent:
+        from consumers.source_agent import SourceAgent
+
+        return SourceAgent(settings)
+    from consumers.applier import Applier
+
+    return Applier(settings)
+
+
+def run_roles(roles: list[Role], settings: Settings, stop: threading.Event, on_ready: Callable[[], None]) -> None:
+    """Run each role in a thread until `stop` is set or one of them fails (then raise its error)."""
+    failures: list[BaseException] = []
+    ready = threading.Semaphore(0)
+
+    def body(role: Role) -> None:
+        try:
+            _service(role, settings).run(stop, ready.release)
+        except BaseException as exc:
+            failures.append(exc)
+            stop.set()
+            ready.release()
+
+    threads = [threading.Thread(target=body, args=(r,), name=r.value, daemon=True) for r in roles]
+    for t in threads:
+        t.start()
+    for _ in roles:
+        ready.acquire()
+    if not failures:
+        on_ready()
+    for t in threads:
+        while t.is_alive():
+            t.join(0.5)
+    if failures:
+        raise failures[0]
+
+
+@app.command()
+def run(
+    role: list[Role] = typer.Option(
+        [Role.capture, Role.agent, Role.applier], "--role", "-r", help="services to run (repeat); default all"
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="log at DEBUG level"),
+) -> None:
+    """Run djlink services until interrupted. Configured by DJLINK_* variables (see README)."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        settings = Settings.from_env()
+        run_roles(list(role), settings, stop, lambda: print("djlink: ready", flush=True))
+    except KeyboardInterrupt:
+        stop.set()
+    except Exception as exc:
+        message = expected_error(exc)
+        if message is None:
+            traceback.print_exc()
+            message = f"{type(exc).__name__}: {exc}"
+        print(f"error: {message}", file=sys.stderr)
+        raise typer.Exit(1) from None
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def services(ctx: typer.Context, action: str = typer.Argument(..., help="up, down [--purge], status or env")) -> None:
+    """Start or stop the local development services (two MariaDB servers and Kafka)."""
+    from djlink import services as svc
+
+    raise typer.Exit(svc.main([action, *ctx.args]))
+
+
+@app.command()
+def demo() -> None:
+    """Bring up local services, run the pipeline, pull a small table through Kafka, print what arrived."""
+    from djlink import demo as demo_module
+
+    try:
+        demo_module.main()
+    except Exception as exc:
+        message = expected_error(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        raise typer.Exit(1) from None
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,72 @@
+"""Settings of every djlink process, read from the environment.
+
+One place names every variable, so the local launcher, docker-compose and the
+tests configure the same keys. `DJLINK_*` variables configure the services;
+the façade additionally reads `LINK_USER`/`LINK_PASS` as datajoint-link did.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed."""
+
+
+@dataclass(frozen=True)
+class Database:
+    host: str
+    port: int
+    user: str
+    password: str
+
+    def connect_args(self) -> dict[str, object]:
+        return {"host": self.host, "port": self.port, "user": self.user, "password": self.password}
+
+
+@dataclass(frozen=True)
+class Settings:
+    kafka_bootstrap: str
+    topic_prefix: str
+    source: Database
+    destination: Database
+    allowed_schemas: tuple[str, ...]
+    capture_server_id: int
+    snapshot_chunk_size: int
+    timeout_s: float
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+
+        def db(side: str) -> Database:
+            try:
+                port = int(env.get(f"DJLINK_{side}_PORT", "3306"))
+            except ValueError as exc:
+                raise ConfigError(f"DJLINK_{side}_PORT must be a port number") from exc
+            return Database(
+                env.get(f"DJLINK_{side}_HOST", "127.0.0.1"),
+                port,
+                env.get(f"DJLINK_{side}_USER", "root"),
+                env.get(f"DJLINK_{side}_PASSWORD", ""),
+            )
+
+        allowed = tuple(p.strip() for p in env.get("DJLINK_ALLOWED_SCHEMAS", "").split(",") if p.strip())
+        return cls(
+            kafka_bootstrap=env.get("DJLINK_KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
+            topic_prefix=env.get("DJLINK_TOPIC_PREFIX", "djlink"),
+            source=db("SOURCE"),
+            destination=db("DEST"),
+            allowed_schemas=allowed,
+            capture_server_id=int(env.get("DJLINK_CAPTURE_SERVER_ID", "5401")),
+            snapshot_chunk_size=int(env.get("DJLINK_SNAPSHOT_CHUNK_SIZE", "500")),
+            timeout_s=float(env.get("DJLINK_TIMEOUT", "60")),
+        )
+
+    def schema_allowed(self, schema: str) -> bool:
+        """Whether the source site's allow-list (DJLINK_ALLOWED_SCHEMAS) lets `schema` be shared."""
+        return any(fnmatch.fnmatchcase(schema, pattern) for pattern in self.allowed_schemas)

@@ -1,0 +1,146 @@
+"""The README's end-to-end example: a small source table pulled through Kafka.
+
+It brings up the local services, declares a DataJoint table with a part table
+and a longblob at the source, grants a link user only datajoint-link's
+privileges (plus binlog reading), runs capture, source agent and applier,
+links the table from the destination side and pulls two of its three rows.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+import datajoint as dj
+import numpy as np
+import pymysql
+
+from djlink import services
+from djlink.cli import Role, run_roles
+from djlink.config import Settings
+
+SOURCE, HELPER, DEST = "djlink_demo_source", "djlink_demo_helper", "djlink_demo_dest"
+LINK_USER, LINK_PASS = "djlink_demo", "djlink-demo-password"
+
+
+def _admin(env: dict[str, str], side: str) -> Any:
+    return pymysql.connect(
+        host=env[f"DJLINK_{side}_HOST"],
+        port=int(env[f"DJLINK_{side}_PORT"]),
+        user=env[f"DJLINK_{side}_USER"],
+        password=env[f"DJLINK_{side}_PASSWORD"],
+        autocommit=True,
+    )
+
+
+def prepare_source(env: dict[str, str]) -> None:
+    conn = _admin(env, "SOURCE")
+    with conn.cursor() as cur:
+        for db in (HELPER, SOURCE):
+            cur.execute(f"DROP DATABASE IF EXISTS `{db}`")
+        cur.execute(f"CREATE USER IF NOT EXISTS '{LINK_USER}'@'127.0.0.1' IDENTIFIED BY '{LINK_PASS}'")
+        cur.execute(f"GRANT SELECT, REFERENCES ON `{SOURCE}`.* TO '{LINK_USER}'@'127.0.0.1'")
+        cur.execute(f"GRANT ALL PRIVILEGES ON `{HELPER}`.* TO '{LINK_USER}'@'127.0.0.1'")
+        cur.execute(f"GRANT REPLICATION SLAVE, BINLOG MONITOR ON *.* TO '{LINK_USER}'@'127.0.0.1'")
+    conn.close()
+    source = dj.Connection(
+        f"{env['DJLINK_SOURCE_HOST']}:{env['DJLINK_SOURCE_PORT']}",
+        env["DJLINK_SOURCE_USER"],
+        env["DJLINK_SOURCE_PASSWORD"],
+        use_tls=False,
+    )
+    schema = dj.Schema(SOURCE, connection=source)
+
+    @schema
+    class Recording(dj.Manual):
+        definition = """
+        recording_id : int
+        ---
+        subject : varchar(32)
+        trace : longblob
+        """
+
+        class Channel(dj.Part):
+            definition = """
+            -> master
+            channel : tinyint
+            ---
+            gain : double
+            """
+
+    for i in (1, 2, 3):
+        Recording.insert1({"recording_id": i, "subject": f"mouse-{i}", "trace": np.arange(i * 4, dtype=float)})
+        Recording.Channel.insert({"recording_id": i, "channel": c, "gain": 0.5 * c} for c in range(2))
+    source.close()
+
+
+def main() -> None:
+    started = time.monotonic()
+    env = services.up(quiet=True)
+    conn = _admin(env, "DEST")
+    with conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS `{DEST}`")
+    conn.close()
+    prepare_source(env)
+    print(f"source: {SOURCE}.recording with 3 rows and 6 part rows")
+
+    # The source site runs capture and agent as the link user; the destination runs the applier.
+    os.environ.update(env)
+    os.environ.update(
+        {
+            "DJLINK_SOURCE_USER": LINK_USER,
+            "DJLINK_SOURCE_PASSWORD": LINK_PASS,
+            "DJLINK_ALLOWED_SCHEMAS": "djlink_demo_*",
+            "DJLINK_TOPIC_PREFIX": f"djlink-demo-{int(time.time())}",
+            "LINK_USER": LINK_USER,
+            "LINK_PASS": LINK_PASS,
+        }
+    )
+    stop, ready = threading.Event(), threading.Event()
+    failure: list[BaseException] = []
+
+    def pipeline() -> None:
+        try:
+            run_roles([Role.capture, Role.agent, Role.applier], Settings.from_env(), stop, ready.set)
+        except BaseException as exc:
+            failure.append(exc)
+            ready.set()
+
+    thread = threading.Thread(target=pipeline, daemon=True)
+    thread.start()
+    ready.wait(120)
+    if failure:
+        raise failure[0]
+    print(f"pipeline: capture, source agent and applier running ({time.monotonic() - started:.1f} s)")
+
+    dj.config.update(
+        {
+            "database.host": f"{env['DJLINK_DEST_HOST']}:{env['DJLINK_DEST_PORT']}",
+            "database.user": env["DJLINK_DEST_USER"],
+            "database.password": env["DJLINK_DEST_PASSWORD"],
+            "database.use_tls": False,
+            "loglevel": "WARNING",
+        }
+    )
+    from link import link
+
+    @link(f"{env['DJLINK_SOURCE_HOST']}:{env['DJLINK_SOURCE_PORT']}", SOURCE, HELPER, "Outbound", DEST)
+    class Recording:
+        """Recordings shared from the source lab."""
+
+    summary = (Recording().source & "recording_id < 3").pull(display_progress=True)
+    print(f"pull: {summary}")
+    print(f"destination rows: {len(Recording())}")
+    for row in Recording().fetch(as_dict=True):
+        print(f"  recording {row['recording_id']}: {row['subject']}, trace {row['trace'].tolist()}")
+    print(f"destination part rows: {len(Recording.Channel())}")
+    print(f"pulled at {time.monotonic() - started:.1f} s")
+    stop.set()
+    thread.join(30)
+    print(f"done in {time.monotonic() - started:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

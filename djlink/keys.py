@@ -1,0 +1,42 @@
+"""Primary keys as canonical JSON strings: what crosses Kafka instead of SQL text.
+
+The façade (from DataJoint), the capture (from the binlog and snapshot reads)
+and the applier (from Avro) each see a key's values as different Python types;
+`encode` maps all of them to one string, so keys compare equal across sites.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import uuid
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+from typing import Any
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray):
+        return {"$b64": base64.b64encode(bytes(value)).decode()}
+    if isinstance(value, uuid.UUID):
+        return _plain(value.bytes)
+    if isinstance(value, dt.datetime):
+        return value.replace(tzinfo=None).isoformat(sep=" ")
+    if isinstance(value, dt.date | dt.time | dt.timedelta | Decimal):
+        return str(value)
+    if hasattr(value, "item"):  # numpy scalars from DataJoint fetches
+        return value.item()
+    return value
+
+
+def encode(key: Mapping[str, Any], attributes: Sequence[str] | None = None) -> str:
+    """The canonical string of a key (only `attributes`, when given)."""
+    names = attributes if attributes is not None else sorted(key)
+    return json.dumps({n: _plain(key[n]) for n in names}, sort_keys=True, separators=(",", ":"))
+
+
+def decode(text: str) -> dict[str, Any]:
+    """A key as SQL parameters: bytes where bytes were, strings MariaDB compares as the column's type."""
+    raw = json.loads(text)
+    return {k: base64.b64decode(v["$b64"]) if isinstance(v, dict) else v for k, v in raw.items()}

@@ -1,0 +1,131 @@
+"""Links: which source table is shared to which destination, through which helper table.
+
+The source agent is the only writer of the compacted `<prefix>.links` topic;
+the capture and the applier follow it with a `LinkRegistry`, so a link
+declared at run time reaches the running services without a restart.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+import schemas
+from djlink.config import Settings
+from djlink.topics import Topics
+
+
+def destination_name(source_table: str) -> str:
+    """The destination table of a source table: DataJoint's tier prefix dropped (the copy is Manual)."""
+    master, sep, part = source_table.lstrip("#_").partition("__")
+    return f"{master}{sep}{part}"
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    link_id: str
+    source_db: str
+    source_table: str
+    helper_db: str
+    helper_table: str
+    destination_db: str
+    part_tables: tuple[str, ...] = ()
+    primary_key: tuple[str, ...] = ()
+
+    @classmethod
+    def new(cls, source_db: str, source_table: str, helper_db: str, helper_table: str, destination_db: str) -> LinkSpec:
+        return cls(f"{helper_db}.{helper_table}", source_db, source_table, helper_db, helper_table, destination_db)
+
+    def to_avro(self) -> dict[str, Any]:
+        return {
+            "link_id": self.link_id,
+            "source_db": self.source_db,
+            "source_table": self.source_table,
+            "part_tables": list(self.part_tables),
+            "primary_key": list(self.primary_key),
+            "helper_db": self.helper_db,
+            "helper_table": self.helper_table,
+            "destination_db": self.destination_db,
+        }
+
+    @classmethod
+    def from_avro(cls, r: dict[str, Any]) -> LinkSpec:
+        return cls(
+            r["link_id"],
+            r["source_db"],
+            r["source_table"],
+            r["helper_db"],
+            r["helper_table"],
+            r["destination_db"],
+            tuple(r["part_tables"]),
+            tuple(r["primary_key"]),
+        )
+
+    def data_tables(self) -> list[tuple[str, str]]:
+        """(db, table) of the master and its parts, master first."""
+        return [(self.source_db, self.source_table), *((self.source_db, p) for p in self.part_tables)]
+
+    def captured_tables(self) -> list[tuple[str, str]]:
+        """Everything the capture publishes for this link: data tables and the helper table."""
+        return [*self.data_tables(), (self.helper_db, self.helper_table)]
+
+
+@dataclass
+class LinkRegistry:
+    """The current links, as the compacted links topic says."""
+
+    settings: Settings
+    topics: Topics
+    links: dict[str, LinkSpec] = field(default_factory=dict)
+    _consumer: Consumer | None = None
+
+    def _ensure(self) -> Consumer:
+        if self._consumer is None:
+            self._consumer = Consumer(
+                {
+                    "bootstrap.servers": self.settings.kafka_bootstrap,
+                    "group.id": f"{self.topics.links}-reader",
+                    "enable.auto.commit": False,
+                    "isolation.level": "read_committed",
+                }
+            )
+            self._consumer.assign([TopicPartition(self.topics.links, 0, OFFSET_BEGINNING)])
+        return self._consumer
+
+    def refresh(self, timeout: float = 0.0) -> bool:
+        """Read what is there now; True when a link was added or changed."""
+        c = self._ensure()
+        changed = False
+        codec = schemas.Codec()
+        for msg in c.consume(500, timeout):
+            if msg.error() is not None or msg.value() is None:
+                continue
+            spec = LinkSpec.from_avro(codec.decode(msg.value()))
+            if self.links.get(spec.link_id) != spec:
+                self.links[spec.link_id] = spec
+                changed = True
+        return changed
+
+    def catch_up(self, timeout_s: float = 10.0) -> bool:
+        """Read up to the topic's current end (when an event names a table not yet known)."""
+        c = self._ensure()
+        tp = TopicPartition(self.topics.links, 0)
+        low, high = c.get_watermark_offsets(tp, timeout=5)
+        changed = False
+        if high <= low:
+            return self.refresh(0)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            changed |= self.refresh(0.2)
+            pos = c.position([tp])[0].offset
+            if pos >= high:
+                break
+        return changed
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None

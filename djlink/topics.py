@@ -1,0 +1,214 @@
+"""Kafka for djlink: topic names, topic creation, clients, the schema topic.
+
+Every topic name is built here from the topic prefix, so a test (or a second
+deployment on the same broker) isolates itself by choosing another prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+import schemas
+from djlink.config import Settings
+
+_TOPIC_BAD = re.compile(r"[^A-Za-z0-9._]")
+
+
+class Topics:
+    """The names of a deployment's topics."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.links = f"{prefix}.links"
+        self.commands = f"{prefix}.commands"
+        self.replies = f"{prefix}.replies"
+        self.signals = f"{prefix}.signals"
+        self.acks = f"{prefix}.acks"
+        self.transaction = f"{prefix}.transaction"
+        self.schemas = f"{prefix}.schemas"
+        self.dead_letter = f"{prefix}.dead-letter"
+
+    def table(self, db: str, table: str) -> str:
+        """Change topic of a table, Debezium style `<prefix>.<db>.<table>`.
+
+        Characters Kafka does not allow (`#` of lookup tables, `~` of external
+        tables) become `-` and their hex code; table names never contain `-`,
+        so the mapping is one to one.
+        """
+        esc = lambda s: _TOPIC_BAD.sub(lambda m: f"-{ord(m.group()):02x}", s)  # noqa: E731
+        return f"{self.prefix}.{esc(db)}.{esc(table)}"
+
+    def control(self) -> dict[str, bool]:
+        """Control topics and whether each is compacted."""
+        return {
+            self.links: True,
+            self.schemas: True,
+            self.commands: False,
+            self.replies: False,
+            self.signals: False,
+            self.acks: False,
+            self.transaction: False,
+            self.dead_letter: False,
+        }
+
+
+class Admin:
+    """Creates topics once, remembering what exists."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+        self._known: set[str] = set()
+        self._lock = threading.Lock()
+
+    def ensure(self, names: Iterable[str], compacted: bool = False, partitions: int = 1) -> None:
+        with self._lock:
+            missing = [n for n in names if n not in self._known]
+            if not missing:
+                return
+            existing = set(self._admin.list_topics(timeout=10).topics)
+            create = [n for n in missing if n not in existing]
+            config = {"cleanup.policy": "compact"} if compacted else {}
+            if create:
+                futures = self._admin.create_topics(
+                    [NewTopic(n, num_partitions=partitions, replication_factor=1, config=config) for n in create]
+                )
+                for fut in futures.values():
+                    try:
+                        fut.result(timeout=30)
+                    except KafkaException as exc:
+                        if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                            raise
+            self._known.update(missing)
+            _wait_for_metadata(self._admin, create)
+
+    def ensure_control(self, topics: Topics) -> None:
+        by_kind: dict[bool, list[str]] = {True: [], False: []}
+        for name, compacted in topics.control().items():
+            by_kind[compacted].append(name)
+        for compacted, names in by_kind.items():
+            self.ensure(names, compacted=compacted)
+
+
+def _wait_for_metadata(admin: AdminClient, names: list[str], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    pending = set(names)
+    while pending and time.monotonic() < deadline:
+        md = admin.list_topics(timeout=5).topics
+        pending = {n for n in pending if n not in md or md[n].error is not None or not md[n].partitions}
+        if pending:
+            time.sleep(0.05)
+
+
+def producer(settings: Settings, transactional_id: str | None = None, **extra: Any) -> Producer:
+    conf: dict[str, Any] = {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "enable.idempotence": True,
+        "linger.ms": 5,
+        "partitioner": "murmur2_random",  # agree with Java clients on key -> partition
+    }
+    if transactional_id:
+        conf["transactional.id"] = transactional_id
+    conf.update(extra)
+    return Producer(conf)
+
+
+def consumer(settings: Settings, group_id: str, **extra: Any) -> Consumer:
+    conf: dict[str, Any] = {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "group.id": group_id,
+        "isolation.level": "read_committed",
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "topic.metadata.refresh.interval.ms": 5000,
+    }
+    conf.update(extra)
+    return Consumer(conf)
+
+
+def produce(p: Producer, topic: str, key: bytes | str | None, value: bytes | None) -> None:
+    """Produce, waiting for room in the local queue instead of failing."""
+    while True:
+        try:
+            p.produce(topic, key=key, value=value)
+            return
+        except BufferError:
+            p.poll(0.1)
+
+
+class SchemaTopic:
+    """Publishes schemas to `<prefix>.schemas` and resolves fingerprints from it."""
+
+    def __init__(self, settings: Settings, topics: Topics) -> None:
+        self._settings = settings
+        self._topic = topics.schemas
+        self._published: set[bytes] = set()
+        self._seen: dict[bytes, str] = {}
+
+    def publish(self, p: Producer, schema: schemas.Schema) -> None:
+        """Produce the schema once per process (inside the caller's transaction, if any)."""
+        if schema.fingerprint in self._published:
+            return
+        body = {
+            "fingerprint": schema.fingerprint.hex(),
+            "subject": schema.subject,
+            "schema": json.dumps(schema.definition),
+        }
+        produce(p, self._topic, schema.fingerprint.hex(), json.dumps(body).encode())
+        self._published.add(schema.fingerprint)
+
+    def resolve(self, fingerprint: bytes) -> str | None:
+        """The schema JSON of a fingerprint, reading the schema topic to its end if needed."""
+        if fingerprint not in self._seen:
+            self._read_all()
+        return self._seen.get(fingerprint)
+
+    def _read_all(self) -> None:
+        c = Consumer(
+            {
+                "bootstrap.servers": self._settings.kafka_bootstrap,
+                "group.id": f"{self._topic}-reader",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+            }
+        )
+        try:
+            tp = TopicPartition(self._topic, 0, OFFSET_BEGINNING)
+            _, high = c.get_watermark_offsets(tp, timeout=10)
+            if high <= 0:
+                return
+            c.assign([tp])
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                msg = c.poll(0.5)
+                if msg is None:
+                    pos = c.position([TopicPartition(self._topic, 0)])[0].offset
+                    if pos >= high:
+                        return
+                    continue
+                value = msg.value()
+                if msg.error() is None and value:
+                    body = json.loads(value)
+                    self._seen[bytes.fromhex(body["fingerprint"])] = body["schema"]
+                if where(msg)[2] + 1 >= high:
+                    return
+        finally:
+            c.close()
+
+
+def where(msg: Message) -> tuple[str, int, int]:
+    """Topic, partition and offset of a consumed message."""
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    assert topic is not None and partition is not None and offset is not None
+    return topic, partition, offset
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)

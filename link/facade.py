@@ -1,0 +1,214 @@
+"""The `link` decorator and the source-side view it adds to the destination table.
+
+Compatible with datajoint-link: `@link(host, source_schema, helper_schema,
+helper_table, destination_schema)` on a class named after the source table
+declares that table at the destination (Manual tier, parts included) and adds
+`Table().source`, a read-only DataJoint view of the source whose restrictions
+can be `pull()`ed. The pull itself crosses Kafka: this module sends primary
+keys to the source agent and waits for the applier's acknowledgements.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import datajoint as dj
+from tqdm.auto import tqdm
+
+from djlink import keys as keycodec
+from djlink.config import Settings
+from djlink.links import LinkSpec
+from link.requests import Requests
+
+
+class LinkError(Exception):
+    """A link that cannot be made or a request the source site refused."""
+
+
+@dataclass
+class PullSummary:
+    """What a pull did, entity by entity."""
+
+    requested: int = 0
+    pulled: int = 0
+    skipped: int = 0
+    refused: list[str] = field(default_factory=list)
+    in_flight: list[str] = field(default_factory=list)
+    message: str = ""
+
+    def __str__(self) -> str:
+        text = f"{self.pulled} pulled, {self.skipped} already shared, {len(self.refused)} refused"
+        if self.in_flight:
+            text += f", {len(self.in_flight)} still in flight (they complete in the background; pull again to wait)"
+        return text + (f": {self.message}" if self.message else "")
+
+
+def _sql_name(helper_table: str) -> str:
+    """The helper table as given in the README (snake_case) or as a class name (CamelCase)."""
+    return dj.utils.from_camel_case(helper_table) if any(ch.isupper() for ch in helper_table) else helper_table
+
+
+def _definition(heading: Any, drop: set[str] = frozenset(), head: str = "") -> str:  # type: ignore[assignment]
+    """A DataJoint definition of a heading without its foreign keys (attributes inlined)."""
+    lines = [head] if head else []
+    in_key = True
+    for attr in heading.attributes.values():
+        if attr.name in drop:
+            continue
+        if in_key and not attr.in_key:
+            lines.append("---")
+            in_key = False
+        default = attr.default
+        if default is not None and default.lower().startswith("current_timestamp"):
+            default = "CURRENT_TIMESTAMP"  # MariaDB reports current_timestamp(), which DataJoint cannot declare
+        name = attr.name if default is None else f"{attr.name} = {default}"
+        kind = f"{attr.type}{' auto_increment' if attr.autoincrement else ''}"
+        lines.append(f"{name} : {kind} # {attr.comment}")
+    return "\n".join(lines)
+
+
+class _Link:
+    def __init__(
+        self, host: str, source_schema: str, helper_schema: str, helper_table: str, destination_schema: str
+    ) -> None:
+        user, password = os.environ.get("LINK_USER"), os.environ.get("LINK_PASS")
+        if not user or password is None:
+            raise LinkError("set LINK_USER and LINK_PASS to the link user's credentials on the source server")
+        self.settings = Settings.from_env()
+        self.source_conn = dj.Connection(host, user, password, use_tls=False)
+        self.source_schema = source_schema
+        self.helper_schema = helper_schema
+        self.helper_table = _sql_name(helper_table)
+        self.destination_schema = destination_schema
+        self._requests: Requests | None = None
+
+    @property
+    def requests(self) -> Requests:
+        if self._requests is None:
+            self._requests = Requests(self.settings)
+        return self._requests
+
+    def source_class(self, name: str) -> type:
+        context: dict[str, Any] = {}
+        schema = dj.Schema(
+            self.source_schema, context=context, connection=self.source_conn, create_schema=False, create_tables=False
+        )
+        schema.spawn_missing_classes(context=context)
+        if name not in context:
+            raise LinkError(
+                f"no table {name} in source schema '{self.source_schema}' "
+                "(the class name must match the source table's)"
+            )
+        cls: type = context[name]
+        return cls
+
+    def register(self, source_table: str) -> LinkSpec:
+        spec = LinkSpec.new(
+            self.source_schema, source_table, self.helper_schema, self.helper_table, self.destination_schema
+        )
+        for reply in self.requests.ask("REGISTER", spec, [], self.settings.timeout_s):
+            if reply["status"] == "REFUSED":
+                raise LinkError(f"the source site refused the link: {reply['message']}")
+            return spec
+        raise LinkError(
+            f"no answer from the source site's agent within {self.settings.timeout_s:.0f} s "
+            f"(is `djlink run` running there, on Kafka {self.settings.kafka_bootstrap}?)"
+        )
+
+    def pull(
+        self, spec: LinkSpec, keys: list[dict[str, Any]], display_progress: bool, timeout: float | None
+    ) -> PullSummary:
+        summary = PullSummary(requested=len(keys))
+        if not keys:
+            summary.message = "the restriction matches no source rows; nothing to pull"
+            print(summary.message)
+            return summary
+        texts = [keycodec.encode(k) for k in keys]
+        waiting: set[str] = set()
+        bar = tqdm(total=len(texts), desc="pull", unit="entity", disable=not display_progress)
+        try:
+            for reply in self.requests.ask("PULL", spec, texts, timeout or self.settings.timeout_s):
+                if reply["status"] == "REFUSED":
+                    raise LinkError(f"the source site refused the pull: {reply['message']}")
+                if reply["status"] == "ACCEPTED":
+                    summary.refused = list(reply["refused"])
+                    summary.skipped = len(reply["done"])
+                    waiting = set(texts) - set(reply["done"]) - {r.split(": ", 1)[0] for r in summary.refused}
+                    bar.update(len(texts) - len(waiting))
+                else:
+                    done = waiting.intersection(reply["done"])
+                    waiting -= done
+                    summary.pulled += len(done)
+                    bar.update(len(done))
+                if not waiting:
+                    return summary
+            summary.in_flight = sorted(waiting) if waiting else texts
+            if not waiting:
+                summary.message = "no answer from the source site's agent (is `djlink run` running there?)"
+        finally:
+            bar.close()
+        return summary
+
+
+def _parts_of(table_class: type) -> dict[str, Any]:
+    return {
+        name: member
+        for name, member in vars(table_class).items()
+        if isinstance(member, type) and issubclass(member, dj.Part)
+    }
+
+
+def _destination_class(name: str, doc: str | None, source_class: Any) -> Any:
+    """The destination table: the source's definition without foreign keys, Manual tier, with its parts."""
+    master_heading = source_class.heading
+    comment = master_heading.table_status.get("comment", "") if master_heading.table_status else ""
+    body: dict[str, Any] = {
+        "definition": _definition(master_heading, head=f"# {comment}" if comment else ""),
+        "__doc__": doc,
+        "__module__": __name__,
+    }
+    master_key = set(master_heading.primary_key)
+    for part_name, part_class in _parts_of(source_class).items():
+        body[part_name] = type(
+            part_name,
+            (dj.Part,),
+            {"definition": _definition(part_class.heading, drop=master_key, head="-> master"), "__module__": __name__},
+        )
+    return type(name, (dj.Manual,), body)
+
+
+def link(
+    host: str,
+    source_schema: str,
+    helper_schema: str,
+    helper_table: str,
+    destination_schema: str,
+    stores: dict[str, str] | None = None,
+) -> Any:
+    """Declare a class named after a source table as its linked copy at the destination.
+
+    `host` is the source server ("host" or "host:port"); the link user's
+    credentials come from LINK_USER / LINK_PASS, the destination's from
+    `dj.config`, Kafka's from DJLINK_KAFKA_BOOTSTRAP.
+    """
+    if stores:
+        raise LinkError("external stores are not supported yet by this version of djlink")
+
+    def decorate(cls: type) -> type:
+        state = _Link(host, source_schema, helper_schema, helper_table, destination_schema)
+        source_class: Any = state.source_class(cls.__name__)
+        spec = state.register(source_class.table_name)  # type: ignore[attr-defined]
+
+        def pull(self: Any, *, display_progress: bool = False, timeout: float | None = None) -> PullSummary:
+            """Pull the source rows of this restriction (with their parts) to the destination."""
+            return state.pull(spec, list(self.fetch("KEY")), display_progress, timeout)
+
+        source_view = type(source_class.__name__, (source_class,), {"pull": pull, "__module__": __name__})
+        destination = _destination_class(cls.__name__, cls.__doc__, source_class)
+        destination.source = property(lambda self: source_view())  # type: ignore[attr-defined]
+        dj.Schema(destination_schema)(destination)
+        return destination
+
+    return decorate

@@ -1,0 +1,51 @@
+"""Request and reply over Kafka: how the destination site asks the source site for anything."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from confluent_kafka import Consumer, TopicPartition
+
+import schemas
+from djlink.config import Settings
+from djlink.links import LinkSpec
+from djlink.topics import Admin, Topics, now_ms, produce, producer
+
+
+class Requests:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topics = Topics(settings.topic_prefix)
+        Admin(settings).ensure_control(self.topics)
+        self._p = producer(settings)
+        self._codec = schemas.Codec()
+
+    def ask(self, kind: str, link: LinkSpec, keys: list[str], timeout_s: float) -> Iterator[dict[str, Any]]:
+        """Send a command and yield the replies to it until the caller stops or `timeout_s` passes."""
+        rid = str(uuid.uuid4())
+        c = Consumer(
+            {
+                "bootstrap.servers": self.settings.kafka_bootstrap,
+                "group.id": f"{self.topics.prefix}-facade-{rid}",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+            }
+        )
+        try:
+            tp = TopicPartition(self.topics.replies, 0)
+            _, high = c.get_watermark_offsets(tp, timeout=10)
+            c.assign([TopicPartition(self.topics.replies, 0, high)])
+            command = {"request_id": rid, "kind": kind, "link": link.to_avro(), "keys": keys, "ts_ms": now_ms()}
+            produce(self._p, self.topics.commands, link.link_id, self._codec.encode(schemas.FIXED["command"], command))
+            self._p.flush(30)
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                msg = c.poll(min(0.2, max(0.0, deadline - time.monotonic())))
+                if msg is None or msg.error() is not None or msg.key() != rid.encode():
+                    continue
+                yield self._codec.decode(msg.value())
+        finally:
+            c.close()

@@ -1,0 +1,222 @@
+"""Row schemas of captured tables, generated from their columns.
+
+One function maps a MariaDB column to an Avro type; two convert values between
+what the database drivers give (PyMySQL for snapshot reads, python-mysql-
+replication for the binlog) and what that Avro type holds. The envelope around
+the row record is the template `envelope.avsc`.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from schemas import Schema, expand, load_avsc, make_schema
+
+_NAME_BAD = re.compile(r"[^A-Za-z0-9_]")
+UTC = dt.UTC
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column as INFORMATION_SCHEMA.COLUMNS describes it."""
+
+    name: str
+    data_type: str  # lower case, e.g. 'int', 'varchar', 'decimal'
+    column_type: str  # full, e.g. 'int(10) unsigned', "enum('a','b')"
+    nullable: bool
+    numeric_precision: int | None = None
+    numeric_scale: int | None = None
+
+    @property
+    def unsigned(self) -> bool:
+        return "unsigned" in self.column_type
+
+
+@dataclass(frozen=True)
+class TableShape:
+    """The columns and primary key of one table at one point of its history."""
+
+    db: str
+    table: str
+    columns: tuple[Column, ...]
+    primary_key: tuple[str, ...]
+
+    def column(self, name: str) -> Column:
+        for c in self.columns:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+
+def avro_name(text: str) -> str:
+    """A legal Avro name for a SQL identifier (`#lookup`, `~external_x`, `2021_db`)."""
+    name = _NAME_BAD.sub("_", text)
+    return name if name and not name[0].isdigit() else f"_{name}"
+
+
+def avro_type(column: Column) -> Any:
+    """The Avro type of a column's (non-null) values."""
+    t = column.data_type
+    if t in ("tinyint", "smallint", "mediumint", "year"):
+        return "int"
+    if t == "int":
+        return "long" if column.unsigned else "int"
+    if t == "bigint":
+        if column.unsigned:
+            return {"type": "bytes", "logicalType": "decimal", "precision": 20, "scale": 0}
+        return "long"
+    if t == "float":
+        return "float"
+    if t == "double":
+        return "double"
+    if t == "decimal":
+        return {
+            "type": "bytes",
+            "logicalType": "decimal",
+            "precision": column.numeric_precision or 10,
+            "scale": column.numeric_scale or 0,
+        }
+    if t in ("binary", "varbinary", "tinyblob", "blob", "mediumblob", "longblob", "bit"):
+        return "bytes"
+    if t == "date":
+        return {"type": "int", "logicalType": "date"}
+    if t == "datetime":
+        return {"type": "long", "logicalType": "local-timestamp-micros"}
+    if t == "timestamp":
+        return {"type": "long", "logicalType": "timestamp-micros"}
+    if t == "time":
+        return {"type": "long", "djlink.type": "time-micros-signed"}
+    return "string"  # char, varchar, text types, enum, set, json
+
+
+def row_record(shape: TableShape, prefix: str) -> dict[str, Any]:
+    fields = []
+    for c in shape.columns:
+        t = avro_type(c)
+        fields.append(
+            {"name": avro_name(c.name), "type": ["null", t], "default": None}
+            if c.nullable
+            else {"name": avro_name(c.name), "type": t}
+        )
+    return {
+        "type": "record",
+        "name": "Value",
+        "namespace": f"{avro_name(prefix)}.{avro_name(shape.db)}.{avro_name(shape.table)}",
+        "fields": fields,
+    }
+
+
+def key_record(shape: TableShape, prefix: str) -> dict[str, Any]:
+    pk = [shape.column(n) for n in shape.primary_key]
+    return {
+        "type": "record",
+        "name": "Key",
+        "namespace": f"{avro_name(prefix)}.{avro_name(shape.db)}.{avro_name(shape.table)}",
+        "fields": [{"name": avro_name(c.name), "type": avro_type(c)} for c in pk],
+    }
+
+
+def _fixed_named() -> dict[str, Any]:
+    import fastavro
+
+    named: dict[str, Any] = {}
+    for name in ("source", "transaction_block"):
+        fastavro.parse_schema(load_avsc(name), named_schemas=named)
+    return named
+
+
+_NAMED = _fixed_named()
+
+
+def envelope_schema(shape: TableShape, prefix: str) -> Schema:
+    """The value schema of the table's change topic."""
+    record = row_record(shape, prefix)
+    envelope = copy.deepcopy(load_avsc("envelope"))
+    envelope["namespace"] = record["namespace"]
+    for field in envelope["fields"]:
+        if field["type"] == ["null", "Value"]:
+            field["type"] = ["null", record if field["name"] == "before" else "Value"]
+    return make_schema(f"{prefix}.{shape.db}.{shape.table}-value", expand(envelope, _NAMED))
+
+
+def key_schema(shape: TableShape, prefix: str) -> Schema:
+    """The key schema of the table's change topic."""
+    return make_schema(f"{prefix}.{shape.db}.{shape.table}-key", key_record(shape, prefix))
+
+
+def to_avro(column: Column, value: Any) -> Any:
+    """A driver value (PyMySQL or python-mysql-replication) as its Avro type holds it."""
+    if value is None:
+        return None
+    t = column.data_type
+    if t == "bigint" and column.unsigned:
+        return Decimal(value)
+    if t == "decimal":
+        return value if isinstance(value, Decimal) else Decimal(str(value))
+    if t == "timestamp":
+        if isinstance(value, dt.datetime):
+            return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+        return value
+    if t == "time":
+        if isinstance(value, dt.timedelta):
+            return (value.days * 86_400 + value.seconds) * 1_000_000 + value.microseconds
+        if isinstance(value, dt.time):
+            return ((value.hour * 60 + value.minute) * 60 + value.second) * 1_000_000 + value.microsecond
+        return value
+    if avro_type(column) == "bytes" and isinstance(value, str):
+        return value.encode()
+    if avro_type(column) == "string" and isinstance(value, bytes | bytearray):
+        return bytes(value).decode()
+    if isinstance(value, set):  # SET columns from the binlog
+        return ",".join(sorted(value))
+    return value
+
+
+def from_avro(column: Column, value: Any) -> Any:
+    """An Avro value as a parameter for PyMySQL on the destination (session time zone UTC)."""
+    if value is None:
+        return None
+    t = column.data_type
+    if t == "timestamp" and isinstance(value, dt.datetime):
+        return value.astimezone(UTC).replace(tzinfo=None)
+    if t == "time":
+        return dt.timedelta(microseconds=value)
+    return value
+
+
+def row_to_avro(shape: TableShape, row: dict[str, Any]) -> dict[str, Any]:
+    return {avro_name(c.name): to_avro(c, row.get(c.name)) for c in shape.columns}
+
+
+def row_from_avro(shape: TableShape, record: dict[str, Any]) -> dict[str, Any]:
+    return {c.name: from_avro(c, record.get(avro_name(c.name))) for c in shape.columns}
+
+
+def _non_null(t: Any) -> Any:
+    if isinstance(t, list):
+        rest = [x for x in t if x != "null"]
+        return rest[0] if len(rest) == 1 else rest
+    return t
+
+
+def sql_converters(value_record: dict[str, Any]) -> dict[str, Any]:
+    """Per field of a row record, a function turning the Avro value into a PyMySQL parameter.
+
+    Read from the schema itself (its logical types), so a consumer needs
+    nothing but the schema topic to write rows back into MariaDB.
+    """
+    result: dict[str, Any] = {}
+    for f in value_record["fields"]:
+        t = _non_null(f["type"])
+        if isinstance(t, dict) and t.get("logicalType") == "timestamp-micros":
+            result[f["name"]] = lambda v: None if v is None else v.astimezone(UTC).replace(tzinfo=None)
+        elif isinstance(t, dict) and t.get("djlink.type") == "time-micros-signed":
+            result[f["name"]] = lambda v: None if v is None else dt.timedelta(microseconds=v)
+        else:
+            result[f["name"]] = lambda v: v
+    return result

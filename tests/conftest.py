@@ -1,0 +1,214 @@
+"""Fixtures over real services: two MariaDB servers and a Kafka broker.
+
+Where they come from, in order: environment variables naming external servers
+(DJLINK_TEST_EXTERNAL=1 with the DJLINK_SOURCE_*/DJLINK_DEST_*/DJLINK_KAFKA_BOOTSTRAP
+keys), else the project's local launcher (`djlink.services.up`), which installs
+and starts them. Each test gets its own schemas, topic prefix and link user, so
+tests never see each other's data.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datajoint as dj
+import pymysql
+import pytest
+
+from djlink import services
+from djlink.services import ENV_KEYS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def services_env() -> dict[str, str]:
+    if os.environ.get("DJLINK_TEST_EXTERNAL") == "1":
+        return {k: os.environ[k] for k in ENV_KEYS}
+    started = time.monotonic()
+    env = services.up(quiet=True)
+    print(f"\nservices ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    return env
+
+
+def admin(env: dict[str, str], side: str, **extra: Any) -> Any:
+    return pymysql.connect(
+        host=env[f"DJLINK_{side}_HOST"],
+        port=int(env[f"DJLINK_{side}_PORT"]),
+        user=env[f"DJLINK_{side}_USER"],
+        password=env[f"DJLINK_{side}_PASSWORD"],
+        autocommit=True,
+        **extra,
+    )
+
+
+def wait_for(condition: Any, timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+@dataclass
+class Site:
+    """One test's names and credentials."""
+
+    env: dict[str, str]
+    tag: str
+    source_schema: str
+    helper_schema: str
+    dest_schema: str
+    link_user: str
+    link_pass: str
+    topic_prefix: str
+    processes: list[subprocess.Popen[str]] = field(default_factory=list)
+
+    @property
+    def source_host(self) -> str:
+        return f"{self.env['DJLINK_SOURCE_HOST']}:{self.env['DJLINK_SOURCE_PORT']}"
+
+    def source_dj(self) -> dj.Connection:
+        return dj.Connection(
+            self.source_host, self.env["DJLINK_SOURCE_USER"], self.env["DJLINK_SOURCE_PASSWORD"], use_tls=False
+        )
+
+    def pipeline_env(self, **overrides: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.env)
+        env.update(
+            {
+                "DJLINK_SOURCE_USER": self.link_user,
+                "DJLINK_SOURCE_PASSWORD": self.link_pass,
+                "DJLINK_ALLOWED_SCHEMAS": f"{self.tag}_*",
+                "DJLINK_TOPIC_PREFIX": self.topic_prefix,
+                "DJLINK_CAPTURE_SERVER_ID": str(6000 + uuid.uuid4().int % 100000),
+                "DJLINK_TIMEOUT": "60",
+                "PYTHONPATH": str(ROOT),
+            }
+        )
+        env.update(overrides)
+        return env
+
+    def start(self, *roles: str, timeout: float = 90, **overrides: str) -> subprocess.Popen[str]:
+        """Run `djlink run` for `roles` in a subprocess and wait for it to say it is ready."""
+        args = [sys.executable, "-m", "djlink", "run"]
+        for r in roles:
+            args += ["--role", r]
+        proc = subprocess.Popen(
+            args,
+            env=self.pipeline_env(**overrides),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        self.processes.append(proc)
+        lines: queue.Queue[str | None] = queue.Queue()
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            if "djlink: ready" in line:
+                return proc
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+        raise AssertionError(f"`djlink run {' '.join(roles)}` did not become ready: {err[-2000:]}")
+
+    def connect_facade(self) -> None:
+        """Point the façade at this test's services: dj.config for the destination, env for the rest."""
+        dj.config.update(
+            {
+                "database.host": f"{self.env['DJLINK_DEST_HOST']}:{self.env['DJLINK_DEST_PORT']}",
+                "database.user": self.env["DJLINK_DEST_USER"],
+                "database.password": self.env["DJLINK_DEST_PASSWORD"],
+                "database.use_tls": False,
+                "safemode": False,
+            }
+        )
+        dj.conn(reset=True)
+        for key, value in self.pipeline_env().items():
+            if key.startswith("DJLINK_"):
+                os.environ[key] = value
+        os.environ["LINK_USER"], os.environ["LINK_PASS"] = self.link_user, self.link_pass
+
+    def stop(self) -> None:
+        for proc in self.processes:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.processes:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+@pytest.fixture
+def site(services_env: dict[str, str]) -> Iterator[Site]:
+    tag = f"t{uuid.uuid4().hex[:10]}"
+    s = Site(
+        services_env,
+        tag,
+        f"{tag}_source",
+        f"{tag}_helper",
+        f"{tag}_dest",
+        f"{tag}_link",
+        uuid.uuid4().hex,
+        f"test-{tag}",
+    )
+    conn = admin(services_env, "SOURCE")
+    with conn.cursor() as cur:
+        # datajoint-link's privileges, plus what reading the binlog needs.
+        cur.execute(f"CREATE USER '{s.link_user}'@'%' IDENTIFIED BY '{s.link_pass}'")
+        cur.execute(f"GRANT SELECT, REFERENCES ON `{s.source_schema}`.* TO '{s.link_user}'@'%'")
+        cur.execute(f"GRANT ALL PRIVILEGES ON `{s.helper_schema}`.* TO '{s.link_user}'@'%'")
+        cur.execute(f"GRANT REPLICATION SLAVE, BINLOG MONITOR ON *.* TO '{s.link_user}'@'%'")
+    conn.close()
+    saved = {k: os.environ.get(k) for k in ("LINK_USER", "LINK_PASS")}
+    try:
+        yield s
+    finally:
+        s.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        conn = admin(services_env, "SOURCE")
+        with conn.cursor() as cur:
+            for db in (s.helper_schema, s.source_schema):
+                cur.execute(f"DROP DATABASE IF EXISTS `{db}`")
+            cur.execute(f"DROP USER IF EXISTS '{s.link_user}'@'%'")
+        conn.close()
+        conn = admin(services_env, "DEST")
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{s.dest_schema}`")
+        conn.close()

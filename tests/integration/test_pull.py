@@ -1,0 +1,205 @@
+"""One pull, end to end, through the event path (binlog/snapshot -> Kafka -> applier)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from typing import Any
+
+import datajoint as dj
+import numpy as np
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+import schemas
+from djlink import keys as keycodec
+from djlink.config import Settings
+from djlink.topics import SchemaTopic, Topics
+from link import LinkError, link
+from tests.conftest import Site, admin
+
+
+def declare_source(site: Site) -> Any:
+    """A master with a longblob and a part table, rows 1..3, declared while the pipeline runs."""
+    schema = dj.Schema(site.source_schema, connection=site.source_dj())
+
+    @schema
+    class Recording(dj.Manual):
+        definition = """
+        recording_id : int
+        ---
+        subject : varchar(32)   # who was recorded
+        trace : longblob
+        """
+
+        class Channel(dj.Part):
+            definition = """
+            -> master
+            channel : tinyint
+            ---
+            gain : double
+            label = null : varchar(16)
+            """
+
+    for i in (1, 2, 3):
+        Recording.insert1({"recording_id": i, "subject": f"mouse-{i} 🐭", "trace": np.random.rand(100 * i)})
+        Recording.Channel.insert({"recording_id": i, "channel": c, "gain": 0.25 * c, "label": None} for c in range(3))
+    return Recording
+
+
+def rows(site: Site, side: str, schema: str, table: str, order: str) -> list[tuple[Any, ...]]:
+    conn = admin(site.env, side)
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT * FROM `{schema}`.`{table}` ORDER BY {order}")
+        result = list(cur.fetchall())
+    conn.close()
+    return result
+
+
+def read_topic(site: Site, topic: str) -> list[dict[str, Any]]:
+    """Every committed value of a topic, decoded with nothing but Kafka (schema topic included)."""
+    settings = Settings.from_env(site.pipeline_env())
+    codec = schemas.Codec(SchemaTopic(settings, Topics(site.topic_prefix)).resolve)
+    c = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": f"{site.tag}-inspect",
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+        }
+    )
+    tp = TopicPartition(topic, 0, OFFSET_BEGINNING)
+    _, high = c.get_watermark_offsets(tp, timeout=10)
+    c.assign([tp])
+    found: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        msg = c.poll(0.5)
+        if msg is None:
+            if c.position([TopicPartition(topic, 0)])[0].offset >= high:
+                break
+            continue
+        if msg.error() is None and msg.value() is not None:
+            found.append(codec.decode(msg.value()))
+    c.close()
+    return found
+
+
+def test_pull_through_kafka_leaves_exactly_the_requested_entities(site: Site) -> None:
+    site.start("capture", "agent")
+    site.start("applier")
+    Source = declare_source(site)  # after the services started: picked up without a restart
+    site.connect_facade()
+
+    @link(site.source_host, site.source_schema, site.helper_schema, "Outbound", site.dest_schema)
+    class Recording:
+        """The linked copy."""
+
+    assert len(Recording().source) == 3
+    summary = (Recording().source & [{"recording_id": 1}, {"recording_id": 2}]).pull()
+    assert (summary.pulled, summary.skipped, summary.refused, summary.in_flight) == (2, 0, [], [])
+
+    # Exactly the requested master and part rows, byte-identical (compared in SQL, not through DataJoint).
+    src_master = rows(site, "SOURCE", site.source_schema, "recording", "recording_id")
+    dst_master = rows(site, "DEST", site.dest_schema, "recording", "recording_id")
+    assert dst_master == src_master[:2]
+    src_parts = rows(site, "SOURCE", site.source_schema, "recording__channel", "recording_id, channel")
+    dst_parts = rows(site, "DEST", site.dest_schema, "recording__channel", "recording_id, channel")
+    assert dst_parts == [r for r in src_parts if r[0] in (1, 2)]
+    assert len(dst_parts) == 6
+    # And DataJoint reads them back as the source has them.
+    np.testing.assert_array_equal(
+        (Recording() & {"recording_id": 2}).fetch1("trace"), (Source() & {"recording_id": 2}).fetch1("trace")
+    )
+    assert Recording.Channel().fetch("label").tolist() == [None] * 6
+
+    # The helper table holds one row per pulled entity, in the seed's format.
+    assert rows(site, "SOURCE", site.helper_schema, "outbound", "recording_id") == [
+        (1, "NONE", "FALSE", "FALSE"),
+        (2, "NONE", "FALSE", "FALSE"),
+    ]
+
+    # The rows travelled through Kafka: snapshot reads on the master's and the part's change topics.
+    topics = Topics(site.topic_prefix)
+    master_events = read_topic(site, topics.table(site.source_schema, "recording"))
+    snapshot_rows = [e["after"] for e in master_events if e["op"] == "r"]
+    assert sorted(r["recording_id"] for r in snapshot_rows) == [1, 2]
+    assert {r["recording_id"]: r["trace"] for r in snapshot_rows} == {r[0]: r[2] for r in src_master[:2]}
+    part_events = read_topic(site, topics.table(site.source_schema, "recording__channel"))
+    assert sorted((e["after"]["recording_id"], e["after"]["channel"]) for e in part_events if e["op"] == "r") == [
+        (i, c) for i in (1, 2) for c in range(3)
+    ]
+    # The master row and its parts are one unit (one snapshot chunk), so they were applied together.
+    units = {e["transaction"]["id"] for e in master_events + part_events if e["op"] == "r"}
+    assert len(units) == 1
+
+    # Pulling again: already shared, nothing duplicated.
+    again = (Recording().source & {"recording_id": 1}).pull()
+    assert (again.pulled, again.skipped) == (0, 1)
+    assert len(Recording()) == 2
+
+
+def test_link_to_a_schema_the_source_site_does_not_allow_is_refused(site: Site) -> None:
+    site.start("capture", "agent", DJLINK_ALLOWED_SCHEMAS="some_other_*")
+    declare_source(site)
+    site.connect_facade()
+    with pytest.raises(LinkError, match="DJLINK_ALLOWED_SCHEMAS"):
+
+        @link(site.source_host, site.source_schema, site.helper_schema, "outbound", site.dest_schema)
+        class Recording:
+            pass
+
+
+def test_pull_of_a_restriction_matching_nothing_says_so(site: Site) -> None:
+    site.start("capture", "agent")
+    site.start("applier")
+    declare_source(site)
+    site.connect_facade()
+
+    @link(site.source_host, site.source_schema, site.helper_schema, "outbound", site.dest_schema)
+    class Recording:
+        pass
+
+    summary = (Recording().source & "recording_id > 100").pull()
+    assert summary.requested == 0 and "matches no source rows" in summary.message
+
+
+def test_keys_cross_sites_as_the_same_text() -> None:
+    assert keycodec.encode({"b": b"\x00\xff", "a": 1}) == '{"a":1,"b":{"$b64":"AP8="}}'
+
+
+def test_capture_refuses_a_source_without_full_row_metadata(site: Site) -> None:
+    conn = admin(site.env, "SOURCE")
+    with conn.cursor() as cur:
+        cur.execute("SET GLOBAL binlog_row_metadata='MINIMAL'")
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "djlink", "run", "--role", "capture"],
+            env=site.pipeline_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        with conn.cursor() as cur:
+            cur.execute("SET GLOBAL binlog_row_metadata='FULL'")
+        conn.close()
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "error: source server has binlog_row_metadata=MINIMAL, capture needs FULL: "
+        "SET GLOBAL binlog_row_metadata='FULL' and add binlog_row_metadata=FULL to the server's configuration"
+    ]
+
+
+def test_wrong_password_is_one_clear_line(site: Site) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "djlink", "run", "--role", "agent"],
+        env=site.pipeline_env(DJLINK_SOURCE_PASSWORD="wrong"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: database refused the login"), proc.stderr

@@ -1,0 +1,157 @@
+"""Pure logic: schemas, codec, keys, names, entity decisions. No services."""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+
+import pytest
+
+import schemas
+from consumers.entity import PullDecision, decide_pull
+from djlink import keys as keycodec
+from djlink.config import Settings
+from djlink.links import LinkSpec, destination_name
+from djlink.topics import Topics
+from schemas.tables import Column, TableShape, envelope_schema, key_schema, row_from_avro, row_to_avro, sql_converters
+
+SHAPE = TableShape(
+    "lab",
+    "#session",
+    (
+        Column("id", "int", "int(10) unsigned", False),
+        Column("big", "bigint", "bigint(20) unsigned", True),
+        Column("price", "decimal", "decimal(65,30)", True, 65, 30),
+        Column("name", "varchar", "varchar(32)", True),
+        Column("blob", "longblob", "longblob", True),
+        Column("day", "date", "date", True),
+        Column("at", "datetime", "datetime(6)", True),
+        Column("ts", "timestamp", "timestamp", True),
+        Column("dur", "time", "time", True),
+    ),
+    ("id",),
+)
+
+ROW = {
+    "id": 4294967295,
+    "big": 18446744073709551615,
+    "price": Decimal("12345678901234567890123456789012345.123456789012345678901234567890"),
+    "name": "émoji 🐭",
+    "blob": b"mYm\x00\x01\xff",
+    "day": dt.date(2024, 2, 29),
+    "at": dt.datetime(2024, 2, 29, 23, 59, 59, 999999),
+    "ts": dt.datetime(2024, 1, 1, 12, 0, 0),
+    "dur": dt.timedelta(hours=-838, minutes=-59),
+}
+
+
+def envelope(row: dict[str, object]) -> dict[str, object]:
+    source = {
+        "version": "t",
+        "connector": "mariadb",
+        "name": "p",
+        "ts_ms": 1,
+        "snapshot": "false",
+        "db": "lab",
+        "table": "#session",
+        "server_id": 1,
+        "gtid": "0-1-5",
+        "file": "bin.000001",
+        "pos": 4,
+        "row": 0,
+    }
+    return {"before": None, "after": row, "source": source, "op": "c", "ts_ms": 2, "transaction": None}
+
+
+def test_a_row_round_trips_through_its_generated_schema() -> None:
+    schema = envelope_schema(SHAPE, "p")
+    writer, reader = schemas.Codec(), schemas.Codec(lambda fp: None)
+    data = writer.encode(schema, envelope(row_to_avro(SHAPE, ROW)))
+    reader.add(schema)
+    decoded = reader.decode(data)
+    assert decoded["source"]["gtid"] == "0-1-5"
+    back = row_from_avro(SHAPE, decoded["after"])
+    assert back == ROW
+
+
+def test_sql_converters_read_everything_from_the_schema_alone() -> None:
+    schema = envelope_schema(SHAPE, "p")
+    value_record = schema.definition["fields"][0]["type"][1]
+    convert = sql_converters(value_record)
+    codec = schemas.Codec()
+    codec.add(schema)
+    decoded = codec.decode(codec.encode(schema, envelope(row_to_avro(SHAPE, ROW))))
+    assert {k: convert[k](v) for k, v in decoded["after"].items()} == ROW
+
+
+def test_unknown_schema_is_asked_for_then_refused() -> None:
+    schema = key_schema(SHAPE, "p")
+    data = schemas.Codec().encode(schema, {"id": 1})
+    asked: list[bytes] = []
+
+    def resolve(fp: bytes) -> str | None:
+        asked.append(fp)
+        return None
+
+    with pytest.raises(schemas.DecodeError, match="unknown schema"):
+        schemas.Codec(resolve).decode(data)
+    assert asked == [schema.fingerprint]
+    with pytest.raises(schemas.DecodeError, match="single-object"):
+        schemas.Codec().decode(b"garbage")
+
+
+def test_schema_fingerprint_follows_the_table_shape() -> None:
+    wider = TableShape(SHAPE.db, SHAPE.table, (*SHAPE.columns, Column("x", "int", "int(11)", True)), SHAPE.primary_key)
+    assert envelope_schema(SHAPE, "p").fingerprint != envelope_schema(wider, "p").fingerprint
+    assert envelope_schema(SHAPE, "p").fingerprint == envelope_schema(SHAPE, "p").fingerprint
+
+
+def test_keys_are_canonical_across_value_types() -> None:
+    import uuid
+
+    u = uuid.UUID(int=7)
+    assert keycodec.encode({"u": u, "d": dt.date(2024, 1, 2)}) == keycodec.encode({"d": "2024-01-02", "u": u.bytes})
+    assert keycodec.decode(keycodec.encode({"u": u})) == {"u": u.bytes}
+    assert keycodec.encode({"a": 1, "b": 2}, ["a"]) == '{"a":1}'
+
+
+def test_topic_names_escape_what_kafka_forbids_one_to_one() -> None:
+    t = Topics("djlink")
+    assert t.table("lab", "#lookup") == "djlink.lab.-23lookup"
+    assert t.table("lab", "~external_store") == "djlink.lab.-7eexternal_store"
+    assert t.table("lab", "__computed__part") == "djlink.lab.__computed__part"
+
+
+def test_destination_names_drop_the_tier_prefix() -> None:
+    assert destination_name("__computed") == "computed"
+    assert destination_name("__computed__part") == "computed__part"
+    assert destination_name("#lookup") == "lookup"
+    assert destination_name("manual__part") == "manual__part"
+
+
+def test_link_spec_round_trips() -> None:
+    spec = LinkSpec.new("src", "__rec", "helper", "outbound", "dst")
+    assert spec.link_id == "helper.outbound"
+    assert LinkSpec.from_avro(spec.to_avro()) == spec
+    assert spec.captured_tables() == [("src", "__rec"), ("helper", "outbound")]
+
+
+def test_allow_list_is_the_source_sites_patterns() -> None:
+    settings = Settings.from_env({"DJLINK_ALLOWED_SCHEMAS": "lab_*, shared"})
+    assert settings.schema_allowed("lab_ephys") and settings.schema_allowed("shared")
+    assert not settings.schema_allowed("private") and not Settings.from_env({}).schema_allowed("lab")
+
+
+@pytest.mark.parametrize(
+    ("helper", "action"),
+    [
+        (None, PullDecision.ACTIVATE),
+        ({"process": "PULL", "is_flagged": "FALSE", "is_deprecated": "FALSE"}, PullDecision.RESUME),
+        ({"process": "NONE", "is_flagged": "FALSE", "is_deprecated": "FALSE"}, PullDecision.SKIP),
+        ({"process": "NONE", "is_flagged": "TRUE", "is_deprecated": "FALSE"}, PullDecision.REFUSE),
+        ({"process": "NONE", "is_flagged": "TRUE", "is_deprecated": "TRUE"}, PullDecision.REFUSE),
+        ({"process": "DELETE", "is_flagged": "FALSE", "is_deprecated": "FALSE"}, PullDecision.REFUSE),
+    ],
+)
+def test_pull_decisions(helper: dict[str, str] | None, action: PullDecision) -> None:
+    assert decide_pull(helper).action is action

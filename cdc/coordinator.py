@@ -59,7 +59,7 @@ class Capture:
             preconditions.check(conn)
             with conn.cursor() as cur:
                 cur.execute("SELECT @@gtid_binlog_pos")
-                start_gtid = cur.fetchone()[0] or ""
+                start_gtid = s.capture_start_gtid or cur.fetchone()[0] or ""
         finally:
             conn.close()
         admin = Admin(s)

@@ -36,6 +36,7 @@ class Settings:
     destination: Database
     allowed_schemas: tuple[str, ...]
     capture_server_id: int
+    capture_start_gtid: str | None
     snapshot_chunk_size: int
     timeout_s: float
 
@@ -63,6 +64,7 @@ class Settings:
             destination=db("DEST"),
             allowed_schemas=allowed,
             capture_server_id=int(env.get("DJLINK_CAPTURE_SERVER_ID", "5401")),
+            capture_start_gtid=env.get("DJLINK_CAPTURE_START_GTID") or None,
             snapshot_chunk_size=int(env.get("DJLINK_SNAPSHOT_CHUNK_SIZE", "500")),
             timeout_s=float(env.get("DJLINK_TIMEOUT", "60")),
         )

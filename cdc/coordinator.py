@@ -21,14 +21,17 @@ import schemas
 from cdc import preconditions
 from cdc.dispatcher import EventDispatcher
 from cdc.events import ChangeUnit
+from cdc.offsets import Checkpoint, OffsetContext
 from cdc.schema_history import SchemaHistory
 from cdc.snapshot import SnapshotSource
 from cdc.streaming import BinlogSource, StreamFailed
 from djlink.config import Settings
 from djlink.links import LinkRegistry, LinkSpec
-from djlink.topics import Admin, SchemaTopic, Topics, consumer, producer
+from djlink.topics import Admin, SchemaTopic, Topics, consumer, producer, where
 
 log = logging.getLogger(__name__)
+MAX_BATCH_UNITS = 1000  # source transactions per Kafka transaction
+MAX_BATCH_EVENTS = 20000
 
 
 class Capture:
@@ -52,6 +55,27 @@ class Capture:
     def _on_ddl(self, db: str, query: str) -> None:
         self._history.forget(db)
 
+    @staticmethod
+    def _take(units: queue.Queue[Any]) -> tuple[list[ChangeUnit], Checkpoint | None]:
+        """What the binlog source has ready (waiting briefly for the first): units and the checkpoint after them."""
+        batch: list[ChangeUnit] = []
+        checkpoint: Checkpoint | None = None
+        events = 0
+        timeout: float | None = 0.05
+        while len(batch) < MAX_BATCH_UNITS and events < MAX_BATCH_EVENTS:
+            try:
+                item = units.get(timeout=timeout) if timeout else units.get_nowait()
+            except queue.Empty:
+                break
+            timeout = None
+            if isinstance(item, StreamFailed):
+                raise item.error
+            if isinstance(item, ChangeUnit):
+                batch.append(item)
+                events += len(item.changes)
+            checkpoint = item.checkpoint
+        return batch, checkpoint
+
     def run(self, stop: threading.Event, on_ready: Callable[[], None] | None = None) -> None:
         s = self.settings
         conn = self._connect()
@@ -59,7 +83,7 @@ class Capture:
             preconditions.check(conn)
             with conn.cursor() as cur:
                 cur.execute("SELECT @@gtid_binlog_pos")
-                start_gtid = s.capture_start_gtid or cur.fetchone()[0] or ""
+                current = cur.fetchone()[0] or ""
         finally:
             conn.close()
         admin = Admin(s)
@@ -68,13 +92,23 @@ class Capture:
         registry.catch_up()
         self._capture(registry.links)
 
-        p = producer(s, transactional_id=f"{self.topics.prefix}-capture")
-        p.init_transactions(30)
-        dispatcher = EventDispatcher(p, self.topics, admin, self._history, SchemaTopic(s, self.topics))
+        name = f"{self.topics.prefix}-capture"
+        p = producer(s, transactional_id=name)
+        p.init_transactions(60)  # fences a crashed predecessor and aborts its open transaction
+        offsets = OffsetContext(s, self.topics, name)
+        dispatcher = EventDispatcher(p, self.topics, admin, self._history, SchemaTopic(s, self.topics), offsets)
+        checkpoint = offsets.load()
+        if checkpoint is None:
+            # Record where we start before anything else, so a crash from here on resumes here.
+            checkpoint = Checkpoint(s.capture_start_gtid or current)
+            dispatcher.publish([], checkpoint)
+        log.info("capture resumes at GTID position %r", checkpoint.gtid_position)
         snapshots = SnapshotSource(self._connect, self._history, s.capture_server_id, s.snapshot_chunk_size)
 
         units: queue.Queue[Any] = queue.Queue(maxsize=1000)
-        binlog = BinlogSource(s.source, s.capture_server_id, start_gtid, self._is_captured, units, self._on_ddl)
+        binlog = BinlogSource(
+            s.source, s.capture_server_id, checkpoint.gtid_position, self._is_captured, units, self._on_ddl
+        )
         binlog.start()
 
         signals = consumer(s, f"{self.topics.prefix}-capture")
@@ -82,7 +116,6 @@ class Capture:
         committed = signals.committed([tp], timeout=10)[0].offset
         signals.assign([TopicPartition(self.topics.signals, 0, committed if committed >= 0 else OFFSET_BEGINNING)])
         codec = schemas.Codec()
-        log.info("capture ready from GTID %s", start_gtid or "(start)")
         if on_ready:
             on_ready()
         try:
@@ -95,17 +128,18 @@ class Capture:
                     link = LinkSpec.from_avro(signal["link"])
                     registry.links[link.link_id] = link
                     self._capture(registry.links)
+                    # The signal's offset commits with its last chunk: a crash re-reads the whole signal.
+                    topic, partition, offset = where(msg)
+                    consumed = ([TopicPartition(topic, partition, offset + 1)], signals.consumer_group_metadata())
+                    previous: ChangeUnit | None = None
                     for unit in snapshots.read(link, signal["keys"], signal["request_id"]):
-                        dispatcher.dispatch(unit)
-                    signals.commit(message=msg, asynchronous=False)
-                try:
-                    item = units.get(timeout=0.05)
-                except queue.Empty:
-                    continue
-                if isinstance(item, StreamFailed):
-                    raise item.error
-                assert isinstance(item, ChangeUnit)
-                dispatcher.dispatch(item)
+                        if previous is not None:
+                            dispatcher.publish([previous])
+                        previous = unit
+                    dispatcher.publish([previous] if previous else [], consumed=consumed)
+                batch, checkpoint = self._take(units)
+                if batch or checkpoint:
+                    dispatcher.publish(batch, checkpoint)
         finally:
             binlog.stop()
             signals.close()

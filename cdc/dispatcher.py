@@ -9,25 +9,37 @@ a consumer when it holds the whole unit.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer, TopicPartition
 
 import schemas
 from cdc.events import ChangeUnit, RowChange
+from cdc.offsets import Checkpoint, OffsetContext
 from cdc.schema_history import SchemaHistory
 from djlink.topics import Admin, SchemaTopic, Topics, now_ms, produce
 from schemas.tables import TableShape, envelope_schema, key_schema, row_to_avro
 
 VERSION = "0.1.0"
+log = logging.getLogger(__name__)
+ConsumedOffsets = tuple[list[TopicPartition], Any]  # offsets and the consumer's group metadata
 
 
 class EventDispatcher:
     def __init__(
-        self, producer: Producer, topics: Topics, admin: Admin, history: SchemaHistory, schema_topic: SchemaTopic
+        self,
+        producer: Producer,
+        topics: Topics,
+        admin: Admin,
+        history: SchemaHistory,
+        schema_topic: SchemaTopic,
+        offsets: OffsetContext,
     ) -> None:
         self._p = producer
+        self._offsets = offsets
         self._topics = topics
         self._admin = admin
         self._history = history
@@ -41,22 +53,47 @@ class EventDispatcher:
             self._schemas[shape] = (key_schema(shape, self._topics.prefix), envelope_schema(shape, self._topics.prefix))
         return self._schemas[shape]
 
-    def dispatch(self, unit: ChangeUnit) -> None:
-        topics = {(c.db, c.table): self._topics.table(c.db, c.table) for c in unit.changes}
-        self._admin.ensure(topics.values())
+    def publish(
+        self,
+        units: Sequence[ChangeUnit],
+        checkpoint: Checkpoint | None = None,
+        consumed: ConsumedOffsets | None = None,
+    ) -> None:
+        """Publish units, then the checkpoint after the last of them and any consumed offsets: one Kafka transaction.
+
+        Many source transactions may share one Kafka transaction (that is what
+        makes the capture fast); each stays a unit of its own for consumers,
+        and the checkpoint still sits on a source transaction boundary.
+        """
+        self._admin.ensure({self._topics.table(c.db, c.table) for u in units for c in u.changes})
         self._p.begin_transaction()
         try:
-            self._transaction_event(unit, "BEGIN", None)
-            counts: Counter[str] = Counter()
-            for order, change in enumerate(unit.changes, 1):
-                counts[f"{change.db}.{change.table}"] += 1
-                self._row(unit, change, topics[(change.db, change.table)], order, counts[f"{change.db}.{change.table}"])
-            self._transaction_event(unit, "END", counts)
+            for unit in units:
+                self._unit(unit)
+            if checkpoint is not None:
+                self._offsets.record(self._p, checkpoint)
+            if consumed is not None:
+                self._p.send_offsets_to_transaction(consumed[0], consumed[1])
             self._p.commit_transaction()
         except BaseException:
-            self._p.abort_transaction()
+            self._abort()
             raise
-        self.events_total += len(unit.changes)
+        self.events_total += sum(len(u.changes) for u in units)
+
+    def _unit(self, unit: ChangeUnit) -> None:
+        self._transaction_event(unit, "BEGIN", None)
+        counts: Counter[str] = Counter()
+        for order, change in enumerate(unit.changes, 1):
+            collection = f"{change.db}.{change.table}"
+            counts[collection] += 1
+            self._row(unit, change, self._topics.table(change.db, change.table), order, counts[collection])
+        self._transaction_event(unit, "END", counts)
+
+    def _abort(self) -> None:
+        try:
+            self._p.abort_transaction()
+        except KafkaException:
+            log.exception("could not abort the Kafka transaction")
 
     def _row(self, unit: ChangeUnit, change: RowChange, topic: str, order: int, table_order: int) -> None:
         shape = self._history.shape(change.db, change.table)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from cdc.offsets import Checkpoint
+
 
 @dataclass(frozen=True)
 class Position:
@@ -44,3 +46,11 @@ class ChangeUnit:
     changes: list[RowChange] = field(default_factory=list)
     request_id: str | None = None
     link_id: str | None = None
+    checkpoint: Checkpoint | None = None  # where to resume after this unit (streamed units only)
+
+
+@dataclass(frozen=True)
+class PositionMarker:
+    """The binlog advanced over transactions of no captured table: worth a checkpoint now and then."""
+
+    checkpoint: Checkpoint

@@ -2,8 +2,8 @@
 
 A thread, because python-mysql-replication blocks while it waits for the next
 event; it hands each committed transaction that touched a captured table to the
-coordinator through a queue. Tables are filtered here, on the client: the server
-sends every schema's events.
+coordinator through a queue, with the GTID position after it (the checkpoint).
+Tables are filtered here, on the client: the server sends every schema's events.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import logging
 import queue
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,10 +21,12 @@ from pymysqlreplication import BinLogStreamReader
 from pymysqlreplication.event import MariadbGtidEvent, QueryEvent, RotateEvent, XidEvent
 from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
 
-from cdc.events import ChangeUnit, Position, RowChange
+from cdc.events import ChangeUnit, Position, PositionMarker, RowChange
+from cdc.offsets import Checkpoint, format_gtid_position, parse_gtid_position
 from djlink.config import Database
 
 log = logging.getLogger(__name__)
+MARKER_INTERVAL_S = 1.0
 
 
 class StreamFailed:
@@ -38,7 +41,7 @@ class BinlogSource(threading.Thread):
         self,
         db: Database,
         server_id: int,
-        start_gtid: str,
+        start_position: str,
         is_captured: Callable[[str, str], bool],
         out: queue.Queue[Any],
         on_ddl: Callable[[str, str], None],
@@ -46,12 +49,13 @@ class BinlogSource(threading.Thread):
         super().__init__(name="binlog-source", daemon=True)
         self._db = db
         self._server_id = server_id
-        self._gtid = start_gtid
+        self._gtids = parse_gtid_position(start_position)
         self._is_captured = is_captured
         self._out = out
         self._on_ddl = on_ddl
         self._stream: BinLogStreamReader | None = None
         self._stopping = threading.Event()
+        self._last_marker = time.monotonic()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -65,7 +69,7 @@ class BinlogSource(threading.Thread):
     def run(self) -> None:
         try:
             self._read()
-        except BaseException as exc:
+        except BaseException as exc:  # reported to the coordinator
             if not self._stopping.is_set():
                 log.exception("binlog source failed")
                 self._out.put(StreamFailed(exc))
@@ -82,7 +86,7 @@ class BinlogSource(threading.Thread):
             blocking=True,
             resume_stream=True,
             is_mariadb=True,
-            auto_position=self._gtid,
+            auto_position=format_gtid_position(self._gtids),
             only_events=[
                 MariadbGtidEvent,
                 QueryEvent,
@@ -94,10 +98,12 @@ class BinlogSource(threading.Thread):
             ],
         )
         unit: ChangeUnit | None = None
+        domain = 0
         for ev in stream:
             if self._stopping.is_set():
                 return
             if isinstance(ev, MariadbGtidEvent):
+                domain = ev.domain_id
                 unit = ChangeUnit(
                     ev.gtid,
                     Position(stream.log_file, ev.packet.log_pos, ev.gtid, ev.timestamp * 1000, ev.server_id),
@@ -116,17 +122,27 @@ class BinlogSource(threading.Thread):
                     else:
                         unit.changes.append(RowChange(ev.schema, ev.table, "d", row["values"], None, i))
             elif isinstance(ev, XidEvent) or (isinstance(ev, QueryEvent) and ev.query.upper() == "COMMIT"):
-                self._commit(stream, unit)
+                self._commit(stream, unit, domain, ev.packet.log_pos)
                 unit = None
             elif isinstance(ev, QueryEvent) and ev.query.upper() != "BEGIN":
                 schema = ev.schema.decode() if isinstance(ev.schema, bytes) else ev.schema
                 self._on_ddl(schema, ev.query)
-                self._commit(stream, unit)
+                self._commit(stream, unit, domain, ev.packet.log_pos)
                 unit = None
 
-    def _commit(self, stream: BinLogStreamReader, unit: ChangeUnit | None) -> None:
-        if unit is not None:
-            # Reconnects must resume after this transaction, not replay from the start (NOTES.md).
-            stream.auto_position = unit.id
-            if unit.changes:
-                self._out.put(unit)
+    def _commit(self, stream: BinLogStreamReader, unit: ChangeUnit | None, domain: int, end_pos: int) -> None:
+        """A source transaction ended: hand it over with the position after it."""
+        if unit is None:
+            return
+        self._gtids[domain] = unit.id
+        position = format_gtid_position(self._gtids)
+        # Reconnects must resume after this transaction, not replay from the start (NOTES.md).
+        stream.auto_position = position
+        checkpoint = Checkpoint(position, unit.position.file, end_pos, unit.position.ts_ms)
+        if unit.changes:
+            unit.checkpoint = checkpoint
+            self._out.put(unit)
+            self._last_marker = time.monotonic()
+        elif time.monotonic() - self._last_marker > MARKER_INTERVAL_S:
+            self._out.put(PositionMarker(checkpoint))
+            self._last_marker = time.monotonic()

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 import schemas
@@ -35,6 +35,7 @@ class Topics:
         self.transaction = f"{prefix}.transaction"
         self.schemas = f"{prefix}.schemas"
         self.dead_letter = f"{prefix}.dead-letter"
+        self.capture_offsets = f"{prefix}.capture-offsets"
 
     def table(self, db: str, table: str) -> str:
         """Change topic of a table, Debezium style `<prefix>.<db>.<table>`.
@@ -51,6 +52,7 @@ class Topics:
         return {
             self.links: True,
             self.schemas: True,
+            self.capture_offsets: True,
             self.commands: False,
             self.replies: False,
             self.signals: False,
@@ -171,36 +173,50 @@ class SchemaTopic:
         return self._seen.get(fingerprint)
 
     def _read_all(self) -> None:
-        c = Consumer(
-            {
-                "bootstrap.servers": self._settings.kafka_bootstrap,
-                "group.id": f"{self._topic}-reader",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-            }
-        )
-        try:
-            tp = TopicPartition(self._topic, 0, OFFSET_BEGINNING)
-            _, high = c.get_watermark_offsets(tp, timeout=10)
-            if high <= 0:
-                return
-            c.assign([tp])
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                msg = c.poll(0.5)
-                if msg is None:
-                    pos = c.position([TopicPartition(self._topic, 0)])[0].offset
-                    if pos >= high:
-                        return
-                    continue
-                value = msg.value()
-                if msg.error() is None and value:
-                    body = json.loads(value)
-                    self._seen[bytes.fromhex(body["fingerprint"])] = body["schema"]
-                if where(msg)[2] + 1 >= high:
-                    return
-        finally:
-            c.close()
+        for msg in read_to_end(self._settings.kafka_bootstrap, self._topic):
+            if msg.value():
+                body = json.loads(msg.value())  # type: ignore[arg-type]
+                self._seen[bytes.fromhex(body["fingerprint"])] = body["schema"]
+
+
+def read_to_end(bootstrap: str, topic: str, timeout_s: float = 30) -> list[Message]:
+    """Every committed message of partition 0 of `topic`, from the beginning to its current end.
+
+    The end is where the topic ended when the call started: for a
+    read_committed consumer the watermark query answers the last stable
+    offset, so an open transaction of an active producer does not keep us
+    waiting; at rest the partition-EOF event comes after the transaction
+    markers (they take offsets but are never delivered).
+    """
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"{topic}-reader",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+        }
+    )
+    found: list[Message] = []
+    try:
+        tp = TopicPartition(topic, 0, OFFSET_BEGINNING)
+        low, high = c.get_watermark_offsets(tp, timeout=10)
+        if high <= low:
+            return found
+        c.assign([tp])
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for msg in c.consume(1000, 0.2):
+                error = msg.error()
+                if error is None:
+                    found.append(msg)
+                elif error.code() == KafkaError._PARTITION_EOF:
+                    return found
+            if c.position([TopicPartition(topic, 0)])[0].offset >= high:
+                return found
+        raise TimeoutError(f"could not read topic {topic} to its end within {timeout_s} s")
+    finally:
+        c.close()
 
 
 def where(msg: Message) -> tuple[str, int, int]:

@@ -25,7 +25,7 @@ HERE = Path(__file__).parent
 MAGIC = b"\xc3\x01"
 
 # Load order matters: later files refer to names defined by earlier ones.
-_FIXED = ["source", "transaction_block", "transaction", "link", "command", "reply", "signal", "ack"]
+_FIXED = ["source", "transaction_block", "transaction", "link", "command", "reply", "signal", "ack", "checkpoint"]
 
 
 class DecodeError(Exception):

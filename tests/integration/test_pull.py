@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from typing import Any
 
 import datajoint as dj
 import numpy as np
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 import schemas
 from djlink import keys as keycodec
 from djlink.config import Settings
-from djlink.topics import SchemaTopic, Topics
+from djlink.topics import SchemaTopic, Topics, read_to_end
 from link import LinkError, link
 from tests.conftest import Site, admin
 
@@ -61,29 +59,7 @@ def read_topic(site: Site, topic: str) -> list[dict[str, Any]]:
     """Every committed value of a topic, decoded with nothing but Kafka (schema topic included)."""
     settings = Settings.from_env(site.pipeline_env())
     codec = schemas.Codec(SchemaTopic(settings, Topics(site.topic_prefix)).resolve)
-    c = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": f"{site.tag}-inspect",
-            "isolation.level": "read_committed",
-            "enable.auto.commit": False,
-        }
-    )
-    tp = TopicPartition(topic, 0, OFFSET_BEGINNING)
-    _, high = c.get_watermark_offsets(tp, timeout=10)
-    c.assign([tp])
-    found: list[dict[str, Any]] = []
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        msg = c.poll(0.5)
-        if msg is None:
-            if c.position([TopicPartition(topic, 0)])[0].offset >= high:
-                break
-            continue
-        if msg.error() is None and msg.value() is not None:
-            found.append(codec.decode(msg.value()))
-    c.close()
-    return found
+    return [codec.decode(m.value()) for m in read_to_end(settings.kafka_bootstrap, topic) if m.value() is not None]
 
 
 def test_pull_through_kafka_leaves_exactly_the_requested_entities(site: Site) -> None:

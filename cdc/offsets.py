@@ -1,0 +1,72 @@
+"""The offset context: where the capture resumes reading the binlog.
+
+A checkpoint is a record on the compacted `<prefix>.capture-offsets` topic,
+written in the SAME Kafka transaction as the events of the source
+transactions it covers (Kafka Connect's exactly-once source design, KIP-618),
+and only on transaction boundaries. After a crash, `init_transactions`
+aborts whatever the dead capture had open, and the last committed checkpoint
+is exactly where the committed events end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from confluent_kafka import Producer
+
+import schemas
+from djlink.config import Settings
+from djlink.topics import Topics, produce, read_to_end
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    gtid_position: str
+    file: str = ""
+    pos: int = 0
+    ts_ms: int = 0
+
+
+def parse_gtid_position(position: str) -> dict[int, str]:
+    """'0-1-100,1-2-5' -> {0: '0-1-100', 1: '1-2-5'}: MariaDB keeps one GTID per replication domain."""
+    result: dict[int, str] = {}
+    for gtid in filter(None, (g.strip() for g in position.split(","))):
+        result[int(gtid.split("-", 1)[0])] = gtid
+    return result
+
+
+def format_gtid_position(gtids: dict[int, str]) -> str:
+    return ",".join(gtids[d] for d in sorted(gtids))
+
+
+class OffsetContext:
+    def __init__(self, settings: Settings, topics: Topics, name: str) -> None:
+        self._settings = settings
+        self._topic = topics.capture_offsets
+        self.name = name
+        self._codec = schemas.Codec()
+
+    def load(self, timeout_s: float = 30) -> Checkpoint | None:
+        """The last committed checkpoint of this capture, or None.
+
+        Call after the producer's `init_transactions`: that aborts a crashed
+        predecessor's open transaction, which would otherwise hold back what a
+        read_committed reader can see.
+        """
+        found: Checkpoint | None = None
+        for msg in read_to_end(self._settings.kafka_bootstrap, self._topic, timeout_s):
+            if msg.key() == self.name.encode() and msg.value() is not None:
+                r = self._codec.decode(msg.value())
+                found = Checkpoint(r["gtid_position"], r["file"], r["pos"], r["ts_ms"])
+        return found
+
+    def record(self, p: Producer, checkpoint: Checkpoint) -> None:
+        """Produce the checkpoint inside the caller's open Kafka transaction."""
+        value = {
+            "capture": self.name,
+            "gtid_position": checkpoint.gtid_position,
+            "file": checkpoint.file,
+            "pos": checkpoint.pos,
+            "ts_ms": checkpoint.ts_ms,
+        }
+        produce(p, self._topic, self.name, self._codec.encode(schemas.FIXED["checkpoint"], value))

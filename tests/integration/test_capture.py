@@ -1,0 +1,180 @@
+"""The capture over real services: exactly-once under kill -9, and nothing unlinked leaves the server."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import defaultdict
+from typing import Any
+
+from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from djlink.config import Settings
+from djlink.links import LinkSpec
+from djlink.topics import Topics
+from link.requests import Requests
+from tests.conftest import Site, admin, wait_for
+from tests.integration.test_pull import read_topic
+
+
+def create_table(site: Site, db: str, table: str) -> None:
+    conn = admin(site.env, "SOURCE")
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE IF NOT EXISTS `{db}`")
+        cur.execute(
+            f"CREATE TABLE `{db}`.`{table}` (id int NOT NULL, seq int NOT NULL, PRIMARY KEY (id)) ENGINE=InnoDB"
+        )
+    conn.close()
+
+
+def register(site: Site, table: str) -> LinkSpec:
+    spec = LinkSpec.new(site.source_schema, table, site.helper_schema, f"{table}_helper", site.dest_schema)
+    replies = Requests(Settings.from_env(site.pipeline_env())).ask("REGISTER", spec, [], 60)
+    assert next(replies)["status"] == "ACCEPTED"
+    return spec
+
+
+def committed_count(site: Site, topic: str) -> int:
+    """Offsets taken on the topic (events, tombstones and transaction markers): grows as the capture commits."""
+    c = Consumer({"bootstrap.servers": site.env["DJLINK_KAFKA_BOOTSTRAP"], "group.id": f"{site.tag}-watch"})
+    try:
+        return int(c.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)[1])
+    finally:
+        c.close()
+
+
+class Writer(threading.Thread):
+    """A steady, bounded write load: inserts, updates and deletes in transactions of 1-3 rows."""
+
+    def __init__(self, site: Site, db: str, table: str, limit: int = 20000) -> None:
+        super().__init__(daemon=True)
+        self.site, self.db, self.table, self.limit = site, db, table, limit
+        self.expected: dict[int, list[tuple[str, int | None]]] = defaultdict(list)
+        self.stop = threading.Event()
+        self.transactions = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:
+            self.error = exc
+
+    def _run(self) -> None:
+        rng = random.Random(7)
+        conn = admin(self.site.env, "SOURCE")
+        conn.autocommit(False)
+        live: dict[int, int] = {}
+        next_id, seq = 1, 0
+        t = f"`{self.db}`.`{self.table}`"
+        with conn.cursor() as cur:
+            while not self.stop.is_set() and self.transactions < self.limit:
+                done: list[tuple[int, str, int | None]] = []
+                for _ in range(rng.randint(1, 3)):
+                    seq += 1
+                    choice = rng.random()
+                    if not live or choice < 0.4:
+                        cur.execute(f"INSERT INTO {t} (id, seq) VALUES (%s, %s)", (next_id, seq))
+                        live[next_id] = seq
+                        done.append((next_id, "c", seq))
+                        next_id += 1
+                    elif choice < 0.85:
+                        key = rng.choice(list(live))
+                        cur.execute(f"UPDATE {t} SET seq=%s WHERE id=%s", (seq, key))
+                        live[key] = seq
+                        done.append((key, "u", seq))
+                    else:
+                        key = rng.choice(list(live))
+                        cur.execute(f"DELETE FROM {t} WHERE id=%s", (key,))
+                        del live[key]
+                        done.append((key, "d", None))
+                conn.commit()
+                self.transactions += 1
+                for key, op, value in done:
+                    self.expected[key].append((op, value))
+        conn.close()
+
+
+def events_by_key(events: list[dict[str, Any]]) -> dict[int, list[tuple[str, int | None]]]:
+    result: dict[int, list[tuple[str, int | None]]] = defaultdict(list)
+    for e in events:
+        if e["op"] in ("c", "u", "d"):
+            row = e["after"] if e["after"] is not None else e["before"]
+            result[row["id"]].append((e["op"], None if e["after"] is None else e["after"]["seq"]))
+    return result
+
+
+def test_kill_9_at_random_moments_loses_and_duplicates_nothing(site: Site) -> None:
+    create_table(site, site.source_schema, "counter")
+    site.start("agent")
+    register(site, "counter")
+    topic = Topics(site.topic_prefix).table(site.source_schema, "counter")
+    capture = site.start("capture")
+    writer = Writer(site, site.source_schema, "counter")
+    writer.start()
+    rng = random.Random(11)
+    kills = 0
+    try:
+        for _ in range(10):
+            # Kill once the capture has committed a random number of further offsets: mid-stream, not at rest.
+            target = committed_count(site, topic) + rng.randint(1, 300)
+            wait_for(lambda t=target: committed_count(site, topic) >= t, 60, "the capture to make progress")
+            capture.kill()
+            capture.wait(10)
+            kills += 1
+            capture = site.start("capture")
+    finally:
+        writer.stop.set()
+        writer.join(30)
+    assert writer.error is None, writer.error
+    assert kills == 10 and writer.transactions > 100
+    expected_events = sum(len(v) for v in writer.expected.values())
+
+    def all_events() -> list[dict[str, Any]] | None:
+        events = [e for e in read_topic(site, topic) if e["op"] != "r"]
+        return events if len(events) >= expected_events else None
+
+    try:
+        events = wait_for(all_events, 120, f"{expected_events} committed events")
+    except BaseException:
+        capture.terminate()
+        print("CAPTURE STDERR", capture.communicate(timeout=30)[1][-5000:])
+        raise
+    assert events_by_key(events) == writer.expected  # every change exactly once, in source order per key
+    assert len(events) == expected_events
+
+
+def test_only_linked_tables_reach_kafka(site: Site) -> None:
+    unrelated = f"{site.tag}_unrelated"
+    create_table(site, site.source_schema, "linked")
+    create_table(site, unrelated, "private")
+    site.start("agent")
+    register(site, "linked")
+    site.start("capture")
+    conn = admin(site.env, "SOURCE")
+    try:
+        with conn.cursor() as cur:
+            for i in range(5):
+                cur.execute(f"INSERT INTO `{unrelated}`.`private` VALUES ({i}, {i})")
+                cur.execute(f"INSERT INTO `{site.source_schema}`.`linked` VALUES ({i}, {i})")
+            # Both in one transaction too: only the linked row may leave.
+            conn.autocommit(False)
+            cur.execute(f"INSERT INTO `{unrelated}`.`private` VALUES (100, 100)")
+            cur.execute(f"INSERT INTO `{site.source_schema}`.`linked` VALUES (100, 100)")
+            conn.commit()
+        topics = Topics(site.topic_prefix)
+        linked = topics.table(site.source_schema, "linked")
+        events = wait_for(lambda: (e := read_topic(site, linked)) and len(e) >= 6 and e, 60, "the linked rows")
+        assert sorted(e["after"]["id"] for e in events) == [0, 1, 2, 3, 4, 100]
+        names = AdminClient({"bootstrap.servers": site.env["DJLINK_KAFKA_BOOTSTRAP"]}).list_topics(timeout=10).topics
+        ours = [n for n in names if n.startswith(f"{site.topic_prefix}.")]
+        assert not [n for n in ours if unrelated in n]
+        # No event anywhere under our prefix names the unrelated schema.
+        for name in ours:
+            if name.startswith(f"{site.topic_prefix}.{site.tag}"):
+                assert all(e.get("source", {}).get("db") != unrelated for e in read_topic(site, name))
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{unrelated}`")
+        conn.close()

@@ -21,6 +21,7 @@ import schemas
 from cdc import preconditions
 from cdc.dispatcher import EventDispatcher
 from cdc.events import ChangeUnit
+from cdc.metrics import CaptureMetrics
 from cdc.offsets import Checkpoint, OffsetContext
 from cdc.schema_history import SchemaHistory
 from cdc.snapshot import SnapshotSource
@@ -40,6 +41,8 @@ class Capture:
         self.topics = Topics(settings.topic_prefix)
         self._captured: frozenset[tuple[str, str]] = frozenset()
         self._history = SchemaHistory(self._connect)
+        self.metrics = CaptureMetrics()
+        self.report_host = f"djlink-{self.topics.prefix}"[:60]  # how SHOW SLAVE HOSTS names this capture
 
     def _connect(self, **extra: Any) -> Any:
         return pymysql.connect(
@@ -80,7 +83,7 @@ class Capture:
         s = self.settings
         conn = self._connect()
         try:
-            preconditions.check(conn)
+            preconditions.check(conn, s.capture_server_id, self.report_host)
             with conn.cursor() as cur:
                 cur.execute("SELECT @@gtid_binlog_pos")
                 current = cur.fetchone()[0] or ""
@@ -107,7 +110,13 @@ class Capture:
 
         units: queue.Queue[Any] = queue.Queue(maxsize=1000)
         binlog = BinlogSource(
-            s.source, s.capture_server_id, checkpoint.gtid_position, self._is_captured, units, self._on_ddl
+            s.source,
+            s.capture_server_id,
+            checkpoint.gtid_position,
+            self._is_captured,
+            units,
+            self._on_ddl,
+            self.report_host,
         )
         binlog.start()
 
@@ -135,11 +144,14 @@ class Capture:
                     for unit in snapshots.read(link, signal["keys"], signal["request_id"]):
                         if previous is not None:
                             dispatcher.publish([previous])
+                            self.metrics.committed([previous], None, False)
                         previous = unit
                     dispatcher.publish([previous] if previous else [], consumed=consumed)
+                    self.metrics.committed([previous] if previous else [], None, units.empty())
                 batch, checkpoint = self._take(units)
                 if batch or checkpoint:
                     dispatcher.publish(batch, checkpoint)
+                    self.metrics.committed(batch, checkpoint, units.empty())
         finally:
             binlog.stop()
             signals.close()

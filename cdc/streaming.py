@@ -45,6 +45,7 @@ class BinlogSource(threading.Thread):
         is_captured: Callable[[str, str], bool],
         out: queue.Queue[Any],
         on_ddl: Callable[[str, str], None],
+        report_host: str,
     ) -> None:
         super().__init__(name="binlog-source", daemon=True)
         self._db = db
@@ -53,6 +54,7 @@ class BinlogSource(threading.Thread):
         self._is_captured = is_captured
         self._out = out
         self._on_ddl = on_ddl
+        self._report_host = report_host
         self._stream: BinLogStreamReader | None = None
         self._stopping = threading.Event()
         self._last_marker = time.monotonic()
@@ -87,6 +89,7 @@ class BinlogSource(threading.Thread):
             resume_stream=True,
             is_mariadb=True,
             auto_position=format_gtid_position(self._gtids),
+            report_slave=self._report_host,
             only_events=[
                 MariadbGtidEvent,
                 QueryEvent,

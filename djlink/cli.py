@@ -35,8 +35,9 @@ def expected_error(exc: BaseException) -> str | None:
     """A one-line message for failures a user can cause and fix; None for bugs."""
     from cdc.preconditions import PreconditionError
     from djlink.services import ServiceError
+    from djlink.topics import KafkaUnavailable
 
-    if isinstance(exc, PreconditionError | ConfigError | ServiceError):
+    if isinstance(exc, PreconditionError | ConfigError | ServiceError | KafkaUnavailable):
         return str(exc)
     if isinstance(exc, pymysql.err.OperationalError):
         code = exc.args[0] if exc.args else 0
@@ -104,6 +105,10 @@ def run(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         settings = Settings.from_env()
+        if settings.metrics_port:
+            from prometheus_client import start_http_server
+
+            start_http_server(settings.metrics_port, addr="127.0.0.1")
         run_roles(list(role), settings, stop, lambda: print("djlink: ready", flush=True))
     except KeyboardInterrupt:
         stop.set()
@@ -122,6 +127,35 @@ def services(ctx: typer.Context, action: str = typer.Argument(..., help="up, dow
     from djlink import services as svc
 
     raise typer.Exit(svc.main([action, *ctx.args]))
+
+
+@app.command()
+def status() -> None:
+    """Print where the capture has committed up to (read from Kafka; the capture need not run here)."""
+    import datetime as dt
+
+    from cdc.offsets import OffsetContext
+    from djlink.topics import Admin, Topics
+
+    try:
+        settings = Settings.from_env()
+        topics = Topics(settings.topic_prefix)
+        Admin(settings).check()
+        checkpoint = OffsetContext(settings, topics, f"{topics.prefix}-capture").load()
+    except Exception as exc:
+        message = expected_error(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    if checkpoint is None:
+        print(f"capture {topics.prefix}-capture: no checkpoint yet (it has never run on this prefix)")
+        raise typer.Exit(3)
+    when = "-"
+    if checkpoint.ts_ms:
+        when = dt.datetime.fromtimestamp(checkpoint.ts_ms / 1000, dt.UTC).isoformat(timespec="seconds")
+    print(f"capture {topics.prefix}-capture: committed up to GTID {checkpoint.gtid_position or '(start)'}")
+    print(f"  binlog {checkpoint.file or '-'}:{checkpoint.pos}, source commit time {when}")
 
 
 @app.command()

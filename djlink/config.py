@@ -39,6 +39,8 @@ class Settings:
     capture_start_gtid: str | None
     snapshot_chunk_size: int
     timeout_s: float
+    startup_timeout_s: float
+    metrics_port: int | None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -67,6 +69,8 @@ class Settings:
             capture_start_gtid=env.get("DJLINK_CAPTURE_START_GTID") or None,
             snapshot_chunk_size=int(env.get("DJLINK_SNAPSHOT_CHUNK_SIZE", "500")),
             timeout_s=float(env.get("DJLINK_TIMEOUT", "60")),
+            startup_timeout_s=float(env.get("DJLINK_STARTUP_TIMEOUT", "30")),
+            metrics_port=int(env["DJLINK_METRICS_PORT"]) if env.get("DJLINK_METRICS_PORT") else None,
         )
 
     def schema_allowed(self, schema: str) -> bool:

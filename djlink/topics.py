@@ -7,6 +7,7 @@ deployment on the same broker) isolates itself by choosing another prefix.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 import time
@@ -20,6 +21,7 @@ import schemas
 from djlink.config import Settings
 
 _TOPIC_BAD = re.compile(r"[^A-Za-z0-9._]")
+KAFKA_LOG = logging.getLogger("djlink.kafka")  # librdkafka's own log lines, through Python logging
 
 
 class Topics:
@@ -62,13 +64,32 @@ class Topics:
         }
 
 
+class KafkaUnavailable(Exception):
+    """The broker does not answer."""
+
+
 class Admin:
     """Creates topics once, remembering what exists."""
 
     def __init__(self, settings: Settings) -> None:
-        self._admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+        self._settings = settings
+        self._admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, "logger": KAFKA_LOG})  # type: ignore[dict-item]
         self._known: set[str] = set()
         self._lock = threading.Lock()
+
+    def check(self) -> None:
+        """Raise KafkaUnavailable, in words for the user, when the broker does not answer in time."""
+        quiet = logging.getLogger("djlink.kafka.check")
+        quiet.propagate = False  # librdkafka's per-attempt connection errors would bury the one line we print
+        probe = AdminClient({"bootstrap.servers": self._settings.kafka_bootstrap, "logger": quiet})  # type: ignore[dict-item]
+        try:
+            probe.list_topics(timeout=self._settings.startup_timeout_s)
+        except KafkaException as exc:
+            raise KafkaUnavailable(
+                f"cannot reach Kafka at {self._settings.kafka_bootstrap} "
+                f"within {self._settings.startup_timeout_s:.0f} s ({exc.args[0].str() if exc.args else exc}); "
+                "check DJLINK_KAFKA_BOOTSTRAP and that the broker runs"
+            ) from exc
 
     def ensure(self, names: Iterable[str], compacted: bool = False, partitions: int = 1) -> None:
         with self._lock:
@@ -92,6 +113,7 @@ class Admin:
             _wait_for_metadata(self._admin, create)
 
     def ensure_control(self, topics: Topics) -> None:
+        self.check()
         by_kind: dict[bool, list[str]] = {True: [], False: []}
         for name, compacted in topics.control().items():
             by_kind[compacted].append(name)
@@ -115,6 +137,7 @@ def producer(settings: Settings, transactional_id: str | None = None, **extra: A
         "enable.idempotence": True,
         "linger.ms": 5,
         "partitioner": "murmur2_random",  # agree with Java clients on key -> partition
+        "logger": KAFKA_LOG,
     }
     if transactional_id:
         conf["transactional.id"] = transactional_id
@@ -130,6 +153,7 @@ def consumer(settings: Settings, group_id: str, **extra: Any) -> Consumer:
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
         "topic.metadata.refresh.interval.ms": 5000,
+        "logger": KAFKA_LOG,
     }
     conf.update(extra)
     return Consumer(conf)

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import random
+import re
+import socket
+import subprocess
+import sys
 import threading
+import urllib.request
 from collections import defaultdict
 from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from cdc.offsets import parse_gtid_position
 from djlink.config import Settings
 from djlink.links import LinkSpec
 from djlink.topics import Topics
@@ -178,3 +184,55 @@ def test_only_linked_tables_reach_kafka(site: Site) -> None:
         with conn.cursor() as cur:
             cur.execute(f"DROP DATABASE IF EXISTS `{unrelated}`")
         conn.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def metric(text: str, name: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def seq(gtid_position: str) -> int:
+    """Sequence number of domain 0 in a MariaDB GTID position."""
+    return int(parse_gtid_position(gtid_position)[0].rsplit("-", 1)[1])
+
+
+def test_capture_reports_throughput_lag_and_position(site: Site) -> None:
+    create_table(site, site.source_schema, "measured")
+    site.start("agent")
+    register(site, "measured")
+    port = free_port()
+    site.start("capture", DJLINK_METRICS_PORT=str(port))
+    conn = admin(site.env, "SOURCE")
+    with conn.cursor() as cur:
+        for i in range(5):
+            cur.execute(f"INSERT INTO `{site.source_schema}`.`measured` VALUES ({i}, {i})")
+        cur.execute("SELECT @@gtid_binlog_pos")
+        position = cur.fetchone()[0]
+    conn.close()
+
+    def scrape() -> str | None:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        return text if (metric(text, "djlink_capture_events_total") or 0) >= 5 else None
+
+    text = wait_for(scrape, 30, "5 events in the capture's metrics")
+    assert metric(text, "djlink_capture_units_total") == 5
+    lag = metric(text, "djlink_capture_lag_ms")
+    assert lag is not None and 0 <= lag < 60_000
+    # Other writers may share the server: the committed position is at or after our last insert.
+    committed = re.search(r'gtid_position="([^"]*)"', text)
+    assert committed and seq(committed.group(1)) >= seq(position)
+
+    status = subprocess.run(
+        [sys.executable, "-m", "djlink", "status"], env=site.pipeline_env(), capture_output=True, text=True, timeout=60
+    )
+    assert status.returncode == 0, status.stderr
+    reported = re.search(r"committed up to GTID (\S+)", status.stdout)
+    assert reported and seq(reported.group(1)) >= seq(position), status.stdout

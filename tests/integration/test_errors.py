@@ -1,0 +1,69 @@
+"""Expected failures: one clear line on stderr, exit code 1, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.conftest import Site, admin
+
+
+def run(site: Site, *roles: str, **env: str) -> subprocess.CompletedProcess[str]:
+    args = [sys.executable, "-m", "djlink", "run"]
+    for r in roles:
+        args += ["--role", r]
+    return subprocess.run(args, env=site.pipeline_env(**env), capture_output=True, text=True, timeout=60)
+
+
+def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_capture_refuses_a_source_without_full_row_metadata(site: Site) -> None:
+    conn = admin(site.env, "SOURCE")
+    with conn.cursor() as cur:
+        cur.execute("SET GLOBAL binlog_row_metadata='MINIMAL'")
+    try:
+        proc = run(site, "capture")
+    finally:
+        with conn.cursor() as cur:
+            cur.execute("SET GLOBAL binlog_row_metadata='FULL'")
+        conn.close()
+    assert one_error_line(proc) == (
+        "error: source server has binlog_row_metadata=MINIMAL, capture needs FULL: "
+        "SET GLOBAL binlog_row_metadata='FULL' and add binlog_row_metadata=FULL to the server's configuration"
+    )
+
+
+def test_wrong_password_is_one_clear_line(site: Site) -> None:
+    line = one_error_line(run(site, "agent", DJLINK_SOURCE_PASSWORD="wrong"))
+    assert line.startswith("error: database refused the login")
+
+
+def test_capture_user_without_binlog_privileges_is_told_the_grant(site: Site) -> None:
+    conn = admin(site.env, "SOURCE")
+    with conn.cursor() as cur:
+        cur.execute(f"REVOKE BINLOG MONITOR ON *.* FROM '{site.link_user}'@'%'")
+    conn.close()
+    assert one_error_line(run(site, "capture")) == (
+        f"error: capture user '{site.link_user}'@'%' lacks BINLOG MONITOR: "
+        f"GRANT REPLICATION SLAVE, BINLOG MONITOR ON *.* TO '{site.link_user}'@'%'"
+    )
+
+
+def test_capture_server_id_must_differ_from_the_sources(site: Site) -> None:
+    conn = admin(site.env, "SOURCE")
+    with conn.cursor() as cur:
+        cur.execute("SELECT @@server_id")
+        source_id = cur.fetchone()[0]
+    conn.close()
+    line = one_error_line(run(site, "capture", DJLINK_CAPTURE_SERVER_ID=str(source_id)))
+    assert line.startswith(f"error: DJLINK_CAPTURE_SERVER_ID={source_id} is the source server's own server_id")
+
+
+def test_unreachable_kafka_is_one_clear_line(site: Site) -> None:
+    line = one_error_line(run(site, "agent", DJLINK_KAFKA_BOOTSTRAP="127.0.0.1:1", DJLINK_STARTUP_TIMEOUT="5"))
+    assert line.startswith("error: cannot reach Kafka at 127.0.0.1:1")

@@ -19,6 +19,7 @@ from cdc.events import ChangeUnit, Position, RowChange
 from cdc.schema_history import SchemaHistory
 from djlink import keys as keycodec
 from djlink.links import LinkSpec
+from schemas.tables import select_expression
 
 
 def quote(name: str) -> str:
@@ -64,7 +65,8 @@ class SnapshotSource:
             gtid = cur.fetchone()["g"] or None
             changes: list[RowChange] = []
             for db, table in link.data_tables():
-                cur.execute(f"SELECT * FROM {quote(db)}.{quote(table)} WHERE {where}", params)
+                columns = ", ".join(select_expression(c) for c in self._history.shape(db, table).columns)
+                cur.execute(f"SELECT {columns} FROM {quote(db)}.{quote(table)} WHERE {where}", params)
                 changes.extend(RowChange(db, table, "r", None, row) for row in cur.fetchall())
             conn.commit()
         position = Position(

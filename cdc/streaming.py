@@ -21,6 +21,7 @@ from pymysqlreplication import BinLogStreamReader
 from pymysqlreplication.event import MariadbGtidEvent, QueryEvent, RotateEvent, XidEvent
 from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
 
+import cdc.decoders  # noqa: F401 - corrects the library's TIME(fsp) decoder
 from cdc.events import ChangeUnit, Position, PositionMarker, RowChange
 from cdc.offsets import Checkpoint, format_gtid_position, parse_gtid_position
 from djlink.config import Database

@@ -64,7 +64,9 @@ def _definition(heading: Any, drop: set[str] = frozenset(), head: str = "") -> s
         if default is not None and default.lower().startswith("current_timestamp"):
             default = "CURRENT_TIMESTAMP"  # MariaDB reports current_timestamp(), which DataJoint cannot declare
         name = attr.name if default is None else f"{attr.name} = {default}"
-        kind = f"{attr.type}{' auto_increment' if attr.autoincrement else ''}"
+        # MariaDB reports json as longtext (with a json_valid check); DataJoint cannot declare longtext itself.
+        sql_type = "json" if attr.type == "longtext" else attr.type
+        kind = f"{sql_type}{' auto_increment' if attr.autoincrement else ''}"
         lines.append(f"{name} : {kind} # {attr.comment}")
     return "\n".join(lines)
 

@@ -18,6 +18,7 @@ from typing import Any
 from schemas import Schema, expand, load_avsc, make_schema
 
 _NAME_BAD = re.compile(r"[^A-Za-z0-9_]")
+_LENGTH = re.compile(r"\((\d+)\)")
 UTC = dt.UTC
 
 
@@ -35,6 +36,12 @@ class Column:
     @property
     def unsigned(self) -> bool:
         return "unsigned" in self.column_type
+
+    @property
+    def length(self) -> int | None:
+        """The declared length of `binary(16)`, `char(8)`...; None when the type has none."""
+        m = _LENGTH.search(self.column_type)
+        return int(m.group(1)) if m else None
 
 
 @dataclass(frozen=True)
@@ -149,6 +156,20 @@ def key_schema(shape: TableShape, prefix: str) -> Schema:
     return make_schema(f"{prefix}.{shape.db}.{shape.table}-key", key_record(shape, prefix))
 
 
+def select_expression(column: Column) -> str:
+    """How a snapshot read selects a column so that PyMySQL receives its exact value.
+
+    Values cross PyMySQL's text protocol as the server prints them, which is
+    exact for every type but FLOAT: MariaDB prints it with 6 significant digits
+    (123456.789 arrives as 123457.0, FLT_MAX as 3.40282e38). Widened to DOUBLE
+    it prints exactly; Avro `float` narrows it back without loss.
+    """
+    name = "`" + column.name.replace("`", "``") + "`"
+    if column.data_type == "float":
+        return f"CAST({name} AS DOUBLE) AS {name}"
+    return name
+
+
 def to_avro(column: Column, value: Any) -> Any:
     """A driver value (PyMySQL or python-mysql-replication) as its Avro type holds it."""
     if value is None:
@@ -168,8 +189,14 @@ def to_avro(column: Column, value: Any) -> Any:
         if isinstance(value, dt.time):
             return ((value.hour * 60 + value.minute) * 60 + value.second) * 1_000_000 + value.microsecond
         return value
+    if t == "bit" and isinstance(value, str):  # the binlog's '0101': the bits, as PyMySQL's big-endian bytes
+        return int(value, 2).to_bytes((len(value) + 7) // 8, "big")
     if avro_type(column) == "bytes" and isinstance(value, str):
-        return value.encode()
+        value = value.encode()  # python-mysql-replication gives '' for an empty binary value
+    if t == "binary":
+        # The binlog drops BINARY(n)'s trailing 0x00 padding (a uuid ending in 00 arrives short, an
+        # all-zero one as ''); the stored value always has n bytes, as PyMySQL reads it.
+        return bytes(value).ljust(column.length or len(value), b"\x00")
     if avro_type(column) == "string" and isinstance(value, bytes | bytearray):
         return bytes(value).decode()
     if isinstance(value, set):  # SET columns from the binlog

@@ -13,7 +13,17 @@ from djlink import keys as keycodec
 from djlink.config import Settings
 from djlink.links import LinkSpec, destination_name
 from djlink.topics import Topics
-from schemas.tables import Column, TableShape, envelope_schema, key_schema, row_from_avro, row_to_avro, sql_converters
+from schemas.tables import (
+    Column,
+    TableShape,
+    envelope_schema,
+    key_schema,
+    row_from_avro,
+    row_to_avro,
+    select_expression,
+    sql_converters,
+    to_avro,
+)
 
 SHAPE = TableShape(
     "lab",
@@ -82,6 +92,22 @@ def test_sql_converters_read_everything_from_the_schema_alone() -> None:
     codec.add(schema)
     decoded = codec.decode(codec.encode(schema, envelope(row_to_avro(SHAPE, ROW))))
     assert {k: convert[k](v) for k, v in decoded["after"].items()} == ROW
+
+
+def test_binlog_values_become_what_a_snapshot_read_gives() -> None:
+    uuid_column = Column("u", "binary", "binary(16)", True)
+    # The binlog drops BINARY(n)'s trailing zero bytes (and gives '' for all zeros); PyMySQL reads n bytes.
+    assert to_avro(uuid_column, b"\x01\x02") == b"\x01\x02" + bytes(14)
+    assert to_avro(uuid_column, "") == bytes(16)
+    assert to_avro(uuid_column, b"\xff" * 16) == b"\xff" * 16
+    assert to_avro(Column("v", "varbinary", "varbinary(8)", True), b"\x01\x00") == b"\x01\x00"
+    assert to_avro(Column("b", "bit", "bit(10)", True), "1000000001") == b"\x02\x01"  # PyMySQL: big-endian bytes
+
+
+def test_snapshot_reads_select_float_widened_to_double() -> None:
+    # MariaDB prints FLOAT with 6 significant digits; a DOUBLE prints exactly.
+    assert select_expression(Column("f", "float", "float", True)) == "CAST(`f` AS DOUBLE) AS `f`"
+    assert select_expression(Column("d`x", "double", "double", True)) == "`d``x`"
 
 
 def test_unknown_schema_is_asked_for_then_refused() -> None:

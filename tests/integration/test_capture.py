@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 import socket
@@ -15,10 +16,12 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+import schemas
 from cdc.offsets import parse_gtid_position
+from djlink import keys as keycodec
 from djlink.config import Settings
 from djlink.links import LinkSpec
-from djlink.topics import Topics
+from djlink.topics import Topics, produce, producer
 from link.requests import Requests
 from tests.conftest import Site, admin, wait_for
 from tests.integration.test_pull import read_topic
@@ -53,9 +56,10 @@ def committed_count(site: Site, topic: str) -> int:
 class Writer(threading.Thread):
     """A steady, bounded write load: inserts, updates and deletes in transactions of 1-3 rows."""
 
-    def __init__(self, site: Site, db: str, table: str, limit: int = 20000) -> None:
+    def __init__(self, site: Site, db: str, table: str, limit: int = 20000, existing: dict[int, int] | None = None):
         super().__init__(daemon=True)
         self.site, self.db, self.table, self.limit = site, db, table, limit
+        self.existing = dict(existing or {})
         self.expected: dict[int, list[tuple[str, int | None]]] = defaultdict(list)
         self.stop = threading.Event()
         self.transactions = 0
@@ -71,8 +75,8 @@ class Writer(threading.Thread):
         rng = random.Random(7)
         conn = admin(self.site.env, "SOURCE")
         conn.autocommit(False)
-        live: dict[int, int] = {}
-        next_id, seq = 1, 0
+        live = dict(self.existing)
+        next_id, seq = max(live, default=0) + 1, max(live.values(), default=0)
         t = f"`{self.db}`.`{self.table}`"
         with conn.cursor() as cur:
             while not self.stop.is_set() and self.transactions < self.limit:
@@ -236,3 +240,63 @@ def test_capture_reports_throughput_lag_and_position(site: Site) -> None:
     assert status.returncode == 0, status.stderr
     reported = re.search(r"committed up to GTID (\S+)", status.stdout)
     assert reported and seq(reported.group(1)) >= seq(position), status.stdout
+
+
+def test_snapshot_reads_during_concurrent_changes_leave_the_consumer_at_the_source_state(site: Site) -> None:
+    create_table(site, site.source_schema, "churn")
+    conn = admin(site.env, "SOURCE")
+    with conn.cursor() as cur:
+        cur.executemany(f"INSERT INTO `{site.source_schema}`.`churn` VALUES (%s, %s)", [(i, 0) for i in range(1, 601)])
+    site.start("agent")
+    spec = register(site, "churn")
+    site.start("capture", DJLINK_SNAPSHOT_CHUNK_SIZE="20")
+    writer = Writer(site, site.source_schema, "churn", limit=3000, existing={i: 0 for i in range(1, 601)})
+    writer.start()
+    try:
+        snapshot_under_load(site, spec, writer)
+    finally:
+        writer.stop.set()
+        writer.join(30)
+    assert writer.error is None
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT id, seq FROM `{site.source_schema}`.`churn`")
+        source = dict(cur.fetchall())
+    conn.close()
+    topic = Topics(site.topic_prefix).table(site.source_schema, "churn")
+
+    def folded() -> dict[int, int] | None:
+        view: dict[int, int] = {}
+        for e in read_topic(site, topic):
+            if e["op"] == "d":
+                view.pop(e["before"]["id"], None)
+            else:
+                view[e["after"]["id"]] = e["after"]["seq"]
+        # Keys 1..600 come from the snapshot, the writer's new keys from the stream.
+        return view if view == source else None
+
+    wait_for(folded, 60, "the consumer's view to equal the source")
+    assert writer.transactions > 50
+
+
+def snapshot_under_load(site: Site, spec: LinkSpec, writer: Writer) -> None:
+    # Snapshot every key while the writer updates and deletes them (30 chunks, each its own consistent read).
+    settings = Settings.from_env(site.pipeline_env())
+    topics = Topics(site.topic_prefix)
+    signal = {
+        "signal_id": "s1",
+        "kind": "SNAPSHOT_KEYS",
+        "request_id": "r1",
+        "link": dataclasses.replace(spec, primary_key=("id",)).to_avro(),
+        "keys": [keycodec.encode({"id": i}) for i in range(1, 601)],
+        "ts_ms": 0,
+    }
+    p = producer(settings)
+    produce(p, topics.signals, spec.link_id, schemas.Codec().encode(schemas.FIXED["signal"], signal))
+    p.flush(10)
+    # The capture commits the signal's offset with its last chunk: then the whole snapshot is in Kafka.
+    c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"{site.topic_prefix}-capture"})
+    try:
+        tp = TopicPartition(topics.signals, 0)
+        wait_for(lambda: c.committed([tp], timeout=10)[0].offset >= 1, 60, "the snapshot to complete")
+    finally:
+        c.close()

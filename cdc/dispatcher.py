@@ -47,6 +47,7 @@ class EventDispatcher:
         self._codec = schemas.Codec()
         self._schemas: dict[TableShape, tuple[schemas.Schema, schemas.Schema]] = {}
         self.events_total = 0
+        self._same_columns: dict[tuple[int, int], bool] = {}
 
     def _schemas_of(self, shape: TableShape) -> tuple[schemas.Schema, schemas.Schema]:
         if shape not in self._schemas:
@@ -80,6 +81,17 @@ class EventDispatcher:
             raise
         self.events_total += sum(len(u.changes) for u in units)
 
+    def _shape(self, change: RowChange) -> TableShape:
+        """The current shape from INFORMATION_SCHEMA, unless the binlog event says the row had another one."""
+        shape = self._history.shape(change.db, change.table)
+        described = change.binlog_shape
+        if described is None or described is shape:
+            return shape
+        key = (id(described), id(shape))
+        if key not in self._same_columns:
+            self._same_columns[key] = [c.name for c in described.columns] == [c.name for c in shape.columns]
+        return shape if self._same_columns[key] else described
+
     def _unit(self, unit: ChangeUnit) -> None:
         self._transaction_event(unit, "BEGIN", None)
         counts: Counter[str] = Counter()
@@ -96,7 +108,7 @@ class EventDispatcher:
             log.exception("could not abort the Kafka transaction")
 
     def _row(self, unit: ChangeUnit, change: RowChange, topic: str, order: int, table_order: int) -> None:
-        shape = self._history.shape(change.db, change.table)
+        shape = self._shape(change)
         kschema, vschema = self._schemas_of(shape)
         self._schema_topic.publish(self._p, kschema)
         self._schema_topic.publish(self._p, vschema)

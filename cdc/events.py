@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cdc.offsets import Checkpoint
+from schemas.tables import TableShape
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class RowChange:
     before: dict[str, Any] | None
     after: dict[str, Any] | None
     row: int = 0  # index within its binlog event
+    binlog_shape: TableShape | None = None  # the shape the binlog event describes (streamed changes only)
 
     @property
     def image(self) -> dict[str, Any]:

@@ -24,7 +24,9 @@ from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, Write
 import cdc.decoders  # noqa: F401 - corrects the library's TIME(fsp) decoder
 from cdc.events import ChangeUnit, Position, PositionMarker, RowChange
 from cdc.offsets import Checkpoint, format_gtid_position, parse_gtid_position
+from cdc.schema_history import shape_from_table_map
 from djlink.config import Database
+from schemas.tables import TableShape
 
 log = logging.getLogger(__name__)
 MARKER_INTERVAL_S = 1.0
@@ -59,6 +61,7 @@ class BinlogSource(threading.Thread):
         self._stream: BinLogStreamReader | None = None
         self._stopping = threading.Event()
         self._last_marker = time.monotonic()
+        self._shapes: dict[int, TableShape] = {}  # by binlog table id
 
     def stop(self) -> None:
         self._stopping.set()
@@ -91,6 +94,8 @@ class BinlogSource(threading.Thread):
             is_mariadb=True,
             auto_position=format_gtid_position(self._gtids),
             report_slave=self._report_host,
+            # Parse each table map once (it dominated decoding); DDL clears them, see below.
+            freeze_schema=True,
             only_events=[
                 MariadbGtidEvent,
                 QueryEvent,
@@ -116,20 +121,27 @@ class BinlogSource(threading.Thread):
             elif isinstance(ev, WriteRowsEvent | UpdateRowsEvent | DeleteRowsEvent):
                 if unit is None or not self._is_captured(ev.schema, ev.table):
                     continue
+                shape = self._shapes.get(ev.table_id)
+                if shape is None:
+                    shape = shape_from_table_map(ev.schema, ev.table, ev.columns, ev.primary_key)
+                    self._shapes[ev.table_id] = shape
+                db, table = ev.schema, ev.table
                 for i, row in enumerate(ev.rows):
                     if isinstance(ev, WriteRowsEvent):
-                        unit.changes.append(RowChange(ev.schema, ev.table, "c", None, row["values"], i))
+                        change = RowChange(db, table, "c", None, row["values"], i, shape)
                     elif isinstance(ev, UpdateRowsEvent):
-                        unit.changes.append(
-                            RowChange(ev.schema, ev.table, "u", row["before_values"], row["after_values"], i)
-                        )
+                        change = RowChange(db, table, "u", row["before_values"], row["after_values"], i, shape)
                     else:
-                        unit.changes.append(RowChange(ev.schema, ev.table, "d", row["values"], None, i))
+                        change = RowChange(db, table, "d", row["values"], None, i, shape)
+                    unit.changes.append(change)
             elif isinstance(ev, XidEvent) or (isinstance(ev, QueryEvent) and ev.query.upper() == "COMMIT"):
                 self._commit(stream, unit, domain, ev.packet.log_pos)
                 unit = None
             elif isinstance(ev, QueryEvent) and ev.query.upper() != "BEGIN":
                 schema = ev.schema.decode() if isinstance(ev.schema, bytes) else ev.schema
+                # A DDL statement: table maps parsed before it no longer describe the tables.
+                stream.table_map.clear()
+                self._shapes.clear()
                 self._on_ddl(schema, ev.query)
                 self._commit(stream, unit, domain, ev.packet.log_pos)
                 unit = None

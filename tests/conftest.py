@@ -161,6 +161,9 @@ class Site:
 
     def stop(self) -> None:
         for proc in self.processes:
+            if proc.poll() is not None and proc.returncode not in (0, -signal.SIGKILL, -signal.SIGTERM):
+                # It died by itself: show why (pytest prints this with the test's failure).
+                print(f"`{' '.join(proc.args[3:])}` exited with {proc.returncode}:", proc.stderr.read()[-3000:])  # type: ignore[index,union-attr]
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         for proc in self.processes:

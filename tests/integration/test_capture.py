@@ -21,7 +21,7 @@ from cdc.offsets import parse_gtid_position
 from djlink import keys as keycodec
 from djlink.config import Settings
 from djlink.links import LinkSpec
-from djlink.topics import Topics, produce, producer
+from djlink.topics import SchemaTopic, Topics, produce, producer, read_to_end
 from link.requests import Requests
 from tests.conftest import Site, admin, wait_for
 from tests.integration.test_pull import read_topic
@@ -300,3 +300,36 @@ def snapshot_under_load(site: Site, spec: LinkSpec, writer: Writer) -> None:
         wait_for(lambda: c.committed([tp], timeout=10)[0].offset >= 1, 60, "the snapshot to complete")
     finally:
         c.close()
+
+
+def test_alter_table_yields_new_schema_versions_and_rows_on_both_sides_decode(site: Site) -> None:
+    create_table(site, site.source_schema, "evolving")
+    site.start("agent")
+    register(site, "evolving")
+    capture = site.start("capture")
+    capture.terminate()  # it has checkpointed where it started; what follows is replayed on restart
+    capture.wait(20)
+    table = f"`{site.source_schema}`.`evolving`"
+    conn = admin(site.env, "SOURCE")
+    with conn.cursor() as cur:
+        cur.execute(f"INSERT INTO {table} VALUES (1, 10), (2, 20)")
+        cur.execute(f"ALTER TABLE {table} ADD COLUMN note varchar(20) NULL")
+        cur.execute(f"INSERT INTO {table} VALUES (3, 30, 'three')")
+    site.start("capture")  # replays rows from before and after the ALTER, with today's table in front of it
+    topic = Topics(site.topic_prefix).table(site.source_schema, "evolving")
+    wait_for(lambda: len(read_topic(site, topic)) >= 3, 60, "the replayed rows")
+    with conn.cursor() as cur:  # and one more change of shape while the capture follows live
+        cur.execute(f"ALTER TABLE {table} DROP COLUMN seq")
+        cur.execute(f"INSERT INTO {table} VALUES (4, 'four')")
+    conn.close()
+    events = wait_for(lambda: (e := read_topic(site, topic)) and len(e) >= 4 and e, 60, "the live row")
+    assert [e["after"] for e in events] == [
+        {"id": 1, "seq": 10},
+        {"id": 2, "seq": 20},
+        {"id": 3, "seq": 30, "note": "three"},
+        {"id": 4, "note": "four"},
+    ]
+    settings = Settings.from_env(site.pipeline_env())
+    codec = schemas.Codec(SchemaTopic(settings, Topics(site.topic_prefix)).resolve)
+    versions = [codec.schema_of(m.value()).fingerprint for m in read_to_end(settings.kafka_bootstrap, topic)]
+    assert len(set(versions)) == 3 and versions[0] == versions[1]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import KafkaException, Producer, TopicPartition
@@ -21,11 +22,20 @@ from cdc.events import ChangeUnit, RowChange
 from cdc.offsets import Checkpoint, OffsetContext
 from cdc.schema_history import SchemaHistory
 from djlink.topics import Admin, SchemaTopic, Topics, now_ms, produce
-from schemas.tables import TableShape, envelope_schema, key_schema, row_to_avro
+from schemas.tables import RowEncoder, TableShape, envelope_schema, key_schema
 
 VERSION = "0.1.0"
 log = logging.getLogger(__name__)
 ConsumedOffsets = tuple[list[TopicPartition], Any]  # offsets and the consumer's group metadata
+
+
+@dataclass
+class _Compiled:
+    shape: TableShape
+    key_schema: schemas.Schema
+    value_schema: schemas.Schema
+    encode: RowEncoder
+    key_fields: list[str]
 
 
 class EventDispatcher:
@@ -45,14 +55,24 @@ class EventDispatcher:
         self._history = history
         self._schema_topic = schema_topic
         self._codec = schemas.Codec()
-        self._schemas: dict[TableShape, tuple[schemas.Schema, schemas.Schema]] = {}
+        self._schemas: dict[TableShape, _Compiled] = {}
+        self._by_shape: dict[int, _Compiled] = {}  # by id(): hashing a shape per row costs more than encoding it
         self.events_total = 0
         self._same_columns: dict[tuple[int, int], bool] = {}
 
-    def _schemas_of(self, shape: TableShape) -> tuple[schemas.Schema, schemas.Schema]:
-        if shape not in self._schemas:
-            self._schemas[shape] = (key_schema(shape, self._topics.prefix), envelope_schema(shape, self._topics.prefix))
-        return self._schemas[shape]
+    def _compiled(self, shape: TableShape) -> _Compiled:
+        """Per shape, once: its schemas (published once), its row encoder and its key fields."""
+        found = self._by_shape.get(id(shape))
+        if found is None or found.shape is not shape:
+            if shape not in self._schemas:  # equal shapes read twice share their schemas
+                kschema = key_schema(shape, self._topics.prefix)
+                vschema = envelope_schema(shape, self._topics.prefix)
+                self._schemas[shape] = _Compiled(
+                    shape, kschema, vschema, RowEncoder(shape), [f["name"] for f in kschema.definition["fields"]]
+                )
+            found = self._by_shape[id(shape)] = self._schemas[shape]
+            found.shape = shape
+        return found
 
     def publish(
         self,
@@ -108,15 +128,15 @@ class EventDispatcher:
             log.exception("could not abort the Kafka transaction")
 
     def _row(self, unit: ChangeUnit, change: RowChange, topic: str, order: int, table_order: int) -> None:
-        shape = self._shape(change)
-        kschema, vschema = self._schemas_of(shape)
+        compiled = self._compiled(self._shape(change))
+        kschema, vschema, encode = compiled.key_schema, compiled.value_schema, compiled.encode
         self._schema_topic.publish(self._p, kschema)
         self._schema_topic.publish(self._p, vschema)
-        before = None if change.before is None else row_to_avro(shape, change.before)
-        after = None if change.after is None else row_to_avro(shape, change.after)
+        before = None if change.before is None else encode(change.before)
+        after = None if change.after is None else encode(change.after)
         image = after if after is not None else before
         assert image is not None
-        key = self._codec.encode(kschema, {f["name"]: image[f["name"]] for f in kschema.definition["fields"]})
+        key = self._codec.encode(kschema, {name: image[name] for name in compiled.key_fields})
         pos = unit.position
         value: dict[str, Any] = {
             "before": before,

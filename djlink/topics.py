@@ -6,6 +6,7 @@ deployment on the same broker) isolates itself by choosing another prefix.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -39,6 +40,7 @@ class Topics:
         self.dead_letter = f"{prefix}.dead-letter"
         self.capture_offsets = f"{prefix}.capture-offsets"
 
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 - a deployment has few Topics objects, and each lives long
     def table(self, db: str, table: str) -> str:
         """Change topic of a table, Debezium style `<prefix>.<db>.<table>`.
 

@@ -3,7 +3,8 @@
 Each unit (source transaction or snapshot chunk) becomes, in ONE Kafka
 transaction: the schemas it needs (on the schema topic), a keyed envelope per
 row change on its table's topic (and a tombstone after each delete), and the
-unit's BEGIN and END on the transaction topic. The END's per-table counts tell
+unit's END on the transaction topic (no BEGIN: it told consumers nothing and
+cost two extra records per single-row transaction). The END's per-table counts tell
 a consumer when it holds the whole unit.
 """
 
@@ -89,6 +90,7 @@ class EventDispatcher:
         self._admin.ensure({self._topics.table(c.db, c.table) for u in units for c in u.changes})
         self._p.begin_transaction()
         try:
+            self._schema_topic.publish_fixed(self._p)  # once per process: published schemas are remembered
             for unit in units:
                 self._unit(unit)
             if checkpoint is not None:
@@ -113,7 +115,6 @@ class EventDispatcher:
         return shape if self._same_columns[key] else described
 
     def _unit(self, unit: ChangeUnit) -> None:
-        self._transaction_event(unit, "BEGIN", None)
         counts: Counter[str] = Counter()
         for order, change in enumerate(unit.changes, 1):
             collection = f"{change.db}.{change.table}"

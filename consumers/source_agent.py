@@ -25,7 +25,7 @@ from consumers.entity import NEW_HELPER_ROW, PullDecision, decide_pull
 from djlink import keys as keycodec
 from djlink.config import Settings
 from djlink.links import LinkRegistry, LinkSpec
-from djlink.topics import Admin, Topics, consumer, now_ms, produce, producer
+from djlink.topics import Admin, SchemaTopic, Topics, consumer, now_ms, produce, producer
 
 log = logging.getLogger(__name__)
 HELPER_COLUMNS = ("process", "is_flagged", "is_deprecated")
@@ -53,6 +53,7 @@ class SourceAgent:
         self._registry.catch_up()
         self._db = self._connect(cursorclass=pymysql.cursors.DictCursor, autocommit=False)
         self._p = producer(s)
+        SchemaTopic(s, self.topics).publish_fixed(self._p)
         c = consumer(s, f"{self.topics.prefix}-agent")
         c.subscribe([self.topics.commands, self.topics.acks])
         if on_ready:

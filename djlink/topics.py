@@ -192,6 +192,11 @@ class SchemaTopic:
         produce(p, self._topic, schema.fingerprint.hex(), json.dumps(body).encode())
         self._published.add(schema.fingerprint)
 
+    def publish_fixed(self, p: Producer) -> None:
+        """Publish the schemas of every fixed event type, so Kafka alone decodes every topic."""
+        for schema in schemas.FIXED.values():
+            self.publish(p, schema)
+
     def resolve(self, fingerprint: bytes) -> str | None:
         """The schema JSON of a fingerprint, reading the schema topic to its end if needed."""
         if fingerprint not in self._seen:

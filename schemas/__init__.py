@@ -25,7 +25,18 @@ HERE = Path(__file__).parent
 MAGIC = b"\xc3\x01"
 
 # Load order matters: later files refer to names defined by earlier ones.
-_FIXED = ["source", "transaction_block", "transaction", "link", "command", "reply", "signal", "ack", "checkpoint"]
+_FIXED = [
+    "source",
+    "transaction_block",
+    "transaction",
+    "link",
+    "command",
+    "reply",
+    "signal",
+    "ack",
+    "checkpoint",
+    "dead_letter",
+]
 
 
 class DecodeError(Exception):
@@ -86,8 +97,9 @@ class Codec:
     reader); it returns the schema JSON or None.
     """
 
-    def __init__(self, resolve: Callable[[bytes], str | None] | None = None) -> None:
-        self._by_fp: dict[bytes, Schema] = {s.fingerprint: s for s in FIXED.values()}
+    def __init__(self, resolve: Callable[[bytes], str | None] | None = None, fixed: bool = True) -> None:
+        """`fixed=False`: know no schema beforehand, not even djlink's own (a subscriber's view)."""
+        self._by_fp: dict[bytes, Schema] = {s.fingerprint: s for s in FIXED.values()} if fixed else {}
         self._resolve = resolve
 
     def add(self, schema: Schema) -> None:

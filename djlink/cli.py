@@ -8,12 +8,13 @@ djlink demo                                # the README's end-to-end example
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import StrEnum
 from typing import Any
 
@@ -49,6 +50,24 @@ def expected_error(exc: BaseException) -> str | None:
             return f"missing privilege: {exc.args[1]}"
         return f"database error {code}: {exc.args[1] if len(exc.args) > 1 else exc}"
     return None
+
+
+@contextlib.contextmanager
+def user_errors(show_bugs: bool = False) -> Iterator[None]:
+    """Turn an expected failure into one line on stderr and exit code 1; let bugs through."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        message = expected_error(exc)
+        if message is None:
+            if not show_bugs:
+                raise
+            traceback.print_exc()
+            message = f"{type(exc).__name__}: {exc}"
+        print(f"error: {message}", file=sys.stderr)
+        raise typer.Exit(1) from None
 
 
 def _service(role: Role, settings: Settings) -> Any:
@@ -103,22 +122,16 @@ def run(
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        settings = Settings.from_env()
-        if settings.metrics_port:
-            from prometheus_client import start_http_server
+    with user_errors(show_bugs=True):
+        try:
+            settings = Settings.from_env()
+            if settings.metrics_port:
+                from prometheus_client import start_http_server
 
-            start_http_server(settings.metrics_port, addr="127.0.0.1")
-        run_roles(list(role), settings, stop, lambda: print("djlink: ready", flush=True))
-    except KeyboardInterrupt:
-        stop.set()
-    except Exception as exc:
-        message = expected_error(exc)
-        if message is None:
-            traceback.print_exc()
-            message = f"{type(exc).__name__}: {exc}"
-        print(f"error: {message}", file=sys.stderr)
-        raise typer.Exit(1) from None
+                start_http_server(settings.metrics_port, addr="127.0.0.1")
+            run_roles(list(role), settings, stop, lambda: print("djlink: ready", flush=True))
+        except KeyboardInterrupt:
+            stop.set()
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -137,17 +150,11 @@ def status() -> None:
     from cdc.offsets import OffsetContext
     from djlink.topics import Admin, Topics
 
-    try:
+    with user_errors():
         settings = Settings.from_env()
         topics = Topics(settings.topic_prefix)
         Admin(settings).check()
         checkpoint = OffsetContext(settings, topics, f"{topics.prefix}-capture").load()
-    except Exception as exc:
-        message = expected_error(exc)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        raise typer.Exit(1) from None
     if checkpoint is None:
         print(f"capture {topics.prefix}-capture: no checkpoint yet (it has never run on this prefix)")
         raise typer.Exit(3)
@@ -163,14 +170,8 @@ def demo() -> None:
     """Bring up local services, run the pipeline, pull a small table through Kafka, print what arrived."""
     from djlink import demo as demo_module
 
-    try:
+    with user_errors():
         demo_module.main()
-    except Exception as exc:
-        message = expected_error(exc)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        raise typer.Exit(1) from None
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ tests never see each other's data.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
@@ -174,8 +175,9 @@ class Site:
                 proc.wait(timeout=10)
 
 
-@pytest.fixture
-def site(services_env: dict[str, str]) -> Iterator[Site]:
+@contextlib.contextmanager
+def open_site(services_env: dict[str, str]) -> Iterator[Site]:
+    """A fresh site: its own schemas, topic prefix and link user; all removed afterwards."""
     tag = f"t{uuid.uuid4().hex[:10]}"
     s = Site(
         services_env,
@@ -195,16 +197,15 @@ def site(services_env: dict[str, str]) -> Iterator[Site]:
         cur.execute(f"GRANT ALL PRIVILEGES ON `{s.helper_schema}`.* TO '{s.link_user}'@'%'")
         cur.execute(f"GRANT REPLICATION SLAVE, BINLOG MONITOR ON *.* TO '{s.link_user}'@'%'")
     conn.close()
-    saved = {k: os.environ.get(k) for k in ("LINK_USER", "LINK_PASS")}
+    # connect_facade() points the environment at the site: put it back afterwards.
+    saved = {k: v for k, v in os.environ.items() if k.startswith("DJLINK_") or k in ("LINK_USER", "LINK_PASS")}
     try:
         yield s
     finally:
         s.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        for k in [k for k in os.environ if k.startswith("DJLINK_") or k in ("LINK_USER", "LINK_PASS")]:
+            del os.environ[k]
+        os.environ.update(saved)
         conn = admin(services_env, "SOURCE")
         with conn.cursor() as cur:
             for db in (s.helper_schema, s.source_schema):
@@ -215,3 +216,9 @@ def site(services_env: dict[str, str]) -> Iterator[Site]:
         with conn.cursor() as cur:
             cur.execute(f"DROP DATABASE IF EXISTS `{s.dest_schema}`")
         conn.close()
+
+
+@pytest.fixture
+def site(services_env: dict[str, str]) -> Iterator[Site]:
+    with open_site(services_env) as s:
+        yield s

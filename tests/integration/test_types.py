@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import re
 import struct
 import uuid
@@ -32,7 +31,7 @@ import pytest
 
 from djlink.topics import Topics
 from link import link
-from tests.conftest import Site, admin, wait_for
+from tests.conftest import Site, admin, open_site, wait_for
 from tests.integration.test_pull import read_topic
 
 UTC = dt.UTC
@@ -310,42 +309,8 @@ def declare_with_the_facade(site: Site) -> tuple[str | None, tuple[dict[str, str
 @pytest.fixture(scope="module")
 def types_site(services_env: dict[str, str]) -> Iterator[Site]:
     """The conftest `site`, once for the module: own schemas, topic prefix and link user."""
-    tag = f"t{uuid.uuid4().hex[:10]}"
-    s = Site(
-        services_env,
-        tag,
-        f"{tag}_source",
-        f"{tag}_helper",
-        f"{tag}_dest",
-        f"{tag}_link",
-        uuid.uuid4().hex,
-        f"test-{tag}",
-    )
-    conn = admin(services_env, "SOURCE")
-    with conn.cursor() as cur:
-        cur.execute(f"CREATE USER '{s.link_user}'@'%' IDENTIFIED BY '{s.link_pass}'")
-        cur.execute(f"GRANT SELECT, REFERENCES ON `{s.source_schema}`.* TO '{s.link_user}'@'%'")
-        cur.execute(f"GRANT ALL PRIVILEGES ON `{s.helper_schema}`.* TO '{s.link_user}'@'%'")
-        cur.execute(f"GRANT REPLICATION SLAVE, BINLOG MONITOR ON *.* TO '{s.link_user}'@'%'")
-    conn.close()
-    saved = {k: v for k, v in os.environ.items() if k.startswith("DJLINK_") or k in ("LINK_USER", "LINK_PASS")}
-    try:
+    with open_site(services_env) as s:
         yield s
-    finally:
-        s.stop()
-        for k in [k for k in os.environ if k.startswith("DJLINK_") or k in ("LINK_USER", "LINK_PASS")]:
-            del os.environ[k]
-        os.environ.update(saved)
-        conn = admin(services_env, "SOURCE")
-        with conn.cursor() as cur:
-            for db in (s.helper_schema, s.source_schema):
-                cur.execute(f"DROP DATABASE IF EXISTS `{db}`")
-            cur.execute(f"DROP USER IF EXISTS '{s.link_user}'@'%'")
-        conn.close()
-        conn = admin(services_env, "DEST")
-        with conn.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS `{s.dest_schema}`")
-        conn.close()
 
 
 def pipeline_log(site: Site) -> str:

@@ -65,6 +65,8 @@ class BinlogSource(threading.Thread):
 
     def stop(self) -> None:
         self._stopping.set()
+        # The library logs a warning and reconnects when its socket goes; we are leaving, say nothing.
+        logging.getLogger("pymysqlreplication").setLevel(logging.ERROR)
         conn = getattr(self._stream, "_stream_connection", None)
         sock = getattr(conn, "_sock", None)
         if sock is not None:

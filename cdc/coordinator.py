@@ -79,6 +79,26 @@ class Capture:
             checkpoint = item.checkpoint
         return batch, checkpoint
 
+    def _initial_snapshot_step(
+        self, registry: LinkRegistry, snapshots: SnapshotSource, dispatcher: EventDispatcher
+    ) -> None:
+        """Publish the next chunk of the first link whose initial snapshot is not done (one chunk per call)."""
+        for link in registry.links.values():
+            last, done = self._initial.get(link.link_id, (None, False))
+            if done or not link.primary_key:
+                continue
+            following = snapshots.next_table_chunk(link, last)
+            if following is None:
+                dispatcher.publish([], progress=(link.link_id, last, True))
+                self._initial[link.link_id] = (last, True)
+                log.info("initial snapshot of %s done", link.link_id)
+            else:
+                unit, last = following
+                dispatcher.publish([unit], progress=(link.link_id, last, False))
+                self.metrics.committed([unit], None, False)
+                self._initial[link.link_id] = (last, False)
+            return
+
     def run(self, stop: threading.Event, on_ready: Callable[[], None] | None = None) -> None:
         s = self.settings
         conn = self._connect()
@@ -106,6 +126,7 @@ class Capture:
             checkpoint = Checkpoint(s.capture_start_gtid or current)
             dispatcher.publish([], checkpoint)
         log.info("capture resumes at GTID position %r", checkpoint.gtid_position)
+        self._initial = offsets.load_snapshots() if s.snapshot_mode == "initial" else {}
         snapshots = SnapshotSource(self._connect, self._history, s.capture_server_id, s.snapshot_chunk_size)
 
         units: queue.Queue[Any] = queue.Queue(maxsize=1000)
@@ -148,6 +169,8 @@ class Capture:
                         previous = unit
                     dispatcher.publish([previous] if previous else [], consumed=consumed)
                     self.metrics.committed([previous] if previous else [], None, units.empty())
+                if s.snapshot_mode == "initial" and units.qsize() < 100:  # streaming goes first
+                    self._initial_snapshot_step(registry, snapshots, dispatcher)
                 batch, checkpoint = self._take(units)
                 if batch or checkpoint:
                     dispatcher.publish(batch, checkpoint)

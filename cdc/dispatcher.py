@@ -80,6 +80,7 @@ class EventDispatcher:
         units: Sequence[ChangeUnit],
         checkpoint: Checkpoint | None = None,
         consumed: ConsumedOffsets | None = None,
+        progress: tuple[str, str | None, bool] | None = None,
     ) -> None:
         """Publish units, then the checkpoint after the last of them and any consumed offsets: one Kafka transaction.
 
@@ -95,6 +96,8 @@ class EventDispatcher:
                 self._unit(unit)
             if checkpoint is not None:
                 self._offsets.record(self._p, checkpoint)
+            if progress is not None:
+                self._offsets.record_snapshot(self._p, *progress)
             if consumed is not None:
                 self._p.send_offsets_to_transaction(consumed[0], consumed[1])
             self._p.commit_transaction()

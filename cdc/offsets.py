@@ -16,7 +16,7 @@ from confluent_kafka import Producer
 
 import schemas
 from djlink.config import Settings
-from djlink.topics import Topics, produce, read_to_end
+from djlink.topics import Topics, now_ms, produce, read_to_end
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,23 @@ class OffsetContext:
                 r = self._codec.decode(msg.value())
                 found = Checkpoint(r["gtid_position"], r["file"], r["pos"], r["ts_ms"])
         return found
+
+    def load_snapshots(self) -> dict[str, tuple[str | None, bool]]:
+        """Initial snapshot progress per link id: (last key published, done)."""
+        prefix = f"{self.name}/snapshot/".encode()
+        found: dict[str, tuple[str | None, bool]] = {}
+        for msg in read_to_end(self._settings.kafka_bootstrap, self._topic):
+            key = msg.key()
+            if key is not None and key.startswith(prefix) and msg.value() is not None:
+                r = self._codec.decode(msg.value())
+                found[r["link_id"]] = (r["last_key"], r["done"])
+        return found
+
+    def record_snapshot(self, p: Producer, link_id: str, last_key: str | None, done: bool) -> None:
+        """Produce initial snapshot progress inside the caller's open Kafka transaction."""
+        value = {"capture": self.name, "link_id": link_id, "last_key": last_key, "done": done, "ts_ms": now_ms()}
+        key = f"{self.name}/snapshot/{link_id}"
+        produce(p, self._topic, key, self._codec.encode(schemas.FIXED["snapshot_progress"], value))
 
     def record(self, p: Producer, checkpoint: Checkpoint) -> None:
         """Produce the checkpoint inside the caller's open Kafka transaction."""

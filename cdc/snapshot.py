@@ -51,8 +51,40 @@ class SnapshotSource:
         finally:
             conn.close()
 
+    def next_table_chunk(self, link: LinkSpec, after: str | None) -> tuple[ChangeUnit, str] | None:
+        """The initial snapshot's next chunk: master keys after `after` in key order, with their parts.
+
+        The unit names no link and no request: it is for subscribers, and the
+        applier applies only what a pull asked for. None when the table is done.
+        """
+        master = self._history.shape(link.source_db, link.source_table)
+        pk = list(link.primary_key or master.primary_key)
+        cols = ", ".join(quote(c) for c in pk)
+        where, params = "", []
+        if after is not None:
+            last = keycodec.decode(after)
+            where = f"WHERE ({cols}) > ({', '.join(['%s'] * len(pk))})"
+            params = [last[c] for c in pk]
+        conn = self._connect(cursorclass=pymysql.cursors.DictCursor)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(
+                    f"SELECT {cols} FROM {quote(link.source_db)}.{quote(link.source_table)} {where} "
+                    f"ORDER BY {cols} LIMIT {int(self._chunk_size)}",
+                    params,
+                )
+                keys = list(cur.fetchall())
+            conn.commit()
+            if not keys:
+                return None
+            unit = self._read_chunk(conn, link, pk, keys, None)
+        finally:
+            conn.close()
+        unit.link_id = None
+        return unit, keycodec.encode(keys[-1], pk)
+
     def _read_chunk(
-        self, conn: Any, link: LinkSpec, pk: Sequence[str], chunk: list[dict[str, Any]], request_id: str
+        self, conn: Any, link: LinkSpec, pk: Sequence[str], chunk: list[dict[str, Any]], request_id: str | None
     ) -> ChangeUnit:
         params = [k[c] for k in chunk for c in pk]
         where = in_clause(pk, len(chunk))

@@ -17,6 +17,13 @@ class ConfigError(Exception):
     """A setting is missing or malformed."""
 
 
+def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str:
+    value = env.get(name, allowed[0]).strip().lower()
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
 @dataclass(frozen=True)
 class Database:
     host: str
@@ -41,6 +48,7 @@ class Settings:
     timeout_s: float
     startup_timeout_s: float
     metrics_port: int | None
+    snapshot_mode: str
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -71,6 +79,7 @@ class Settings:
             timeout_s=float(env.get("DJLINK_TIMEOUT", "60")),
             startup_timeout_s=float(env.get("DJLINK_STARTUP_TIMEOUT", "30")),
             metrics_port=int(env["DJLINK_METRICS_PORT"]) if env.get("DJLINK_METRICS_PORT") else None,
+            snapshot_mode=_choice(env, "DJLINK_SNAPSHOT_MODE", ("none", "initial")),
         )
 
     def schema_allowed(self, schema: str) -> bool:

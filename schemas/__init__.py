@@ -36,6 +36,7 @@ _FIXED = [
     "ack",
     "checkpoint",
     "dead_letter",
+    "snapshot_progress",
 ]
 
 

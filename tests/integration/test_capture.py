@@ -333,3 +333,31 @@ def test_alter_table_yields_new_schema_versions_and_rows_on_both_sides_decode(si
     codec = schemas.Codec(SchemaTopic(settings, Topics(site.topic_prefix)).resolve)
     versions = [codec.schema_of(m.value()).fingerprint for m in read_to_end(settings.kafka_bootstrap, topic)]
     assert len(set(versions)) == 3 and versions[0] == versions[1]
+
+
+def test_initial_snapshot_publishes_every_row_once_and_resumes_after_kill_9(site: Site) -> None:
+    create_table(site, site.source_schema, "existing")
+    conn = admin(site.env, "SOURCE")
+    with conn.cursor() as cur:
+        cur.executemany(f"INSERT INTO `{site.source_schema}`.`existing` VALUES (%s, %s)", [(i, i) for i in range(60)])
+    site.start("agent")
+    register(site, "existing")
+    topic = Topics(site.topic_prefix).table(site.source_schema, "existing")
+    mode = {"DJLINK_SNAPSHOT_MODE": "initial", "DJLINK_SNAPSHOT_CHUNK_SIZE": "3"}
+    capture = site.start("capture", **mode)
+    wait_for(lambda: read_topic(site, topic), 60, "the first snapshot chunk")
+    capture.kill()  # mid-snapshot: 20 chunks, each its own Kafka transaction with the progress record
+    capture.wait(10)
+    site.start("capture", **mode)
+    snapshot = wait_for(
+        lambda: (r := [e for e in read_topic(site, topic) if e["op"] == "r"]) and len(r) >= 60 and r,
+        60,
+        "all 60 rows",
+    )
+    assert sorted(e["after"]["id"] for e in snapshot) == list(range(60))  # each exactly once
+    assert all(e["source"]["snapshot"] == "true" for e in snapshot)
+    with conn.cursor() as cur:  # and streaming carries on after it
+        cur.execute(f"UPDATE `{site.source_schema}`.`existing` SET seq = 100 WHERE id = 5")
+    conn.close()
+    update = wait_for(lambda: [e for e in read_topic(site, topic) if e["op"] == "u"], 60, "the update")
+    assert update[0]["after"] == {"id": 5, "seq": 100}

@@ -119,10 +119,32 @@ class EventDispatcher:
 
     def _unit(self, unit: ChangeUnit) -> None:
         counts: Counter[str] = Counter()
+        now = now_ms()
+        pos = unit.position
+        sources: dict[tuple[str, str], dict[str, Any]] = {}  # what `source` says for every row of a table
         for order, change in enumerate(unit.changes, 1):
             collection = f"{change.db}.{change.table}"
             counts[collection] += 1
-            self._row(unit, change, self._topics.table(change.db, change.table), order, counts[collection])
+            where = (change.db, change.table)
+            if where not in sources:
+                sources[where] = {
+                    "version": VERSION,
+                    "connector": "mariadb",
+                    "name": self._topics.prefix,
+                    "ts_ms": pos.ts_ms,
+                    "snapshot": "true" if unit.snapshot else "false",
+                    "db": change.db,
+                    "table": change.table,
+                    "server_id": pos.server_id,
+                    "gtid": pos.gtid,
+                    "file": pos.file,
+                    "pos": pos.pos,
+                    "row": 0,
+                }
+            source = sources[where]
+            source["row"] = change.row  # encoded before the next row changes it
+            transaction = {"id": unit.id, "total_order": order, "data_collection_order": counts[collection]}
+            self._row(change, self._topics.table(*where), source, transaction, now)
         self._transaction_event(unit, "END", counts)
 
     def _abort(self) -> None:
@@ -131,7 +153,9 @@ class EventDispatcher:
         except KafkaException:
             log.exception("could not abort the Kafka transaction")
 
-    def _row(self, unit: ChangeUnit, change: RowChange, topic: str, order: int, table_order: int) -> None:
+    def _row(
+        self, change: RowChange, topic: str, source: dict[str, Any], transaction: dict[str, Any], now: int
+    ) -> None:
         compiled = self._compiled(self._shape(change))
         kschema, vschema, encode = compiled.key_schema, compiled.value_schema, compiled.encode
         self._schema_topic.publish(self._p, kschema)
@@ -141,27 +165,13 @@ class EventDispatcher:
         image = after if after is not None else before
         assert image is not None
         key = self._codec.encode(kschema, {name: image[name] for name in compiled.key_fields})
-        pos = unit.position
-        value: dict[str, Any] = {
+        value = {
             "before": before,
             "after": after,
-            "source": {
-                "version": VERSION,
-                "connector": "mariadb",
-                "name": self._topics.prefix,
-                "ts_ms": pos.ts_ms,
-                "snapshot": "true" if unit.snapshot else "false",
-                "db": change.db,
-                "table": change.table,
-                "server_id": pos.server_id,
-                "gtid": pos.gtid,
-                "file": pos.file,
-                "pos": pos.pos,
-                "row": change.row,
-            },
+            "source": source,
             "op": change.op,
-            "ts_ms": now_ms(),
-            "transaction": {"id": unit.id, "total_order": order, "data_collection_order": table_order},
+            "ts_ms": now,
+            "transaction": transaction,
         }
         produce(self._p, topic, key, self._codec.encode(vschema, value))
         if change.op == "d":

@@ -58,7 +58,6 @@ class EventDispatcher:
         self._codec = schemas.Codec()
         self._schemas: dict[TableShape, _Compiled] = {}
         self._by_shape: dict[int, _Compiled] = {}  # by id(): hashing a shape per row costs more than encoding it
-        self.events_total = 0
         self._same_columns: dict[tuple[int, int], bool] = {}
 
     def _compiled(self, shape: TableShape) -> _Compiled:
@@ -104,7 +103,6 @@ class EventDispatcher:
         except BaseException:
             self._abort()
             raise
-        self.events_total += sum(len(u.changes) for u in units)
 
     def _shape(self, change: RowChange) -> TableShape:
         """The current shape from INFORMATION_SCHEMA, unless the binlog event says the row had another one."""

@@ -30,13 +30,6 @@ class RowChange:
     row: int = 0  # index within its binlog event
     binlog_shape: TableShape | None = None  # the shape the binlog event describes (streamed changes only)
 
-    @property
-    def image(self) -> dict[str, Any]:
-        """The row as it is after the change, or as it was before a delete."""
-        result = self.after if self.after is not None else self.before
-        assert result is not None
-        return result
-
 
 @dataclass
 class ChangeUnit:

@@ -1,35 +1,146 @@
-"""The applier: writes pulled entities into the destination server, one unit at a time.
+"""The applier: writes pulled entities into the destination server, one unit at a time, exactly once.
 
 It consumes the change topics of every link and the transaction topic
 (`read_committed`), gathers each unit's events until the unit's END says it
 is complete, writes the unit's master and part rows in ONE destination
 transaction, then acknowledges the entities to the source agent.
 
-Snapshot units read for a pull are applied; mirroring of streamed changes to
-shared rows, and the exactly-once offset store, come with the consumers issue.
+Exactly once. The offsets consumed are stored in the destination database
+(`consumers.offsets_store`, database `DJLINK_APPLIER_STATE_DB`, default
+`djlink_applier`), in the same transaction as the rows of the unit they
+complete, together with the unit's id and the unit's ack (sent after the
+commit, resent at the next start when a crash came first). The stored
+offsets are a cut that never passes a message of an unfinished unit and
+never splits a unit (`offsets_store.safe_offsets`), so a restart reads every
+unit either not at all or whole. A unit read again whole is refused by its
+id (`applied_units`, kept 7 days: Kafka's default retention, beyond which a
+unit cannot come back; pruned at most once an hour): that id check is what
+makes a replay (offsets restored from an old backup, a COMMIT whose
+connection dropped and is retried) skip a unit instead of applying it twice.
+Units the applier does not apply (streamed source transactions, helper-table
+changes) move the stored offsets on in a small transaction of their own, at
+most once a second. On start and on every partition assignment (`on_assign`)
+the consumer seeks to the stored offsets; Kafka's committed offsets are also
+written, for lag monitoring only, and count only where nothing is stored.
+The consumer is a static group member (`group.instance.id` = its group: one
+applier per deployment, since a unit's events span several topics and one
+consumer must read them all), so a restarted applier gets its partitions
+back at once instead of after the dead one's 45 s session timeout.
+
+Dead letters. A message that cannot be decoded goes to `<prefix>.dead-letter`
+on its own (stage 'decode'); a unit the destination refuses (missing table or
+column, a value it rejects, ...) is rolled back, each of its events goes
+there with the database's reason (stage 'apply'), the unit is recorded as
+finished ('dead-letter') with its offsets, and the applier goes on; so do
+events whose END never comes (stage 'gather': strays, or a unit whose END was
+undecodable), recognised once an END produced 30 s after them has been read.
+A dead letter is delivered before any offset past it is stored (at least
+once: a crash may repeat one; topic, partition and offset identify it).
+Lost connections, deadlocks and lock timeouts are not the unit's fault: the
+applier reconnects and retries the transaction instead. One log line per
+dead-lettered message or unit.
+
+Mirroring of streamed changes to shared rows comes with the consumers issue.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import pymysql
-from confluent_kafka import Message, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 import schemas
 from cdc.snapshot import quote
+from consumers.offsets_store import (
+    PRUNE_EVERY_S,
+    Offset,
+    OffsetsStore,
+    Partition,
+    UnitOffsets,
+    changed,
+    cutoff,
+    safe_offsets,
+    state_db_name,
+)
 from djlink import keys as keycodec
 from djlink.config import Settings
 from djlink.links import LinkRegistry, LinkSpec, destination_name
-from djlink.topics import Admin, SchemaTopic, Topics, consumer, now_ms, produce, producer, where
+from djlink.topics import Admin, SchemaTopic, Topics, consumer, now_ms, producer, where
 from schemas.tables import sql_converters
 
 log = logging.getLogger(__name__)
-Offset = tuple[str, int, int]  # topic, partition, offset
+T = TypeVar("T")
+
+PROGRESS_EVERY_S = 1.0  # store offsets that moved without applying anything at most this often
+# Events whose END has not come although an END produced this much later has: their END is lost (strays).
+ORPHAN_AFTER_MS = 30_000
+TRANSACTION_FIELDS = frozenset({"status", "id", "data_collections", "request_id", "link_id"})
+UNKNOWN_SCHEMA_TTL_S = 10.0  # a fingerprint the schema topic lacked is not looked up again this soon
+# Errors of the connection or of concurrency, not of the unit: reconnect and retry, never dead-letter.
+TRANSIENT_ERRORS = frozenset(
+    {
+        1040,  # too many connections
+        1053,  # server shutdown in progress
+        1205,  # lock wait timeout
+        1213,  # deadlock
+        1927,  # connection was killed
+        2002,  # cannot connect (socket)
+        2003,  # cannot connect (TCP)
+        2006,  # server has gone away
+        2013,  # lost connection during query
+        2055,  # lost connection (system error)
+        4031,  # disconnected by the server for inactivity
+    }
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a database error is the connection's (retry) rather than the data's (dead-letter)."""
+    if isinstance(exc, pymysql.err.InterfaceError | ConnectionError | TimeoutError):
+        return True
+    if isinstance(exc, pymysql.err.MySQLError):
+        return bool(exc.args) and exc.args[0] in TRANSIENT_ERRORS
+    return False
+
+
+def kafka_ts(msg: Message) -> int:
+    """A message's Kafka timestamp (producer's create time), ms since epoch; 0 when it has none."""
+    _kind, ts = msg.timestamp()
+    return int(ts) if ts is not None and ts > 0 else 0
+
+
+def describe(exc: BaseException) -> str:
+    """A database error in one line: `(code) message`."""
+    if isinstance(exc, pymysql.err.MySQLError) and len(exc.args) >= 2:
+        return f"({exc.args[0]}) {exc.args[1]}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Unappliable(Exception):
+    """The destination refused a unit's rows: the unit goes to the dead-letter topic."""
+
+
+class DeadLetterUndelivered(Exception):
+    """Kafka did not confirm a dead letter: stop before any offset past it is stored."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """One change event of a unit, decoded, with its original bytes (for the dead-letter topic)."""
+
+    collection: str  # 'db.table'
+    envelope: dict[str, Any]
+    convert: dict[str, Any]
+    key: bytes | None
+    value: bytes | None
+    ts_ms: int  # the message's Kafka timestamp
 
 
 @dataclass
@@ -38,14 +149,14 @@ class PendingUnit:
 
     end: dict[str, Any] | None = None
     end_offset: Offset | None = None
-    events: dict[Offset, tuple[str, dict[str, Any], dict[str, Any]]] = field(default_factory=dict)
+    events: dict[Offset, Event] = field(default_factory=dict)
 
     def complete(self, tracked: set[str]) -> bool:
         if self.end is None:
             return False
         for dc in self.end["data_collections"] or []:
             if dc["data_collection"] in tracked:
-                have = sum(1 for coll, _, _ in self.events.values() if coll == dc["data_collection"])
+                have = sum(1 for e in self.events.values() if e.collection == dc["data_collection"])
                 if have < dc["event_count"]:
                     return False
         return True
@@ -53,20 +164,94 @@ class PendingUnit:
     def offsets(self) -> list[Offset]:
         return list(self.events) + ([self.end_offset] if self.end_offset else [])
 
+    def where(self, finished: bool) -> UnitOffsets:
+        return UnitOffsets(self.end_offset[2] if self.end_offset else None, tuple(self.offsets()), finished)
+
+
+class DeadLetters:
+    """Produces dead-letter records and makes sure Kafka has them before offsets move past them."""
+
+    def __init__(self, p: Any, topic: str, codec: schemas.Codec) -> None:
+        self._p = p
+        self._topic = topic
+        self._codec = codec
+        self._unconfirmed = 0
+        self._failures: list[str] = []
+        self.sent = 0
+
+    def send(
+        self, at: Offset, key: bytes | None, value: bytes | None, reason: str, stage: str, unit_id: str | None = None
+    ) -> None:
+        record = {
+            "topic": at[0],
+            "partition": at[1],
+            "offset": at[2],
+            "key": key,
+            "value": value,
+            "reason": reason,
+            "stage": stage,
+            "unit_id": unit_id,
+            "ts_ms": now_ms(),
+        }
+        data = self._codec.encode(schemas.FIXED["dead_letter"], record)
+        while True:
+            try:
+                self._p.produce(self._topic, key=at[0], value=data, on_delivery=self._delivered)
+                break
+            except BufferError:
+                self._p.poll(0.1)
+        self._unconfirmed += 1
+        self.sent += 1
+
+    def _delivered(self, err: KafkaError | None, msg: Message) -> None:
+        self._unconfirmed -= 1
+        if err is not None:
+            self._failures.append(str(err))
+
+    def confirm(self, timeout_s: float = 30) -> None:
+        """Wait until Kafka has every dead letter sent so far; raise when it does not."""
+        if self._unconfirmed == 0 and not self._failures:
+            return
+        self._p.flush(timeout_s)
+        if self._unconfirmed > 0 or self._failures:
+            raise DeadLetterUndelivered(
+                f"{self._unconfirmed} dead letters unconfirmed after {timeout_s:.0f} s, "
+                f"{len(self._failures)} failed ({'; '.join(self._failures[:3])})"
+            )
+
 
 class Applier:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.topics = Topics(settings.topic_prefix)
+        self.group = f"{self.topics.prefix}-applier"
         self._schema_topic = SchemaTopic(settings, self.topics)
-        self._codec = schemas.Codec(self._schema_topic.resolve)
+        self._unknown_schemas: dict[bytes, float] = {}
+        self._codec = schemas.Codec(self._resolve_schema)
+        self._store = OffsetsStore(state_db_name(), self.group)
+        self._stop = threading.Event()
         self._pending: dict[str, PendingUnit] = {}
+        self._finished: dict[str, UnitOffsets] = {}  # finished units a restart may still have to read again
         self._by_topic: dict[str, str] = {}  # change topic -> 'db.table'
-        self._links_of: dict[str, LinkSpec] = {}  # 'db.table' -> link
+        self._links_of: dict[str, LinkSpec] = {}  # 'db.table' -> link, data tables only
+        self._captured: set[str] = set()  # 'db.table' of every table the capture publishes for our links
         self._links: dict[str, LinkSpec] = {}
+        self._subscribed: list[str] = []
+        self._assigned: set[Partition] = set()
         self._converters: dict[bytes, dict[str, Any]] = {}
-        self._consumed: dict[tuple[str, int], int] = {}
+        self._consumed: dict[Partition, int] = {}
+        self._stored: dict[Partition, int] = {}
+        self._committed_to_kafka: dict[Partition, int] = {}
+        self._last_progress = 0.0
+        self._latest_end_ms = 0  # Kafka timestamp of the newest END read
+        self._next_prune = 0.0
+        self._outbox: dict[str, tuple[str, bytes]] = {}  # unit id -> (link id, ack) committed, not yet delivered
+        self._delivered: list[str] = []
         self.units_applied = 0
+        self.units_skipped = 0
+        self.units_dead_lettered = 0
+
+    # -- connections ---------------------------------------------------------
 
     def _connect(self) -> Any:
         return pymysql.connect(
@@ -76,6 +261,46 @@ class Applier:
             init_command="SET time_zone='+00:00'",
         )
 
+    def _transact(self, work: Callable[[Any], T]) -> T:
+        """Run `work(cursor)` as one destination transaction; on a lost connection reconnect and run it again.
+
+        A COMMIT whose connection drops may or may not have happened: the
+        retry then finds its unit already finished (OffsetsStore.claim) and
+        skips it. Any other error rolls back and propagates.
+        """
+        delay = 0.1
+        while True:
+            try:
+                self._db.ping(reconnect=True)
+                with self._db.cursor() as cur:
+                    result = work(cur)
+                self._db.commit()
+                return result
+            except BaseException as exc:
+                self._rollback()
+                if not is_transient(exc) or self._stop.is_set():
+                    raise
+                log.warning("destination database: %s; retrying in %.1f s", describe(exc), delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _rollback(self) -> None:
+        try:
+            self._db.rollback()
+        except Exception:  # the connection is gone: nothing to roll back, ping reconnects
+            pass
+
+    def _resolve_schema(self, fingerprint: bytes) -> str | None:
+        """The schema topic, asked at most once per UNKNOWN_SCHEMA_TTL_S for a fingerprint it lacked."""
+        if self._unknown_schemas.get(fingerprint, 0.0) > time.monotonic():
+            return None
+        text = self._schema_topic.resolve(fingerprint)
+        if text is None:
+            self._unknown_schemas[fingerprint] = time.monotonic() + UNKNOWN_SCHEMA_TTL_S
+        return text
+
+    # -- subscription ----------------------------------------------------------
+
     def _follow(self, links: dict[str, LinkSpec]) -> list[str]:
         self._links = dict(links)
         self._by_topic = {}
@@ -84,108 +309,204 @@ class Applier:
             for db, table in link.data_tables():
                 self._by_topic[self.topics.table(db, table)] = f"{db}.{table}"
                 self._links_of[f"{db}.{table}"] = link
+        self._captured = {f"{db}.{table}" for link in links.values() for db, table in link.captured_tables()}
         return [self.topics.transaction, *sorted(self._by_topic)]
+
+    def _subscribe(self, links: dict[str, LinkSpec]) -> None:
+        wanted = self._follow(links)
+        if wanted != self._subscribed:
+            self._c.subscribe(wanted, on_assign=self._on_assign, on_revoke=self._on_revoke)
+            self._subscribed = wanted
+
+    def _on_assign(self, c: Any, partitions: list[TopicPartition]) -> None:
+        """Start every assigned partition at its stored offset; gather every unit afresh from there."""
+        self._stored = self._transact(self._store.load_offsets)
+        self._pending.clear()
+        self._finished.clear()
+        self._consumed.clear()
+        self._assigned = set()
+        for tp in partitions:
+            at = (tp.topic, tp.partition)
+            self._assigned.add(at)
+            if at in self._stored:
+                tp.offset = self._stored[at]
+                self._consumed[at] = self._stored[at]
+        c.assign(partitions)
+        log.info("applier assigned %d partitions, %d at stored offsets", len(partitions), len(self._consumed))
+
+    def _on_revoke(self, c: Any, partitions: list[TopicPartition]) -> None:
+        try:
+            self._store_progress(force=True)
+        except Exception as exc:  # harmless: the next assignment re-reads from older offsets
+            log.warning("could not store offsets on revocation: %s", describe(exc))
+        self._assigned = set()
+
+    # -- the loop ----------------------------------------------------------------
 
     def run(self, stop: threading.Event, on_ready: Callable[[], None] | None = None) -> None:
         s = self.settings
+        self._stop = stop
         Admin(s).ensure_control(self.topics)
         registry = LinkRegistry(s, self.topics)
         registry.catch_up()
         self._db = self._connect()
+        self._transact(self._store.ensure)
         self._p = producer(s)
-        c = consumer(s, f"{self.topics.prefix}-applier")
-        c.subscribe(self._follow(registry.links))
+        self._schema_topic.publish_fixed(self._p)
+        self._dead_letters = DeadLetters(self._p, self.topics.dead_letter, self._codec)
+        for unit_id, link_id, ack in self._transact(self._store.unsent_acks):
+            self._outbox[unit_id] = (link_id, ack)
+        if self._outbox:
+            log.info("resending the acks of %d units committed before the last stop", len(self._outbox))
+        self._send_acks()
+        self._c = consumer(s, self.group, **{"group.instance.id": self.group})
+        self._subscribe(registry.links)
         if on_ready:
             on_ready()
         try:
             while not stop.is_set():
                 if registry.refresh(0):
-                    c.subscribe(self._follow(registry.links))
-                messages = c.consume(500, 0.05)
-                for msg in messages:
+                    self._subscribe(registry.links)
+                for msg in self._c.consume(500, 0.05):
                     if msg.error() is None and self._route(msg, registry):
-                        c.subscribe(self._follow(registry.links))
-                if messages:
-                    self._apply_complete()
-                    self._commit(c)
+                        self._subscribe(registry.links)
+                self._dead_letters.confirm()
+                self._apply_complete(registry)
+                self._send_acks()
+                self._store_progress()
+                self._prune()
         finally:
-            c.close()
+            try:
+                self._dead_letters.confirm(10)
+                self._store_progress(force=True)
+            except Exception as exc:
+                log.warning("could not store the final offsets: %s", describe(exc))
+            self._c.close()
             registry.close()
             self._p.flush(10)
             self._db.close()
 
     def _route(self, msg: Message, registry: LinkRegistry) -> bool:
         """Take one message into its unit; True when it taught us of new links (resubscribe)."""
-        offset = where(msg)
-        topic = offset[0]
-        self._consumed[(topic, offset[1])] = offset[2] + 1
-        if msg.value() is None:
+        at = where(msg)
+        topic = at[0]
+        self._consumed[(topic, at[1])] = at[2] + 1
+        value = msg.value()
+        if value is None:
             return False  # tombstone
         if topic == self.topics.transaction:
-            record = self._codec.decode(msg.value())
+            try:
+                record = self._codec.decode(value)
+            except schemas.DecodeError as exc:
+                self._reject(msg, str(exc))
+                return False
+            if not TRANSACTION_FIELDS <= record.keys():
+                self._reject(msg, "not a transaction event")
+                return False
             if record["status"] != "END":
                 return False
+            self._latest_end_ms = max(self._latest_end_ms, kafka_ts(msg))
             unit = self._pending.setdefault(record["id"], PendingUnit())
-            unit.end, unit.end_offset = record, offset
+            unit.end, unit.end_offset = record, at
             # Links are published before their first event; a unit of a table not known yet means
-            # the links topic is behind this consumer, not that the unit is someone else's.
-            unknown = [dc for dc in record["data_collections"] or [] if dc["data_collection"] not in self._links_of]
-            if unknown and registry.catch_up():
-                self._follow(registry.links)
-                return True
-            return False
+            # the links topic is behind this consumer, not that the unit is someone else's. (Helper
+            # tables are known too: their units, one per ack, would otherwise each wait for the links topic.)
+            unknown = [dc for dc in record["data_collections"] or [] if dc["data_collection"] not in self._captured]
+            return bool(unknown) and registry.catch_up()
         collection = self._by_topic.get(topic)
         if collection is None:
             return False
-        vschema = self._codec.schema_of(msg.value())
-        envelope = self._codec.decode(msg.value())
-        unit_id = envelope["transaction"]["id"]
-        if vschema.fingerprint not in self._converters:
-            value_record = next(f for f in vschema.definition["fields"] if f["name"] == "before")["type"][1]
-            self._converters[vschema.fingerprint] = sql_converters(value_record)
-        self._pending.setdefault(unit_id, PendingUnit()).events[offset] = (
-            collection,
-            envelope,
-            self._converters[vschema.fingerprint],
+        try:
+            vschema = self._codec.schema_of(value)
+            envelope = self._codec.decode(value)
+            convert = self._converters_of(vschema)
+        except schemas.DecodeError as exc:
+            self._reject(msg, str(exc))
+            return False
+        block = envelope.get("transaction")
+        if not block or not block.get("id"):
+            self._reject(msg, f"{vschema.subject}: change event without a transaction block")
+            return False
+        self._pending.setdefault(block["id"], PendingUnit()).events[at] = Event(
+            collection, envelope, convert, msg.key(), value, kafka_ts(msg)
         )
         return False
 
-    def _apply_complete(self) -> None:
-        tracked = set(self._links_of)
-        for unit_id, unit in list(self._pending.items()):
-            if unit.end is None:
-                continue
-            if not any(dc["data_collection"] in tracked for dc in unit.end["data_collections"] or []):
-                del self._pending[unit_id]
-                continue
-            if unit.complete(tracked):
-                self._apply(unit_id, unit)
-                del self._pending[unit_id]
+    def _converters_of(self, vschema: schemas.Schema) -> dict[str, Any]:
+        if vschema.fingerprint not in self._converters:
+            fields = {f["name"]: f["type"] for f in vschema.definition.get("fields", [])}
+            before = fields.get("before")
+            if not {"before", "after", "op", "transaction"} <= fields.keys() or not isinstance(before, list):
+                raise schemas.DecodeError(f"{vschema.subject} is not a change event envelope")
+            record = next((t for t in before if isinstance(t, dict) and t.get("type") == "record"), None)
+            if record is None:
+                raise schemas.DecodeError(f"{vschema.subject} is not a change event envelope")
+            self._converters[vschema.fingerprint] = sql_converters(record)
+        return self._converters[vschema.fingerprint]
 
-    def _apply(self, unit_id: str, unit: PendingUnit) -> None:
+    def _reject(self, msg: Message, reason: str) -> None:
+        """Dead-letter one undecodable message."""
+        at = where(msg)
+        self._dead_letters.send(at, msg.key(), msg.value(), reason, "decode")
+        log.warning("dead-lettered undecodable message %s[%d]@%d: %s", *at, reason)
+
+    # -- units -------------------------------------------------------------------
+
+    def _apply_complete(self, registry: LinkRegistry) -> None:
+        """Finish every unit whose END has come and whose events are all here, in the order they were produced."""
+        self._reap_orphans()
+        tracked = set(self._links_of)
+        ended = sorted(
+            ((unit.end_offset[2], unit_id) for unit_id, unit in self._pending.items() if unit.end_offset),
+        )
+        for _, unit_id in ended:
+            unit = self._pending[unit_id]
+            assert unit.end is not None
+            if not any(dc["data_collection"] in tracked for dc in unit.end["data_collections"] or []):
+                self._finish(unit_id)  # only tables we do not apply (helper tables): nothing to do
+            elif unit.complete(tracked):
+                self._finish(unit_id)
+                if unit.end["link_id"] is not None:  # streamed source transactions: mirroring comes later
+                    self._apply(unit_id, unit, registry)
+
+    def _reap_orphans(self) -> None:
+        """Give up units whose END will not come: one produced well after their events has been read already.
+
+        The capture commits a unit's events and its END in one Kafka
+        transaction, so this happens only to strays (events copied onto a
+        change topic) or units whose END was undecodable. A stray of a unit
+        finished before is dropped; any other is dead-lettered.
+        """
+        for unit_id, unit in list(self._pending.items()):
+            if unit.end is not None or not unit.events:
+                continue
+            newest = max(e.ts_ms for e in unit.events.values())
+            if self._latest_end_ms - newest <= ORPHAN_AFTER_MS:
+                continue
+            self._finish(unit_id)
+            reason = f"the END of unit {unit_id} is not on the transaction topic (a stray, or its END was lost)"
+            self._give_up(unit_id, unit, None, reason, "gather")
+
+    def _finish(self, unit_id: str) -> None:
+        """Take a unit out of the gathering; its offsets may now move on (see offsets_store.safe_offsets)."""
+        self._finished[unit_id] = self._pending.pop(unit_id).where(finished=True)
+
+    def _apply(self, unit_id: str, unit: PendingUnit, registry: LinkRegistry) -> None:
+        """Apply one complete unit (already out of `_pending`), skip it when finished before, or dead-letter it."""
         end = unit.end
         assert end is not None
-        if end["link_id"] is None:
-            return  # a streamed source transaction: mirroring comes with the consumers issue
-        link = self._links[end["link_id"]]
-        rows: dict[str, list[dict[str, Any]]] = {}
-        for _offset, (collection, envelope, convert) in sorted(
-            unit.events.items(), key=lambda e: e[1][1]["transaction"]["total_order"]
-        ):
-            after = envelope["after"]
-            if envelope["op"] == "r" and after is not None:
-                rows.setdefault(collection, []).append({k: convert[k](v) for k, v in after.items()})
-        self._db.ping(reconnect=True)
+        link = self._links.get(end["link_id"])
+        if link is None and registry.catch_up():
+            self._subscribe(registry.links)
+            link = self._links.get(end["link_id"])
+        if link is None:
+            self._give_up(unit_id, unit, end["link_id"], f"unknown link {end['link_id']!r}")
+            return
         try:
-            with self._db.cursor() as cur:
-                for db, table in link.data_tables():  # master first: parts reference it
-                    batch = rows.get(f"{db}.{table}")
-                    if batch:
-                        self._upsert(cur, link.destination_db, destination_name(table), batch)
-            self._db.commit()
-        except Exception:
-            self._db.rollback()
-            raise
+            rows = self._rows(link, unit)
+        except (ValueError, TypeError, KeyError, ArithmeticError) as exc:
+            self._give_up(unit_id, unit, link.link_id, f"cannot convert the unit's rows: {describe(exc)}")
+            return
         master_rows = rows.get(f"{link.source_db}.{link.source_table}", [])
         ack = {
             "link_id": link.link_id,
@@ -194,9 +515,48 @@ class Applier:
             "keys": [keycodec.encode(r, list(link.primary_key)) for r in master_rows],
             "ts_ms": now_ms(),
         }
-        produce(self._p, self.topics.acks, link.link_id, self._codec.encode(schemas.FIXED["ack"], ack))
-        self._p.flush(30)
-        self.units_applied += 1
+        ack_bytes = self._codec.encode(schemas.FIXED["ack"], ack)
+        offsets = changed(self._safe_offsets(), self._stored)
+
+        def work(cur: Any) -> Any:
+            before = self._store.claim(cur, unit_id, "applied", link.link_id, ack_bytes)
+            if before is None:
+                try:
+                    for db, table in link.data_tables():  # master first: parts reference it
+                        batch = rows.get(f"{db}.{table}")
+                        if batch:
+                            self._upsert(cur, link.destination_db, destination_name(table), batch)
+                except pymysql.err.MySQLError as exc:
+                    if is_transient(exc):
+                        raise
+                    raise Unappliable(f"destination refused the unit: {describe(exc)}") from exc
+            self._store.save_offsets(cur, offsets)
+            return before
+
+        try:
+            before = self._transact(work)
+        except Unappliable as exc:
+            self._give_up(unit_id, unit, link.link_id, str(exc))
+            return
+        self._stored.update(offsets)
+        if before is None:
+            self._outbox[unit_id] = (link.link_id, ack_bytes)
+            self.units_applied += 1
+        else:
+            self.units_skipped += 1
+            log.info("unit %s was finished before (%s); skipped", unit_id, before.outcome)
+            if before.pending_ack is not None:
+                self._outbox[unit_id] = (link.link_id, before.pending_ack)
+
+    @staticmethod
+    def _rows(link: LinkSpec, unit: PendingUnit) -> dict[str, list[dict[str, Any]]]:
+        """The unit's snapshot rows per 'db.table', in the unit's order, as PyMySQL parameters."""
+        rows: dict[str, list[dict[str, Any]]] = {}
+        for event in sorted(unit.events.values(), key=lambda e: e.envelope["transaction"]["total_order"]):
+            after = event.envelope["after"]
+            if event.envelope["op"] == "r" and after is not None:
+                rows.setdefault(event.collection, []).append({k: event.convert[k](v) for k, v in after.items()})
+        return rows
 
     @staticmethod
     def _upsert(cur: Any, db: str, table: str, batch: list[dict[str, Any]]) -> None:
@@ -209,12 +569,101 @@ class Applier:
         )
         cur.executemany(sql, [[r[c] for c in cols] for r in batch])
 
-    def _commit(self, c: Any) -> None:
-        """Commit consumed offsets, but never past an event of a unit still being gathered."""
-        floor: dict[tuple[str, int], int] = {}
-        for unit in self._pending.values():
-            for topic, part, off in unit.offsets():
-                floor[(topic, part)] = min(off, floor.get((topic, part), off))
-        offsets = [TopicPartition(t, p, min(o, floor.get((t, p), o))) for (t, p), o in self._consumed.items()]
+    def _give_up(self, unit_id: str, unit: PendingUnit, link_id: str | None, reason: str, stage: str = "apply") -> None:
+        """Dead-letter every event of a unit, then record it finished with its offsets, so later units go on.
+
+        A unit finished before (read again) is dropped instead: its events were applied or dead-lettered then.
+        """
+        outcome = self._transact(partial(self._store.outcome, unit_id=unit_id))
+        if outcome is not None:
+            log.info("dropped %d events of unit %s, finished before (%s)", len(unit.events), unit_id, outcome)
+            return
+        for at, event in sorted(unit.events.items()):
+            self._dead_letters.send(at, event.key, event.value, reason, stage, unit_id)
+        self._dead_letters.confirm()
+        offsets = changed(self._safe_offsets(), self._stored)
+
+        def work(cur: Any) -> None:
+            self._store.claim(cur, unit_id, "dead-letter", link_id)
+            self._store.save_offsets(cur, offsets)
+
+        self._transact(work)
+        self._stored.update(offsets)
+        self.units_dead_lettered += 1
+        log.warning("unit %s of link %s: %d events dead-lettered: %s", unit_id, link_id, len(unit.events), reason)
+
+    # -- acks, offsets, housekeeping -------------------------------------------------
+
+    def _send_acks(self) -> None:
+        """Deliver the acks of committed units, then mark them sent (undelivered ones stay for the next round)."""
+        if not self._outbox:
+            return
+        self._delivered = []
+        for unit_id, (link_id, ack) in self._outbox.items():
+            while True:
+                try:
+                    self._p.produce(
+                        self.topics.acks,
+                        key=link_id,
+                        value=ack,
+                        on_delivery=self._ack_callback(unit_id),
+                    )
+                    break
+                except BufferError:
+                    self._p.poll(0.1)
+        self._p.flush(30)
+        if not self._delivered:
+            log.warning("Kafka confirmed none of %d acks; retrying", len(self._outbox))
+            return
+        delivered = list(self._delivered)
+        self._transact(lambda cur: self._store.acks_sent(cur, delivered))
+        for unit_id in delivered:
+            self._outbox.pop(unit_id, None)
+
+    def _ack_callback(self, unit_id: str) -> Callable[[KafkaError | None, Message], None]:
+        def delivered(err: KafkaError | None, _msg: Message) -> None:
+            if err is None:
+                self._delivered.append(unit_id)
+
+        return delivered
+
+    def _safe_offsets(self) -> dict[Partition, int]:
+        units = [u.where(finished=False) for u in self._pending.values()] + list(self._finished.values())
+        first = cutoff(units)
+        # Finished units wholly behind the first unfinished one are behind every future cut: forget them.
+        for unit_id, unit in list(self._finished.items()):
+            if first is None or (unit.end is not None and unit.end < first):
+                del self._finished[unit_id]
+        return safe_offsets(self._consumed, units)
+
+    def _store_progress(self, force: bool = False) -> None:
+        """Store offsets that moved without a unit applied (at most once per PROGRESS_EVERY_S unless forced)."""
+        now = time.monotonic()
+        if not force and now - self._last_progress < PROGRESS_EVERY_S:
+            return
+        self._last_progress = now
+        offsets = changed(self._safe_offsets(), self._stored)
         if offsets:
-            c.commit(offsets=offsets, asynchronous=True)
+            self._dead_letters.confirm()
+            self._transact(lambda cur: self._store.save_offsets(cur, offsets))
+            self._stored.update(offsets)
+        self._commit_to_kafka()
+
+    def _commit_to_kafka(self) -> None:
+        """The stored offsets, also as the group's Kafka offsets: for lag monitoring only."""
+        todo = {a: o for a, o in self._stored.items() if a in self._assigned and self._committed_to_kafka.get(a) != o}
+        if not todo:
+            return
+        try:
+            self._c.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in todo.items()], asynchronous=True)
+            self._committed_to_kafka.update(todo)
+        except KafkaException as exc:
+            log.debug("Kafka offset commit (monitoring only) failed: %s", exc)
+
+    def _prune(self) -> None:
+        if time.monotonic() < self._next_prune:
+            return
+        self._next_prune = time.monotonic() + PRUNE_EVERY_S
+        forgotten = self._transact(self._store.prune)
+        if forgotten:
+            log.info("forgot %d units finished more than 7 days ago", forgotten)

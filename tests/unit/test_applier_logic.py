@@ -1,0 +1,226 @@
+"""Pure logic of the applier: where a restart may resume, which errors are retried, dead-letter records. No services."""
+
+from __future__ import annotations
+
+import random
+import threading
+from typing import Any
+
+import pymysql
+import pytest
+
+import schemas
+from consumers.applier import Applier, Event, PendingUnit, describe, is_transient
+from consumers.offsets_store import UnitOffsets, changed, cutoff, safe_offsets, state_db_name
+from djlink.config import ConfigError, Settings
+
+T, R, C = "p.transaction", "p.db.master", "p.db.master__part"
+
+
+def unit(end: int | None, *events: tuple[str, int], finished: bool = False) -> UnitOffsets:
+    offsets = tuple((topic, 0, offset) for topic, offset in events) + (((T, 0, end),) if end is not None else ())
+    return UnitOffsets(end, offsets, finished)
+
+
+def test_nothing_unfinished_resumes_after_everything_consumed() -> None:
+    consumed = {(T, 0): 13, (R, 0): 8}
+    assert safe_offsets(consumed, []) == consumed
+    assert safe_offsets(consumed, [unit(10, (R, 4), finished=True)]) == consumed
+    assert cutoff([unit(10, finished=True)]) is None
+
+
+def test_an_unfinished_unit_holds_every_partition_at_its_first_message() -> None:
+    consumed = {(T, 0): 13, (R, 0): 8, (C, 0): 20}
+    gathering = unit(11, (R, 5), (R, 6), (C, 15))
+    assert safe_offsets(consumed, [gathering]) == {(T, 0): 11, (R, 0): 5, (C, 0): 15}
+
+
+def test_a_unit_finished_after_an_unfinished_one_is_read_again_whole() -> None:
+    # V (END at 10) still waits for its part event (not consumed yet, C is behind); U (END at 12, its master
+    # event at R:7) was applied meanwhile. A per-partition floor would resume R at 8 and T at 10: U's END read
+    # again without its event, and U would never complete. The cut keeps U whole after it.
+    v = unit(10)
+    u = unit(12, (R, 7), finished=True)
+    consumed = {(T, 0): 13, (R, 0): 8, (C, 0): 5}
+    assert safe_offsets(consumed, [v, u]) == {(T, 0): 10, (R, 0): 7, (C, 0): 5}
+
+
+def test_units_finished_before_the_first_unfinished_one_do_not_hold() -> None:
+    done = unit(8, (R, 3), finished=True)
+    gathering = unit(10, (R, 6))
+    assert safe_offsets({(T, 0): 11, (R, 0): 7}, [done, gathering]) == {(T, 0): 10, (R, 0): 6}
+
+
+def test_a_unit_without_its_end_yet_comes_after_every_unit_with_one() -> None:
+    done = unit(12, (R, 3), finished=True)
+    early = unit(None, (R, 9))
+    assert cutoff([done, early]) == float("inf")
+    assert safe_offsets({(T, 0): 13, (R, 0): 10}, [done, early]) == {(T, 0): 13, (R, 0): 9}
+
+
+def test_the_cut_never_splits_a_unit_nor_passes_an_unfinished_one() -> None:
+    """Random runs: units produced in order over three partitions, consumed in any interleaving."""
+    for seed in range(300):
+        rng = random.Random(seed)
+        # Produce: each unit has events on some of R and C, then its END on T; offsets per partition grow.
+        next_offset = {R: 0, C: 0, T: 0}
+        produced: list[list[tuple[str, int]]] = []
+        for _ in range(rng.randint(1, 12)):
+            messages = []
+            for topic in (R, C):
+                for _ in range(rng.choice([0, 0, 1, 2])):
+                    messages.append((topic, next_offset[topic]))
+                    next_offset[topic] += rng.choice([1, 1, 2])  # tombstones and markers take offsets too
+            messages.append((T, next_offset[T]))
+            next_offset[T] += 2  # BEGIN before, END here
+            produced.append(messages)
+        # Consume each partition up to a random point.
+        consumed_to = {topic: rng.randint(0, next_offset[topic]) for topic in (R, C, T)}
+
+        def seen(m: tuple[str, int], to: dict[str, int] = consumed_to) -> bool:
+            return m[1] < to[m[0]]
+
+        units = []
+        for i, messages in enumerate(produced):
+            have = [m for m in messages if seen(m)]
+            if not have:
+                continue
+            complete = len(have) == len(messages)
+            end = messages[-1][1] if seen(messages[-1]) else None
+            offsets = tuple((t, 0, o) for t, o in have)
+            units.append((i, UnitOffsets(end, offsets, complete and rng.random() < 0.7), messages))
+        consumed = {(topic, 0): offset for topic, offset in consumed_to.items()}
+        cut = safe_offsets(consumed, [u for _, u, _ in units])
+        for i, u, messages in units:
+            behind = [m for m in messages if m[1] < cut[(m[0], 0)]]
+            assert not behind or len(behind) == len(messages), (seed, i, messages, cut)  # never split
+            assert u.finished or not behind, (seed, i, cut)  # never past an unfinished unit
+        for i, messages in enumerate(produced):  # units not seen at all are wholly ahead
+            if not any(seen(m) for m in messages):
+                assert all(m[1] >= cut[(m[0], 0)] for m in messages), (seed, i)
+
+
+def test_only_changed_offsets_are_written() -> None:
+    assert changed({(T, 0): 5, (R, 0): 7}, {(T, 0): 5, (R, 0): 6}) == {(R, 0): 7}
+
+
+def test_pending_unit_is_complete_when_its_end_counts_are_met() -> None:
+    pending = PendingUnit()
+    assert not pending.complete({"db.master"})
+    pending.end = {"data_collections": [{"data_collection": "db.master", "event_count": 1}]}
+    pending.end_offset = (T, 0, 4)
+    assert not pending.complete({"db.master"})
+    assert pending.complete({"db.other"})  # counts of tables not applied do not matter
+    pending.events[(R, 0, 2)] = Event("db.master", {}, {}, b"k", b"v", 0)
+    assert pending.complete({"db.master"})
+    assert pending.where(finished=True) == UnitOffsets(4, ((R, 0, 2), (T, 0, 4)), True)
+
+
+@pytest.mark.parametrize(
+    ("exc", "transient"),
+    [
+        (pymysql.err.OperationalError(2006, "MySQL server has gone away"), True),
+        (pymysql.err.OperationalError(2013, "Lost connection to MySQL server during query"), True),
+        (pymysql.err.OperationalError(1213, "Deadlock found"), True),
+        (pymysql.err.InterfaceError(0, ""), True),
+        (pymysql.err.OperationalError(1054, "Unknown column 'x' in 'field list'"), False),
+        (pymysql.err.ProgrammingError(1146, "Table 'd.t' doesn't exist"), False),
+        (pymysql.err.IntegrityError(1452, "Cannot add or update a child row"), False),
+        (pymysql.err.DataError(1406, "Data too long for column 'name'"), False),
+        (pymysql.err.OperationalError(4025, "CONSTRAINT `c` failed"), False),
+        (ValueError("not a database error"), False),
+    ],
+)
+def test_connection_errors_are_retried_and_data_errors_are_not(exc: BaseException, transient: bool) -> None:
+    assert is_transient(exc) is transient
+
+
+def test_database_errors_are_described_by_code_and_message() -> None:
+    error = pymysql.err.ProgrammingError(1146, "Table 'd.t' doesn't exist")
+    assert describe(error) == "(1146) Table 'd.t' doesn't exist"
+
+
+def test_the_state_database_name_comes_from_the_environment_and_is_checked() -> None:
+    assert state_db_name({}) == "djlink_applier"
+    assert state_db_name({"DJLINK_APPLIER_STATE_DB": "site_state"}) == "site_state"
+    with pytest.raises(ConfigError, match="DJLINK_APPLIER_STATE_DB"):
+        state_db_name({"DJLINK_APPLIER_STATE_DB": "x`; drop database y"})
+
+
+def test_dead_letter_records_keep_the_original_bytes() -> None:
+    codec = schemas.Codec()
+    record = {
+        "topic": R,
+        "partition": 0,
+        "offset": 7,
+        "key": b"\x00\xff",
+        "value": None,
+        "reason": "not an Avro single-object encoded value",
+        "stage": "decode",
+        "unit_id": None,
+        "ts_ms": 1,
+    }
+    assert codec.decode(codec.encode(schemas.FIXED["dead_letter"], record)) == record
+
+
+class FlakyConnection:
+    """Fails the first `failures` transactions with `error`, then works; records what happened."""
+
+    def __init__(self, error: BaseException, failures: int) -> None:
+        self.error, self.failures = error, failures
+        self.log: list[str] = []
+
+    def ping(self, reconnect: bool = False) -> None:
+        self.log.append("ping")
+
+    def cursor(self) -> Any:
+        conn = self
+
+        class Cursor:
+            def __enter__(self) -> Cursor:
+                return self
+
+            def __exit__(self, *exc: object) -> None:
+                pass
+
+            def execute(self, sql: str) -> None:
+                if conn.failures:
+                    conn.failures -= 1
+                    raise conn.error
+                conn.log.append(sql)
+
+        return Cursor()
+
+    def commit(self) -> None:
+        self.log.append("commit")
+
+    def rollback(self) -> None:
+        self.log.append("rollback")
+
+
+def applier_with(conn: FlakyConnection) -> Applier:
+    applier = Applier(Settings.from_env({}))
+    applier._db = conn
+    applier._stop = threading.Event()
+    return applier
+
+
+def test_a_lost_connection_reconnects_and_runs_the_transaction_again() -> None:
+    conn = FlakyConnection(pymysql.err.OperationalError(2013, "Lost connection"), failures=2)
+    assert applier_with(conn)._transact(lambda cur: cur.execute("INSERT") or "done") == "done"
+    assert conn.log == ["ping", "rollback", "ping", "rollback", "ping", "INSERT", "commit"]
+
+
+def test_a_data_error_rolls_back_and_is_raised() -> None:
+    conn = FlakyConnection(pymysql.err.ProgrammingError(1146, "Table 'd.t' doesn't exist"), failures=1)
+    with pytest.raises(pymysql.err.ProgrammingError):
+        applier_with(conn)._transact(lambda cur: cur.execute("INSERT"))
+    assert conn.log == ["ping", "rollback"]
+
+
+def test_retrying_stops_when_the_applier_is_told_to_stop() -> None:
+    conn = FlakyConnection(pymysql.err.OperationalError(2003, "Can't connect"), failures=1000)
+    applier = applier_with(conn)
+    applier._stop.set()
+    with pytest.raises(pymysql.err.OperationalError):
+        applier._transact(lambda cur: cur.execute("INSERT"))

@@ -54,8 +54,8 @@ def admin(env: dict[str, str], side: str, **extra: Any) -> Any:
     )
 
 
-def wait_for(condition: Any, timeout: float = 30.0, what: str = "condition") -> Any:
-    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
+def wait_for(condition: Any, timeout: float = 30.0, what: str = "condition", interval: float = 0.05) -> Any:
+    """Poll `condition` every `interval` s until it returns something truthy; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         result = condition()
@@ -63,7 +63,7 @@ def wait_for(condition: Any, timeout: float = 30.0, what: str = "condition") -> 
             return result
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(interval)
 
 
 @dataclass

@@ -43,15 +43,6 @@ def scalar(conn: Any, sql: str, *args: Any) -> Any:
         return cur.fetchone()[0]
 
 
-def wait_closely(condition: Any, timeout: float, what: str) -> None:
-    """`wait_for`, polling every millisecond: for moments that last only some milliseconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.001)
-
-
 def declare_recordings(site: Site, n: int) -> Any:
     """A master with an 8 KB longblob and two part rows per entity, rows 1..n."""
     schema = dj.Schema(site.source_schema, connection=site.source_dj())
@@ -129,7 +120,9 @@ def test_applier_killed_at_random_moments_applies_every_unit_exactly_once(site: 
             # (Polled every millisecond: the applier takes only some 50 ms for a pull's 9 units.)
             requested, have = start + per_pull - 1, scalar(dest, count)
             target = have + rng.randint(1, max(1, requested - 1 - have))
-            wait_closely(lambda t=target: scalar(dest, count) >= t, 60, f"{target} entities at the destination")
+            wait_for(
+                lambda t=target: scalar(dest, count) >= t, 60, f"{target} entities at the destination", interval=0.001
+            )  # a moment that lasts milliseconds
             applier.kill()
             applier.wait(10)
             kills += 1

@@ -118,11 +118,9 @@ class LinkRegistry:
         if high <= low:
             return self.refresh(0)
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        # Check before waiting: already at the end (the common case) costs no poll timeout.
+        while c.position([tp])[0].offset < high and time.monotonic() < deadline:
             changed |= self.refresh(0.2)
-            pos = c.position([tp])[0].offset
-            if pos >= high:
-                break
         return changed
 
     def close(self) -> None:

@@ -40,11 +40,28 @@ Lost connections, deadlocks and lock timeouts are not the unit's fault: the
 applier reconnects and retries the transaction instead. One log line per
 dead-lettered message or unit.
 
-Mirroring of streamed changes to shared rows comes with the consumers issue.
+Entities, mirroring, flags. The applier also reads the helper tables' change
+topics and keeps, per entity, its helper row as last captured and whether its
+rows are here (`entities` in the state database, saved with the unit that
+changed it). A source transaction's changes to master and part rows are
+applied only for entities that are shared (process NONE, not deprecated:
+Shared or Tainted) or received (process PULL, rows already here); changes of
+any other entity are not the destination's business. A change of an entity's
+flags (`is_flagged`, `is_deprecated`) is published on the compacted
+`<prefix>.flags` topic after its commit (outbox column `flag_pending`):
+a record while flagged or deprecated, a tombstone once neither.
+
+Order and batches. Units are applied strictly in the order the capture
+produced them (their ENDs' order), many per destination transaction (at most
+MAX_BATCH_UNITS units, MAX_BATCH_EVENTS events), with one multi-row statement
+per run of rows of one table. A source transaction read again is recognised
+by its GTID (`source_positions`: the last sequence number applied per
+replication domain), a snapshot unit by its id (`applied_units`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -57,15 +74,18 @@ import pymysql
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 import schemas
-from cdc.snapshot import quote
+from cdc.snapshot import in_clause, quote
+from consumers.entity import EntityState
 from consumers.offsets_store import (
     PRUNE_EVERY_S,
+    Finished,
     Offset,
     OffsetsStore,
     Partition,
     UnitOffsets,
     changed,
     cutoff,
+    parse_gtid,
     safe_offsets,
     state_db_name,
 )
@@ -82,6 +102,8 @@ PROGRESS_EVERY_S = 1.0  # store offsets that moved without applying anything at 
 # Events whose END has not come although an END produced this much later has: their END is lost (strays).
 ORPHAN_AFTER_MS = 30_000
 TRANSACTION_FIELDS = frozenset({"status", "id", "data_collections", "request_id", "link_id"})
+MAX_BATCH_UNITS = 500  # units per destination transaction, at most
+MAX_BATCH_EVENTS = 20_000  # events per destination transaction, at most (a unit is never split)
 UNKNOWN_SCHEMA_TTL_S = 10.0  # a fingerprint the schema topic lacked is not looked up again this soon
 # Errors of the connection or of concurrency, not of the unit: reconnect and retry, never dead-letter.
 TRANSIENT_ERRORS = frozenset(
@@ -149,6 +171,7 @@ class PendingUnit:
 
     end: dict[str, Any] | None = None
     end_offset: Offset | None = None
+    end_ts_ms: int = 0  # the END's Kafka timestamp
     events: dict[Offset, Event] = field(default_factory=dict)
 
     def complete(self, tracked: set[str]) -> bool:
@@ -166,6 +189,45 @@ class PendingUnit:
 
     def where(self, finished: bool) -> UnitOffsets:
         return UnitOffsets(self.end_offset[2] if self.end_offset else None, tuple(self.offsets()), finished)
+
+
+EntityKey = tuple[str, str]  # link id, canonical primary key
+Target = tuple[str, str]  # destination db, table
+
+
+@dataclass
+class Plan:
+    """What one unit does at the destination: decided before its transaction, from the entity states."""
+
+    unit_id: str
+    unit: PendingUnit
+    link_id: str | None  # a pull's link; None for a source transaction (mirrored) or an initial snapshot
+    gtid: tuple[int, int] | None  # (domain, seq no) of a source transaction; others are claimed by id
+    writes: list[tuple[str, Target, list[dict[str, Any]]]] = field(default_factory=list)
+    states: dict[EntityKey, EntityState] = field(default_factory=dict)  # as the unit leaves them
+    flags: dict[EntityKey, int] = field(default_factory=dict)  # flag changed -> source commit ms
+    ack: bytes | None = None
+
+    def write(self, kind: str, target: Target, row: dict[str, Any]) -> None:
+        """Add a row; consecutive rows of one kind, table and shape share one statement."""
+        last = self.writes[-1] if self.writes else None
+        if last is not None and last[0] == kind and last[1] == target and last[2][0].keys() == row.keys():
+            last[2].append(row)
+        else:
+            self.writes.append((kind, target, [row]))
+
+
+def merged_writes(plans: list[Plan]) -> list[tuple[str, Target, list[dict[str, Any]]]]:
+    """The writes of several plans in order, consecutive ones of one kind, table and shape merged."""
+    merged: list[tuple[str, Target, list[dict[str, Any]]]] = []
+    for plan in plans:
+        for kind, target, rows in plan.writes:
+            last = merged[-1] if merged else None
+            if last is not None and last[0] == kind and last[1] == target and last[2][0].keys() == rows[0].keys():
+                last[2].extend(rows)
+            else:
+                merged.append((kind, target, list(rows)))
+    return merged
 
 
 class DeadLetters:
@@ -234,6 +296,13 @@ class Applier:
         self._finished: dict[str, UnitOffsets] = {}  # finished units a restart may still have to read again
         self._by_topic: dict[str, str] = {}  # change topic -> 'db.table'
         self._links_of: dict[str, LinkSpec] = {}  # 'db.table' -> link, data tables only
+        self._helper_of: dict[str, LinkSpec] = {}  # 'db.table' of a helper table -> its link
+        self._tracked: set[str] = set()  # 'db.table' of the tables read: data and helper tables
+        self._entities: dict[EntityKey, EntityState] = {}
+        self._positions: dict[int, int] = {}  # replication domain -> seq no of the last source transaction applied
+        self._flag_outbox: dict[EntityKey, int] = {}  # flag changes committed, not yet on the flags topic
+        self._flags_delivered: list[EntityKey] = []
+        self._key_columns_of: dict[bytes, list[str]] = {}  # key schema fingerprint -> primary key columns
         self._captured: set[str] = set()  # 'db.table' of every table the capture publishes for our links
         self._links: dict[str, LinkSpec] = {}
         self._subscribed: list[str] = []
@@ -249,6 +318,7 @@ class Applier:
         self._delivered: list[str] = []
         self.units_applied = 0
         self.units_skipped = 0
+        self.units_mirrored = 0
         self.units_dead_lettered = 0
 
     # -- connections ---------------------------------------------------------
@@ -305,10 +375,14 @@ class Applier:
         self._links = dict(links)
         self._by_topic = {}
         self._links_of = {}
+        self._helper_of = {}
         for link in links.values():
             for db, table in link.data_tables():
                 self._by_topic[self.topics.table(db, table)] = f"{db}.{table}"
                 self._links_of[f"{db}.{table}"] = link
+            self._by_topic[self.topics.table(link.helper_db, link.helper_table)] = link.helper_collection
+            self._helper_of[link.helper_collection] = link
+        self._tracked = set(self._links_of) | set(self._helper_of)
         self._captured = {f"{db}.{table}" for link in links.values() for db, table in link.captured_tables()}
         return [self.topics.transaction, *sorted(self._by_topic)]
 
@@ -358,7 +432,11 @@ class Applier:
             self._outbox[unit_id] = (link_id, ack)
         if self._outbox:
             log.info("resending the acks of %d units committed before the last stop", len(self._outbox))
+        self._entities, unsent_flags = self._transact(self._store.load_entities)
+        self._positions = self._transact(self._store.load_positions)
+        self._flag_outbox = {key: 0 for key in unsent_flags}
         self._send_acks()
+        self._send_flags()
         self._c = consumer(s, self.group, **{"group.instance.id": self.group})
         self._subscribe(registry.links)
         if on_ready:
@@ -373,6 +451,7 @@ class Applier:
                 self._dead_letters.confirm()
                 self._apply_complete(registry)
                 self._send_acks()
+                self._send_flags()
                 self._store_progress()
                 self._prune()
         finally:
@@ -407,7 +486,7 @@ class Applier:
                 return False
             self._latest_end_ms = max(self._latest_end_ms, kafka_ts(msg))
             unit = self._pending.setdefault(record["id"], PendingUnit())
-            unit.end, unit.end_offset = record, at
+            unit.end, unit.end_offset, unit.end_ts_ms = record, at, kafka_ts(msg)
             # Links are published before their first event; a unit of a table not known yet means
             # the links topic is behind this consumer, not that the unit is someone else's. (Helper
             # tables are known too: their units, one per ack, would otherwise each wait for the links topic.)
@@ -452,23 +531,6 @@ class Applier:
 
     # -- units -------------------------------------------------------------------
 
-    def _apply_complete(self, registry: LinkRegistry) -> None:
-        """Finish every unit whose END has come and whose events are all here, in the order they were produced."""
-        self._reap_orphans()
-        tracked = set(self._links_of)
-        ended = sorted(
-            ((unit.end_offset[2], unit_id) for unit_id, unit in self._pending.items() if unit.end_offset),
-        )
-        for _, unit_id in ended:
-            unit = self._pending[unit_id]
-            assert unit.end is not None
-            if not any(dc["data_collection"] in tracked for dc in unit.end["data_collections"] or []):
-                self._finish(unit_id)  # only tables we do not apply (helper tables): nothing to do
-            elif unit.complete(tracked):
-                self._finish(unit_id)
-                if unit.end["link_id"] is not None:  # streamed source transactions: mirroring comes later
-                    self._apply(unit_id, unit, registry)
-
     def _reap_orphans(self) -> None:
         """Give up units whose END will not come: one produced well after their events has been read already.
 
@@ -491,72 +553,246 @@ class Applier:
         """Take a unit out of the gathering; its offsets may now move on (see offsets_store.safe_offsets)."""
         self._finished[unit_id] = self._pending.pop(unit_id).where(finished=True)
 
-    def _apply(self, unit_id: str, unit: PendingUnit, registry: LinkRegistry) -> None:
-        """Apply one complete unit (already out of `_pending`), skip it when finished before, or dead-letter it."""
-        end = unit.end
-        assert end is not None
-        link = self._links.get(end["link_id"])
-        if link is None and registry.catch_up():
-            self._subscribe(registry.links)
-            link = self._links.get(end["link_id"])
-        if link is None:
-            self._give_up(unit_id, unit, end["link_id"], f"unknown link {end['link_id']!r}")
-            return
-        try:
-            rows = self._rows(link, unit)
-        except (ValueError, TypeError, KeyError, ArithmeticError) as exc:
-            self._give_up(unit_id, unit, link.link_id, f"cannot convert the unit's rows: {describe(exc)}")
-            return
-        master_rows = rows.get(f"{link.source_db}.{link.source_table}", [])
-        ack = {
-            "link_id": link.link_id,
-            "unit_id": unit_id,
-            "request_id": end["request_id"],
-            "keys": [keycodec.encode(r, list(link.primary_key)) for r in master_rows],
-            "ts_ms": now_ms(),
-        }
-        ack_bytes = self._codec.encode(schemas.FIXED["ack"], ack)
-        offsets = changed(self._safe_offsets(), self._stored)
+    def _apply_complete(self, registry: LinkRegistry) -> None:
+        """Apply complete units in the order they were produced, many per destination transaction.
 
-        def work(cur: Any) -> Any:
-            before = self._store.claim(cur, unit_id, "applied", link.link_id, ack_bytes)
-            if before is None:
-                try:
-                    for db, table in link.data_tables():  # master first: parts reference it
-                        batch = rows.get(f"{db}.{table}")
-                        if batch:
-                            self._upsert(cur, link.destination_db, destination_name(table), batch)
-                except pymysql.err.MySQLError as exc:
-                    if is_transient(exc):
-                        raise
-                    raise Unappliable(f"destination refused the unit: {describe(exc)}") from exc
-            self._store.save_offsets(cur, offsets)
-            return before
+        Order is strict: a unit whose END has come but whose events have not
+        all been read yet holds back every later one (a mirrored change must
+        never overtake an older one). Its events come within milliseconds;
+        if they have not come once an END produced ORPHAN_AFTER_MS later has
+        been read, they never will (undecodable, dead-lettered on their own),
+        and the unit is given up.
+        """
+        self._reap_orphans()
+        ended = sorted((unit.end_offset[2], unit_id) for unit_id, unit in self._pending.items() if unit.end_offset)
+        batch: list[tuple[str, PendingUnit]] = []
+        rows = 0
+        for _, unit_id in ended:
+            unit = self._pending[unit_id]
+            assert unit.end is not None
+            if not unit.complete(self._tracked):
+                if self._latest_end_ms - unit.end_ts_ms <= ORPHAN_AFTER_MS:
+                    break
+                self._apply_batch(batch, registry)
+                batch, rows = [], 0
+                self._finish(unit_id)
+                reason = f"events of unit {unit_id} are missing from their change topics (undecodable?)"
+                self._give_up(unit_id, unit, unit.end["link_id"], reason, "gather")
+                continue
+            self._finish(unit_id)
+            if any(dc["data_collection"] in self._tracked for dc in unit.end["data_collections"] or []):
+                batch.append((unit_id, unit))
+                rows += len(unit.events)
+            if len(batch) >= MAX_BATCH_UNITS or rows >= MAX_BATCH_EVENTS:
+                self._apply_batch(batch, registry)
+                batch, rows = [], 0
+        self._apply_batch(batch, registry)
 
+    def _apply_batch(self, batch: list[tuple[str, PendingUnit]], registry: LinkRegistry) -> None:
+        """Plan the units against the entity states, then commit them in one transaction.
+
+        When the destination refuses the transaction, the units are committed
+        one by one instead, so that only the refused one is dead-lettered;
+        offsets are stored at the end then, claims and source positions keep
+        a crash in between from applying a unit twice.
+        """
+        if not batch:
+            return
+        plans = self._plan_all(batch, registry)
         try:
-            before = self._transact(work)
+            self._commit(plans, changed(self._safe_offsets(), self._stored))
+            return
         except Unappliable as exc:
-            self._give_up(unit_id, unit, link.link_id, str(exc))
-            return
-        self._stored.update(offsets)
-        if before is None:
-            self._outbox[unit_id] = (link.link_id, ack_bytes)
-            self.units_applied += 1
-        else:
+            if len(batch) == 1:
+                self._give_up(batch[0][0], batch[0][1], plans[0].link_id if plans else None, str(exc))
+                return
+            log.info("a batch of %d units was refused (%s); applying them one by one", len(batch), exc)
+        for unit_id, unit in batch:
+            plans = self._plan_all([(unit_id, unit)], registry)
+            try:
+                self._commit(plans, {})
+            except Unappliable as exc:
+                self._give_up(unit_id, unit, plans[0].link_id if plans else None, str(exc), store_offsets=False)
+        self._store_progress(force=True)
+
+    def _plan_all(self, batch: list[tuple[str, PendingUnit]], registry: LinkRegistry) -> list[Plan]:
+        """The plans of units with something to do; units that cannot be converted are given up."""
+        plans: list[Plan] = []
+        overlay: dict[EntityKey, EntityState] = {}
+        for unit_id, unit in batch:
+            end = unit.end
+            assert end is not None
+            link: LinkSpec | None = None
+            if end["link_id"] is not None:
+                link = self._links.get(end["link_id"])
+                if link is None and registry.catch_up():
+                    self._subscribe(registry.links)
+                    link = self._links.get(end["link_id"])
+                if link is None:
+                    reason = f"unknown link {end['link_id']!r}"
+                    self._give_up(unit_id, unit, end["link_id"], reason, store_offsets=False)
+                    continue
+            try:
+                plan = self._plan(unit_id, unit, link, overlay)
+            except (ValueError, TypeError, KeyError, ArithmeticError, schemas.DecodeError) as exc:
+                reason = f"cannot convert the unit's rows: {describe(exc)}"
+                self._give_up(unit_id, unit, end["link_id"], reason, store_offsets=False)
+                continue
+            if plan is not None:
+                plans.append(plan)
+                overlay.update(plan.states)
+        return plans
+
+    def _state(self, key: EntityKey, overlay: dict[EntityKey, EntityState]) -> EntityState:
+        return overlay.get(key) or self._entities.get(key) or EntityState()
+
+    def _plan(
+        self, unit_id: str, unit: PendingUnit, link: LinkSpec | None, overlay: dict[EntityKey, EntityState]
+    ) -> Plan | None:
+        """What one unit does at the destination, decided against the entity states before it (None: nothing)."""
+        gtid = parse_gtid(unit_id)
+        if gtid is not None and gtid[1] <= self._positions.get(gtid[0], -1):
             self.units_skipped += 1
-            log.info("unit %s was finished before (%s); skipped", unit_id, before.outcome)
-            if before.pending_ack is not None:
-                self._outbox[unit_id] = (link.link_id, before.pending_ack)
+            log.info("source transaction %s was applied before; skipped", unit_id)
+            return None
+        plan = Plan(unit_id, unit, link.link_id if link else None, gtid)
+        local: dict[EntityKey, EntityState] = {}
+
+        def state(key: EntityKey) -> EntityState:
+            return local.get(key) or self._state(key, overlay)
+
+        pulled: list[str] = []
+        for event in sorted(unit.events.values(), key=lambda e: e.envelope["transaction"]["total_order"]):
+            env = event.envelope
+            before = env["before"] and {k: event.convert[k](v) for k, v in env["before"].items()}
+            after = env["after"] and {k: event.convert[k](v) for k, v in env["after"].items()}
+            helper_of = self._helper_of.get(event.collection)
+            if helper_of is not None:
+                pk = list(helper_of.primary_key)
+                key = (helper_of.link_id, keycodec.encode(after or before, pk))
+                old = state(key)
+                new = old.with_helper(after)
+                local[key] = new
+                if old.flag() != new.flag():
+                    plan.flags[key] = int(env["source"]["ts_ms"])
+                continue
+            data_of = self._links_of[event.collection]
+            table = event.collection.split(".", 1)[1]
+            target = (data_of.destination_db, destination_name(table))
+            pk = list(data_of.primary_key)
+            key = (data_of.link_id, keycodec.encode(after or before, pk))
+            if link is not None:  # a pull's snapshot read: the agent asked for exactly these entities
+                if after is not None:
+                    plan.write("upsert", target, after)
+                    if table == data_of.source_table:
+                        local[key] = dataclasses.replace(state(key), at_destination=True)
+                        pulled.append(key[1])
+                continue
+            if not state(key).mirrored():
+                continue
+            row_key = self._key_columns(event)
+            if after is None:
+                plan.write("delete", target, {c: before[c] for c in row_key})
+            elif before is not None and any(before[c] != after[c] for c in row_key):
+                # The primary key changed: an UPDATE, so that the parts' foreign keys cascade as at the source.
+                plan.write("rekey", target, {"key": {c: before[c] for c in row_key}, "row": after})
+            else:
+                plan.write("upsert", target, after)
+        plan.states = local
+        if link is not None:
+            ack = {
+                "link_id": link.link_id,
+                "unit_id": unit_id,
+                "request_id": unit.end["request_id"] if unit.end else None,
+                "keys": pulled,
+                "ts_ms": now_ms(),
+            }
+            plan.ack = self._codec.encode(schemas.FIXED["ack"], ack)
+        if not plan.writes and not plan.states and plan.ack is None:
+            return None
+        return plan
+
+    def _commit(self, plans: list[Plan], offsets: dict[Partition, int]) -> None:
+        """Write the plans, their claims, entity states, source positions and `offsets` in ONE transaction."""
+        if not plans and not offsets:
+            return
+        claims = [p.unit_id for p in plans if p.gtid is None]
+
+        def work(cur: Any) -> tuple[dict[str, Finished], list[Plan]]:
+            before = self._store.finished_among(cur, claims) if claims else {}
+            live = [p for p in plans if p.unit_id not in before]
+            self._store.claim_many(cur, [(p.unit_id, p.link_id, p.ack) for p in live if p.gtid is None])
+            try:
+                for kind, (db, table), rows in merged_writes(live):
+                    if kind == "upsert":
+                        self._upsert(cur, db, table, rows)
+                    elif kind == "delete":
+                        self._delete(cur, db, table, rows)
+                    else:
+                        self._rekey(cur, db, table, rows)
+            except pymysql.err.MySQLError as exc:
+                if is_transient(exc):
+                    raise
+                raise Unappliable(f"destination refused the unit: {describe(exc)}") from exc
+            states = {k: s for p in live for k, s in p.states.items()}
+            self._store.save_entities(cur, states, [k for p in live for k in p.flags])
+            self._store.save_positions(cur, {p.gtid[0]: p.unit_id for p in live if p.gtid is not None})
+            self._store.save_offsets(cur, offsets)
+            return before, live
+
+        before, live = self._transact(work)
+        self._stored.update(offsets)
+        for plan in live:
+            for key, new in plan.states.items():
+                if new.forgettable():
+                    self._entities.pop(key, None)
+                else:
+                    self._entities[key] = new
+            for key, source_ts in plan.flags.items():
+                self._flag_outbox[key] = source_ts
+            if plan.gtid is not None:
+                self._positions[plan.gtid[0]] = max(plan.gtid[1], self._positions.get(plan.gtid[0], -1))
+            if plan.ack is not None and plan.link_id is not None:
+                self._outbox[plan.unit_id] = (plan.link_id, plan.ack)
+            if plan.link_id is not None:
+                self.units_applied += 1
+            else:
+                self.units_mirrored += 1
+        for unit_id, finished in before.items():
+            self.units_skipped += 1
+            log.info("unit %s was finished before (%s); skipped", unit_id, finished.outcome)
+            link_id = next(p.link_id for p in plans if p.unit_id == unit_id)
+            if finished.pending_ack is not None and link_id is not None:
+                self._outbox[unit_id] = (link_id, finished.pending_ack)
+
+    def _key_columns(self, event: Event) -> list[str]:
+        """The primary key columns of an event's table, from its Kafka key's schema."""
+        if event.key is None:
+            raise ValueError(f"a change event of {event.collection} without a key")
+        vschema = self._codec.schema_of(event.key)
+        if vschema.fingerprint not in self._key_columns_of:
+            self._key_columns_of[vschema.fingerprint] = [f["name"] for f in vschema.definition["fields"]]
+        return self._key_columns_of[vschema.fingerprint]
 
     @staticmethod
-    def _rows(link: LinkSpec, unit: PendingUnit) -> dict[str, list[dict[str, Any]]]:
-        """The unit's snapshot rows per 'db.table', in the unit's order, as PyMySQL parameters."""
-        rows: dict[str, list[dict[str, Any]]] = {}
-        for event in sorted(unit.events.values(), key=lambda e: e.envelope["transaction"]["total_order"]):
-            after = event.envelope["after"]
-            if event.envelope["op"] == "r" and after is not None:
-                rows.setdefault(event.collection, []).append({k: event.convert[k](v) for k, v in after.items()})
-        return rows
+    def _delete(cur: Any, db: str, table: str, rows: list[dict[str, Any]]) -> None:
+        pk = list(rows[0])
+        for start in range(0, len(rows), 1000):
+            chunk = rows[start : start + 1000]
+            cur.execute(
+                f"DELETE FROM {quote(db)}.{quote(table)} WHERE {in_clause(pk, len(chunk))}",
+                [r[c] for r in chunk for c in pk],
+            )
+
+    @staticmethod
+    def _rekey(cur: Any, db: str, table: str, changes: list[dict[str, Any]]) -> None:
+        for change in changes:
+            key, row = change["key"], change["row"]
+            cur.execute(
+                f"UPDATE {quote(db)}.{quote(table)} SET {', '.join(f'{quote(c)}=%s' for c in row)} "
+                f"WHERE {' AND '.join(f'{quote(c)}=%s' for c in key)}",
+                [*row.values(), *key.values()],
+            )
 
     @staticmethod
     def _upsert(cur: Any, db: str, table: str, batch: list[dict[str, Any]]) -> None:
@@ -569,8 +805,16 @@ class Applier:
         )
         cur.executemany(sql, [[r[c] for c in cols] for r in batch])
 
-    def _give_up(self, unit_id: str, unit: PendingUnit, link_id: str | None, reason: str, stage: str = "apply") -> None:
-        """Dead-letter every event of a unit, then record it finished with its offsets, so later units go on.
+    def _give_up(
+        self,
+        unit_id: str,
+        unit: PendingUnit,
+        link_id: str | None,
+        reason: str,
+        stage: str = "apply",
+        store_offsets: bool = True,
+    ) -> None:
+        """Dead-letter every event of a unit, then record it finished (with the offsets, unless told not to).
 
         A unit finished before (read again) is dropped instead: its events were applied or dead-lettered then.
         """
@@ -581,7 +825,7 @@ class Applier:
         for at, event in sorted(unit.events.items()):
             self._dead_letters.send(at, event.key, event.value, reason, stage, unit_id)
         self._dead_letters.confirm()
-        offsets = changed(self._safe_offsets(), self._stored)
+        offsets = changed(self._safe_offsets(), self._stored) if store_offsets else {}
 
         def work(cur: Any) -> None:
             self._store.claim(cur, unit_id, "dead-letter", link_id)
@@ -619,6 +863,49 @@ class Applier:
         self._transact(lambda cur: self._store.acks_sent(cur, delivered))
         for unit_id in delivered:
             self._outbox.pop(unit_id, None)
+
+    def _send_flags(self) -> None:
+        """Publish committed flag changes on the compacted flags topic, then clear them from the outbox."""
+        if not self._flag_outbox:
+            return
+        self._flags_delivered = []
+        for key, source_ts in self._flag_outbox.items():
+            state = self._entities.get(key) or EntityState()
+            value = None
+            if state.flag() != (False, False):
+                record = {
+                    "link_id": key[0],
+                    "key": key[1],
+                    "is_flagged": state.is_flagged,
+                    "is_deprecated": state.is_deprecated,
+                    "process": state.process,
+                    "source_ts_ms": source_ts,
+                    "ts_ms": now_ms(),
+                }
+                value = self._codec.encode(schemas.FIXED["flag"], record)
+            while True:
+                try:
+                    self._p.produce(
+                        self.topics.flags, key=f"{key[0]} {key[1]}", value=value, on_delivery=self._flag_callback(key)
+                    )
+                    break
+                except BufferError:
+                    self._p.poll(0.1)
+        self._p.flush(30)
+        delivered = list(self._flags_delivered)
+        if not delivered:
+            log.warning("Kafka confirmed none of %d flag changes; retrying", len(self._flag_outbox))
+            return
+        self._transact(lambda cur: self._store.flags_sent(cur, delivered))
+        for key in delivered:
+            self._flag_outbox.pop(key, None)
+
+    def _flag_callback(self, key: EntityKey) -> Callable[[KafkaError | None, Message], None]:
+        def delivered(err: KafkaError | None, _msg: Message) -> None:
+            if err is None:
+                self._flags_delivered.append(key)
+
+        return delivered
 
     def _ack_callback(self, unit_id: str) -> Callable[[KafkaError | None, Message], None]:
         def delivered(err: KafkaError | None, _msg: Message) -> None:

@@ -26,11 +26,22 @@ consumer group so several deployments (topic prefixes) can share one server:
   start (the agent's handling of acks is idempotent). Without it a crash in
   that window would lose the ack for good, since the unit is never replayed.
 
+- `entities`: per entity of a link, its helper row as last captured (process,
+  flags) and whether its rows are at the destination: what mirroring and
+  flags are decided on, saved with the unit that changed it. `flag_pending`
+  is the outbox of the flags topic, as `ack_pending` is of acks.
+- `source_positions`: per MariaDB replication domain, the sequence number of
+  the last source transaction applied. Source transactions reach the applier
+  in commit order, so one that is not past it was applied before: a replay
+  is a no-op without one row per source transaction (which, mirrored, would
+  be thousands a second).
+
 Only SQL lives here; transactions are the caller's (every method takes a cursor).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -41,6 +52,7 @@ from typing import Any
 import pymysql
 
 from cdc.snapshot import quote
+from consumers.entity import EntityState
 from djlink.config import ConfigError
 
 STATE_DB_ENV = "DJLINK_APPLIER_STATE_DB"
@@ -132,6 +144,8 @@ class OffsetsStore:
         self.group = group
         self._offsets = f"{quote(database)}.`offsets`"
         self._units = f"{quote(database)}.`applied_units`"
+        self._entities = f"{quote(database)}.`entities`"
+        self._positions = f"{quote(database)}.`source_positions`"
 
     def ensure(self, cur: Any) -> None:
         """Create the database and tables when missing."""
@@ -161,6 +175,33 @@ class OffsetsStore:
             " KEY `by_ack` (`consumer_group`, `ack_pending`)"
             ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"
             " COMMENT 'djlink applier: every finished unit, so none is applied twice; outbox of acks'"
+        )
+        cur.execute(
+            f"CREATE TABLE IF NOT EXISTS {self._entities} ("
+            "`consumer_group` varchar(255) NOT NULL,"
+            " `link_id` varchar(255) NOT NULL,"
+            " `key_hash` binary(20) NOT NULL COMMENT 'SHA-1 of entity_key',"
+            " `entity_key` text NOT NULL COMMENT 'the primary key, canonical JSON (djlink.keys)',"
+            " `process` enum('PULL','DELETE','NONE') NULL COMMENT 'of the helper row; NULL: no helper row',"
+            " `is_flagged` enum('TRUE','FALSE') NOT NULL DEFAULT 'FALSE',"
+            " `is_deprecated` enum('TRUE','FALSE') NOT NULL DEFAULT 'FALSE',"
+            " `at_destination` tinyint(1) NOT NULL DEFAULT 0,"
+            " `flag_pending` tinyint(1) NOT NULL DEFAULT 0 COMMENT '1 while the flags topic lacks the change',"
+            " `updated_at` timestamp(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3),"
+            " PRIMARY KEY (`consumer_group`, `link_id`, `key_hash`),"
+            " KEY `by_flag` (`consumer_group`, `link_id`, `is_flagged`)"
+            ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"
+            " COMMENT 'djlink applier: the sharing state of each entity, as the helper table says'"
+        )
+        cur.execute(
+            f"CREATE TABLE IF NOT EXISTS {self._positions} ("
+            "`consumer_group` varchar(255) NOT NULL,"
+            " `domain_id` int unsigned NOT NULL,"
+            " `seq_no` bigint unsigned NOT NULL COMMENT 'of the last source transaction applied',"
+            " `gtid` varchar(64) NOT NULL,"
+            " PRIMARY KEY (`consumer_group`, `domain_id`)"
+            ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"
+            " COMMENT 'djlink applier: how far the source transactions are applied, per replication domain'"
         )
 
     def load_offsets(self, cur: Any) -> dict[Partition, int]:
@@ -204,6 +245,122 @@ class OffsetsStore:
         found, ack_bytes = cur.fetchone()
         return Finished(found, None if ack_bytes is None else bytes(ack_bytes))
 
+    def finished_among(self, cur: Any, unit_ids: list[str]) -> dict[str, Finished]:
+        """The units of `unit_ids` that finished before, locked until the transaction ends."""
+        found: dict[str, Finished] = {}
+        for start in range(0, len(unit_ids), 1000):
+            chunk = unit_ids[start : start + 1000]
+            cur.execute(
+                f"SELECT `unit_id`, `outcome`, IF(`ack_pending`, `ack`, NULL) FROM {self._units} "
+                f"WHERE `consumer_group`=%s AND `unit_id` IN ({', '.join(['%s'] * len(chunk))}) FOR UPDATE",
+                (self.group, *chunk),
+            )
+            for unit_id, outcome, ack in cur.fetchall():
+                found[unit_id] = Finished(outcome, None if ack is None else bytes(ack))
+        return found
+
+    def claim_many(self, cur: Any, units: list[tuple[str, str | None, bytes | None]]) -> None:
+        """Record (unit id, link id, ack) as applied: units `finished_among` did not find."""
+        if units:
+            cur.executemany(
+                f"INSERT INTO {self._units} (`consumer_group`, `unit_id`, `outcome`, `link_id`, `ack_pending`, `ack`) "
+                "VALUES (%s, %s, 'applied', %s, %s, %s)",
+                [(self.group, unit_id, link_id, int(ack is not None), ack) for unit_id, link_id, ack in units],
+            )
+
+    # -- entities ------------------------------------------------------------------
+
+    def load_entities(self, cur: Any) -> tuple[dict[tuple[str, str], EntityState], set[tuple[str, str]]]:
+        """Every entity's state, and the entities whose flag change the flags topic may lack."""
+        cur.execute(
+            f"SELECT `link_id`, `entity_key`, `process`, `is_flagged`, `is_deprecated`, `at_destination`, "
+            f"`flag_pending` FROM {self._entities} WHERE `consumer_group`=%s",
+            (self.group,),
+        )
+        states: dict[tuple[str, str], EntityState] = {}
+        pending: set[tuple[str, str]] = set()
+        for link_id, key, process, flagged, deprecated, here, flag_pending in cur.fetchall():
+            states[(link_id, key)] = EntityState(process, flagged == "TRUE", deprecated == "TRUE", bool(here))
+            if flag_pending:
+                pending.add((link_id, key))
+        return states, pending
+
+    def save_entities(
+        self, cur: Any, states: Mapping[tuple[str, str], EntityState], flag_changed: Iterable[tuple[str, str]]
+    ) -> None:
+        """Write entity states (forgettable ones deleted unless their flag change is unsent)."""
+        flagged = set(flag_changed)
+        keep = [(k, s) for k, s in states.items() if not s.forgettable() or k in flagged]
+        drop = [k for k, s in states.items() if s.forgettable() and k not in flagged]
+        if keep:
+            cur.executemany(
+                f"INSERT INTO {self._entities} (`consumer_group`, `link_id`, `key_hash`, `entity_key`, `process`, "
+                "`is_flagged`, `is_deprecated`, `at_destination`, `flag_pending`) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON DUPLICATE KEY UPDATE `process`=VALUES(`process`), "
+                "`is_flagged`=VALUES(`is_flagged`), `is_deprecated`=VALUES(`is_deprecated`), "
+                "`at_destination`=VALUES(`at_destination`), `flag_pending`=`flag_pending` OR VALUES(`flag_pending`)",
+                [
+                    (
+                        self.group,
+                        link_id,
+                        key_hash(key),
+                        key,
+                        s.process,
+                        _bool(s.is_flagged),
+                        _bool(s.is_deprecated),
+                        int(s.at_destination),
+                        int((link_id, key) in flagged),
+                    )
+                    for (link_id, key), s in keep
+                ],
+            )
+        self._delete_entities(cur, drop, "")
+
+    def flags_sent(self, cur: Any, entities: Iterable[tuple[str, str]]) -> None:
+        """The flags topic has these entities' changes: clear the outbox, forget entities with nothing left."""
+        done = list(entities)
+        for start in range(0, len(done), 1000):
+            chunk = done[start : start + 1000]
+            cur.execute(
+                f"UPDATE {self._entities} SET `flag_pending`=0 WHERE `consumer_group`=%s AND "
+                f"(`link_id`, `key_hash`) IN ({', '.join(['(%s, %s)'] * len(chunk))})",
+                (self.group, *(v for link_id, key in chunk for v in (link_id, key_hash(key)))),
+            )
+        self._delete_entities(cur, done, " AND `process` IS NULL AND `at_destination`=0")
+
+    def _delete_entities(self, cur: Any, entities: list[tuple[str, str]], condition: str) -> None:
+        for start in range(0, len(entities), 1000):
+            chunk = entities[start : start + 1000]
+            cur.execute(
+                f"DELETE FROM {self._entities} WHERE `consumer_group`=%s AND "
+                f"(`link_id`, `key_hash`) IN ({', '.join(['(%s, %s)'] * len(chunk))}){condition}",
+                (self.group, *(v for link_id, key in chunk for v in (link_id, key_hash(key)))),
+            )
+
+    def flagged(self, cur: Any, link_id: str) -> list[tuple[str, bool]]:
+        """(entity key, deprecated) of every flagged entity of a link, as the applier last saw the helper table."""
+        cur.execute(
+            f"SELECT `entity_key`, `is_deprecated` FROM {self._entities} "
+            "WHERE `consumer_group`=%s AND `link_id`=%s AND `is_flagged`='TRUE' ORDER BY `entity_key`",
+            (self.group, link_id),
+        )
+        return [(key, deprecated == "TRUE") for key, deprecated in cur.fetchall()]
+
+    # -- source positions ------------------------------------------------------------
+
+    def load_positions(self, cur: Any) -> dict[int, int]:
+        """Per replication domain, the sequence number of the last source transaction applied."""
+        cur.execute(f"SELECT `domain_id`, `seq_no` FROM {self._positions} WHERE `consumer_group`=%s", (self.group,))
+        return {int(domain): int(seq) for domain, seq in cur.fetchall()}
+
+    def save_positions(self, cur: Any, gtids: Mapping[int, str]) -> None:
+        if gtids:
+            cur.executemany(
+                f"INSERT INTO {self._positions} (`consumer_group`, `domain_id`, `seq_no`, `gtid`) "
+                "VALUES (%s, %s, %s, %s) ON DUPLICATE KEY UPDATE `seq_no`=VALUES(`seq_no`), `gtid`=VALUES(`gtid`)",
+                [(self.group, d, _seq_no(g), g) for d, g in sorted(gtids.items())],
+            )
+
     def outcome(self, cur: Any, unit_id: str) -> str | None:
         """How a unit finished ('applied', 'dead-letter'), or None when it has not."""
         cur.execute(
@@ -239,3 +396,26 @@ class OffsetsStore:
             (self.group, retention_s, PRUNE_BATCH),
         )
         return int(cur.rowcount)
+
+
+def key_hash(entity_key: str) -> bytes:
+    return hashlib.sha1(entity_key.encode()).digest()
+
+
+def _bool(value: bool) -> str:
+    return "TRUE" if value else "FALSE"
+
+
+def parse_gtid(unit_id: str) -> tuple[int, int] | None:
+    """(domain, sequence number) of a source transaction's unit id `domain-server-seq`; None for snapshot units."""
+    parts = unit_id.split("-")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        return None
+    return int(parts[0]), int(parts[2])
+
+
+def _seq_no(gtid: str) -> int:
+    parsed = parse_gtid(gtid)
+    if parsed is None:
+        raise ValueError(f"not a MariaDB GTID: {gtid!r}")
+    return parsed[1]

@@ -68,6 +68,11 @@ class LinkSpec:
         """(db, table) of the master and its parts, master first."""
         return [(self.source_db, self.source_table), *((self.source_db, p) for p in self.part_tables)]
 
+    @property
+    def helper_collection(self) -> str:
+        """'db.table' of the helper table."""
+        return f"{self.helper_db}.{self.helper_table}"
+
     def captured_tables(self) -> list[tuple[str, str]]:
         """Everything the capture publishes for this link: data tables and the helper table."""
         return [*self.data_tables(), (self.helper_db, self.helper_table)]

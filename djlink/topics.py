@@ -39,6 +39,7 @@ class Topics:
         self.schemas = f"{prefix}.schemas"
         self.dead_letter = f"{prefix}.dead-letter"
         self.capture_offsets = f"{prefix}.capture-offsets"
+        self.flags = f"{prefix}.flags"
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 - a deployment has few Topics objects, and each lives long
     def table(self, db: str, table: str) -> str:
@@ -57,6 +58,7 @@ class Topics:
             self.links: True,
             self.schemas: True,
             self.capture_offsets: True,
+            self.flags: True,
             self.commands: False,
             self.replies: False,
             self.signals: False,

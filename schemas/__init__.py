@@ -37,6 +37,7 @@ _FIXED = [
     "checkpoint",
     "dead_letter",
     "snapshot_progress",
+    "flag",
 ]
 
 

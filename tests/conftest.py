@@ -222,3 +222,21 @@ def open_site(services_env: dict[str, str]) -> Iterator[Site]:
 def site(services_env: dict[str, str]) -> Iterator[Site]:
     with open_site(services_env) as s:
         yield s
+
+
+@pytest.fixture
+def state_db(site: Site) -> Iterator[str]:
+    """The applier's own database on the destination server, one per test."""
+    name = f"{site.tag}_applier"
+    yield name
+    site.stop()  # the applier first: it writes there until it stops
+    conn = admin(site.env, "DEST")
+    with conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+    conn.close()
+
+
+def scalar(conn: Any, sql: str, *args: Any) -> Any:
+    with conn.cursor() as cur:
+        cur.execute(sql, args)
+        return cur.fetchone()[0]

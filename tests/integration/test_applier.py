@@ -7,12 +7,10 @@ import random
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import datajoint as dj
 import numpy as np
-import pytest
 
 import schemas
 from djlink import keys as keycodec
@@ -21,26 +19,8 @@ from djlink.links import LinkSpec
 from djlink.topics import SchemaTopic, Topics, produce, producer, read_to_end
 from link import link
 from link.requests import Requests
-from tests.conftest import Site, admin, wait_for
+from tests.conftest import Site, admin, scalar, wait_for
 from tests.integration.test_pull import declare_source, read_topic, rows
-
-
-@pytest.fixture
-def state_db(site: Site) -> Iterator[str]:
-    """The applier's own database on the destination server, one per test."""
-    name = f"{site.tag}_applier"
-    yield name
-    site.stop()  # the applier first: it writes there until it stops
-    conn = admin(site.env, "DEST")
-    with conn.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
-    conn.close()
-
-
-def scalar(conn: Any, sql: str, *args: Any) -> Any:
-    with conn.cursor() as cur:
-        cur.execute(sql, args)
-        return cur.fetchone()[0]
 
 
 def declare_recordings(site: Site, n: int) -> Any:

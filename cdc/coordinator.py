@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ from cdc.dispatcher import EventDispatcher
 from cdc.events import ChangeUnit
 from cdc.metrics import CaptureMetrics
 from cdc.offsets import Checkpoint, OffsetContext
+from cdc.placement import Held, coordinate, place
 from cdc.schema_history import SchemaHistory
 from cdc.snapshot import SnapshotSource
 from cdc.streaming import BinlogSource, StreamFailed
@@ -59,8 +61,9 @@ class Capture:
         self._history.forget(db)
 
     @staticmethod
-    def _take(units: queue.Queue[Any]) -> tuple[list[ChangeUnit], Checkpoint | None]:
-        """What the binlog source has ready (waiting briefly for the first): units and the checkpoint after them."""
+    def _take(units: queue.Queue[Any]) -> tuple[list[ChangeUnit], Checkpoint | None, bool]:
+        """What the binlog source has ready (waiting briefly for the first): units, the checkpoint after
+        them, and whether that was all it had (not cut short by the batch limits)."""
         batch: list[ChangeUnit] = []
         checkpoint: Checkpoint | None = None
         events = 0
@@ -69,7 +72,7 @@ class Capture:
             try:
                 item = units.get(timeout=timeout) if timeout else units.get_nowait()
             except queue.Empty:
-                break
+                return batch, checkpoint, True
             timeout = None
             if isinstance(item, StreamFailed):
                 raise item.error
@@ -77,7 +80,7 @@ class Capture:
                 batch.append(item)
                 events += len(item.changes)
             checkpoint = item.checkpoint
-        return batch, checkpoint
+        return batch, checkpoint, False
 
     def _initial_snapshot_step(
         self, registry: LinkRegistry, snapshots: SnapshotSource, dispatcher: EventDispatcher
@@ -146,13 +149,14 @@ class Capture:
         committed = signals.committed([tp], timeout=10)[0].offset
         signals.assign([TopicPartition(self.topics.signals, 0, committed if committed >= 0 else OFFSET_BEGINNING)])
         codec = schemas.Codec()
+        held: deque[Held] = deque()  # snapshot chunks read, waiting for their place in the stream
         if on_ready:
             on_ready()
         try:
             while not stop.is_set():
                 if registry.refresh(0):
                     self._capture(registry.links)
-                msg = signals.poll(0)
+                msg = signals.poll(0) if not held else None
                 if msg is not None and msg.error() is None and msg.value():
                     signal = codec.decode(msg.value())
                     link = LinkSpec.from_avro(signal["link"])
@@ -161,19 +165,21 @@ class Capture:
                     # The signal's offset commits with its last chunk: a crash re-reads the whole signal.
                     topic, partition, offset = where(msg)
                     consumed = ([TopicPartition(topic, partition, offset + 1)], signals.consumer_group_metadata())
-                    previous: ChangeUnit | None = None
                     for unit in snapshots.read(link, signal["keys"], signal["request_id"]):
-                        if previous is not None:
-                            dispatcher.publish([previous])
-                            self.metrics.committed([previous], None, False)
-                        previous = unit
-                    dispatcher.publish([previous] if previous else [], consumed=consumed)
-                    self.metrics.committed([previous] if previous else [], None, units.empty())
-                if s.snapshot_mode == "initial" and units.qsize() < 100:  # streaming goes first
+                        held.append(Held(unit, coordinate(unit.position.file, unit.position.pos)))
+                    if held:
+                        held[-1].consumed = consumed
+                    else:  # nothing to read: commit the signal's offsets alone
+                        dispatcher.publish([], consumed=consumed)
+                if s.snapshot_mode == "initial" and not held and units.qsize() < 100:  # streaming goes first
                     self._initial_snapshot_step(registry, snapshots, dispatcher)
-                batch, checkpoint = self._take(units)
-                if batch or checkpoint:
-                    dispatcher.publish(batch, checkpoint)
+                reached = binlog.reached  # before taking: every unit up to here is in the queue
+                batch, checkpoint, drained = self._take(units)
+                released = None
+                if held:
+                    batch, released = place(held, batch, reached, drained)
+                if batch or checkpoint or released:
+                    dispatcher.publish(batch, checkpoint, consumed=released)
                     self.metrics.committed(batch, checkpoint, units.empty())
         finally:
             binlog.stop()

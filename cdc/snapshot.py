@@ -92,7 +92,7 @@ class SnapshotSource:
             cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             cur.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT")
             cur.execute("SHOW STATUS LIKE 'binlog_snapshot_%'")
-            status = {r["Variable_name"]: r["Value"] for r in cur.fetchall()}
+            status = {r["Variable_name"].lower(): r["Value"] for r in cur.fetchall()}  # MariaDB says Binlog_...
             cur.execute("SELECT @@gtid_binlog_pos AS g")
             gtid = cur.fetchone()["g"] or None
             changes: list[RowChange] = []

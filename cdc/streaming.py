@@ -18,18 +18,22 @@ from collections.abc import Callable
 from typing import Any
 
 from pymysqlreplication import BinLogStreamReader
-from pymysqlreplication.event import MariadbGtidEvent, QueryEvent, RotateEvent, XidEvent
+from pymysqlreplication.event import HeartbeatLogEvent, MariadbGtidEvent, QueryEvent, RotateEvent, XidEvent
 from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
 
 import cdc.decoders  # noqa: F401 - corrects the library's TIME(fsp) decoder
 from cdc.events import ChangeUnit, Position, PositionMarker, RowChange
 from cdc.offsets import Checkpoint, format_gtid_position, parse_gtid_position
+from cdc.placement import coordinate
 from cdc.schema_history import shape_from_table_map
 from djlink.config import Database
 from schemas.tables import TableShape
 
 log = logging.getLogger(__name__)
 MARKER_INTERVAL_S = 1.0
+# The server sends a heartbeat with its binlog coordinates after this long without events: how soon a
+# snapshot chunk read while the source is idle is placed in the stream (see cdc.placement).
+HEARTBEAT_S = 0.05
 
 
 class StreamFailed:
@@ -62,6 +66,9 @@ class BinlogSource(threading.Thread):
         self._stopping = threading.Event()
         self._last_marker = time.monotonic()
         self._shapes: dict[int, TableShape] = {}  # by binlog table id
+        # Binlog coordinates up to which every transaction has been handed over (put on the queue or
+        # skipped); written by this thread only, after the put, so a reader who sees it sees the units.
+        self.reached: tuple[int, int] = (-1, 0)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -93,6 +100,7 @@ class BinlogSource(threading.Thread):
             server_id=self._server_id,
             blocking=True,
             resume_stream=True,
+            slave_heartbeat=HEARTBEAT_S,
             is_mariadb=True,
             auto_position=format_gtid_position(self._gtids),
             report_slave=self._report_host,
@@ -100,6 +108,7 @@ class BinlogSource(threading.Thread):
             freeze_schema=True,
             only_events=[
                 MariadbGtidEvent,
+                HeartbeatLogEvent,
                 QueryEvent,
                 XidEvent,
                 RotateEvent,
@@ -113,7 +122,11 @@ class BinlogSource(threading.Thread):
         for ev in stream:
             if self._stopping.is_set():
                 return
-            if isinstance(ev, MariadbGtidEvent):
+            if isinstance(ev, HeartbeatLogEvent):
+                # Sent only when the server has nothing more to send: everything up to here is handed over.
+                if unit is None:
+                    self.reached = coordinate(ev.ident.rstrip("\x00"), ev.packet.log_pos)
+            elif isinstance(ev, MariadbGtidEvent):
                 domain = ev.domain_id
                 unit = ChangeUnit(
                     ev.gtid,
@@ -151,6 +164,7 @@ class BinlogSource(threading.Thread):
     def _commit(self, stream: BinLogStreamReader, unit: ChangeUnit | None, domain: int, end_pos: int) -> None:
         """A source transaction ended: hand it over with the position after it."""
         if unit is None:
+            self.reached = coordinate(stream.log_file, end_pos)
             return
         self._gtids[domain] = unit.id
         position = format_gtid_position(self._gtids)
@@ -164,3 +178,4 @@ class BinlogSource(threading.Thread):
         elif time.monotonic() - self._last_marker > MARKER_INTERVAL_S:
             self._out.put(PositionMarker(checkpoint))
             self._last_marker = time.monotonic()
+        self.reached = coordinate(stream.log_file, end_pos)

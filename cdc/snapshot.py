@@ -96,7 +96,8 @@ class SnapshotSource:
             cur.execute("SELECT @@gtid_binlog_pos AS g")
             gtid = cur.fetchone()["g"] or None
             changes: list[RowChange] = []
-            for db, table in link.data_tables():
+            # The helper rows first, read with the data: the applier acts on the state they were in then.
+            for db, table in [(link.helper_db, link.helper_table), *link.data_tables()]:
                 columns = ", ".join(select_expression(c) for c in self._history.shape(db, table).columns)
                 cur.execute(f"SELECT {columns} FROM {quote(db)}.{quote(table)} WHERE {where}", params)
                 changes.extend(RowChange(db, table, "r", None, row) for row in cur.fetchall())

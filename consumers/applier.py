@@ -75,7 +75,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 import schemas
 from cdc.snapshot import in_clause, quote
-from consumers.entity import EntityState
+from consumers.entity import EntityState, Outcome, decide_process
 from consumers.offsets_store import (
     PRUNE_EVERY_S,
     Finished,
@@ -102,6 +102,7 @@ PROGRESS_EVERY_S = 1.0  # store offsets that moved without applying anything at 
 # Events whose END has not come although an END produced this much later has: their END is lost (strays).
 ORPHAN_AFTER_MS = 30_000
 TRANSACTION_FIELDS = frozenset({"status", "id", "data_collections", "request_id", "link_id"})
+ER_NO_SUCH_TABLE = 1146
 MAX_BATCH_UNITS = 500  # units per destination transaction, at most
 MAX_BATCH_EVENTS = 20_000  # events per destination transaction, at most (a unit is never split)
 UNKNOWN_SCHEMA_TTL_S = 10.0  # a fingerprint the schema topic lacked is not looked up again this soon
@@ -661,56 +662,130 @@ class Applier:
         def state(key: EntityKey) -> EntityState:
             return local.get(key) or self._state(key, overlay)
 
-        pulled: list[str] = []
-        for event in sorted(unit.events.values(), key=lambda e: e.envelope["transaction"]["total_order"]):
-            env = event.envelope
-            before = env["before"] and {k: event.convert[k](v) for k, v in env["before"].items()}
-            after = env["after"] and {k: event.convert[k](v) for k, v in env["after"].items()}
+        events = sorted(unit.events.values(), key=lambda e: e.envelope["transaction"]["total_order"])
+        changes = [(e, self._image(e, "before"), self._image(e, "after")) for e in events]
+        helpers: dict[EntityKey, dict[str, Any] | None] = {}  # a processing unit's helper rows, as read
+        for event, before, after in changes:
             helper_of = self._helper_of.get(event.collection)
             if helper_of is not None:
-                pk = list(helper_of.primary_key)
-                key = (helper_of.link_id, keycodec.encode(after or before, pk))
+                image = after or before
+                assert image is not None
+                key = (helper_of.link_id, keycodec.encode(image, list(helper_of.primary_key)))
                 old = state(key)
                 new = old.with_helper(after)
                 local[key] = new
                 if old.flag() != new.flag():
-                    plan.flags[key] = int(env["source"]["ts_ms"])
+                    plan.flags[key] = int(event.envelope["source"]["ts_ms"])
+                if link is not None:
+                    helpers[key] = after
+        if link is not None:
+            self._plan_processing(plan, link, changes, helpers, local, state)
+        else:
+            self._plan_mirroring(plan, changes, state)
+        plan.states = local
+        if not plan.writes and not plan.states and plan.ack is None:
+            return None
+        return plan
+
+    @staticmethod
+    def _image(event: Event, side: str) -> dict[str, Any] | None:
+        """A row image of an event as PyMySQL parameters (None when the event has none)."""
+        image = event.envelope[side]
+        return None if image is None else {k: event.convert[k](v) for k, v in image.items()}
+
+    def _plan_mirroring(
+        self,
+        plan: Plan,
+        changes: list[tuple[Event, dict[str, Any] | None, dict[str, Any] | None]],
+        state: Callable[[EntityKey], EntityState],
+    ) -> None:
+        """A source transaction: its changes to rows of shared entities, as they happened."""
+        for event, before, after in changes:
+            data_of = self._links_of.get(event.collection)
+            if data_of is None:
                 continue
-            data_of = self._links_of[event.collection]
-            table = event.collection.split(".", 1)[1]
-            target = (data_of.destination_db, destination_name(table))
-            pk = list(data_of.primary_key)
-            key = (data_of.link_id, keycodec.encode(after or before, pk))
-            if link is not None:  # a pull's snapshot read: the agent asked for exactly these entities
-                if after is not None:
-                    plan.write("upsert", target, after)
-                    if table == data_of.source_table:
-                        local[key] = dataclasses.replace(state(key), at_destination=True)
-                        pulled.append(key[1])
+            image = after or before
+            assert image is not None
+            if not state((data_of.link_id, keycodec.encode(image, list(data_of.primary_key)))).mirrored():
                 continue
-            if not state(key).mirrored():
-                continue
+            target = (data_of.destination_db, destination_name(event.collection.split(".", 1)[1]))
             row_key = self._key_columns(event)
             if after is None:
+                assert before is not None
                 plan.write("delete", target, {c: before[c] for c in row_key})
             elif before is not None and any(before[c] != after[c] for c in row_key):
                 # The primary key changed: an UPDATE, so that the parts' foreign keys cascade as at the source.
                 plan.write("rekey", target, {"key": {c: before[c] for c in row_key}, "row": after})
             else:
                 plan.write("upsert", target, after)
-        plan.states = local
-        if link is not None:
-            ack = {
-                "link_id": link.link_id,
-                "unit_id": unit_id,
-                "request_id": unit.end["request_id"] if unit.end else None,
-                "keys": pulled,
-                "ts_ms": now_ms(),
-            }
-            plan.ack = self._codec.encode(schemas.FIXED["ack"], ack)
-        if not plan.writes and not plan.states and plan.ack is None:
-            return None
-        return plan
+
+    def _plan_processing(
+        self,
+        plan: Plan,
+        link: LinkSpec,
+        changes: list[tuple[Event, dict[str, Any] | None, dict[str, Any] | None]],
+        helpers: dict[EntityKey, dict[str, Any] | None],
+        local: dict[EntityKey, EntityState],
+        state: Callable[[EntityKey], EntityState],
+    ) -> None:
+        """A processing unit (a pull's or a delete's snapshot read): each entity as its helper row says."""
+        pk = list(link.primary_key)
+        master = f"{link.source_db}.{link.source_table}"
+        entities = dict.fromkeys(
+            [*helpers, *((link.link_id, keycodec.encode(a, pk)) for e, _, a in changes if e.collection == master and a)]
+        )
+        flagged_pulls = [
+            k for k in entities if (h := helpers.get(k)) and h["process"] == "PULL" and h["is_flagged"] == "TRUE"
+        ]
+        present = self._present(link, [k[1] for k in flagged_pulls]) if flagged_pulls else set()
+        outcomes = {k: decide_process(helpers.get(k), k[1] in present) for k in entities}
+        for event, _, after in changes:
+            data_of = self._links_of.get(event.collection)
+            if data_of is None or after is None:
+                continue
+            key = (link.link_id, keycodec.encode(after, pk))
+            if outcomes.get(key, (Outcome.SKIP, ""))[0] is Outcome.APPLY:
+                plan.write("upsert", (link.destination_db, destination_name(event.collection.split(".", 1)[1])), after)
+        removed = [keycodec.decode(k[1]) for k, (o, _) in outcomes.items() if o is Outcome.REMOVE]
+        for _db, table in reversed(link.data_tables()):  # parts first: they reference the master
+            for key_row in removed:
+                plan.write("delete", (link.destination_db, destination_name(table)), key_row)
+        ack: dict[str, Any] = {"keys": [], "deleted": [], "deprecate": [], "skipped": []}
+        for key, (outcome, reason) in outcomes.items():
+            here = {Outcome.APPLY: True, Outcome.KEEP: True, Outcome.REMOVE: False, Outcome.DEPRECATE: False}
+            if outcome in here:
+                local[key] = dataclasses.replace(local.get(key) or state(key), at_destination=here[outcome])
+            field_of = {Outcome.APPLY: "keys", Outcome.KEEP: "keys", Outcome.REMOVE: "deleted"}
+            if outcome is Outcome.SKIP:
+                ack["skipped"].append(f"{key[1]}: {reason}")
+            else:
+                ack[field_of.get(outcome, "deprecate")].append(key[1])
+        assert plan.unit.end is not None
+        ack.update(link_id=link.link_id, unit_id=plan.unit_id, request_id=plan.unit.end["request_id"], ts_ms=now_ms())
+        plan.ack = self._codec.encode(schemas.FIXED["ack"], ack)
+
+    def _present(self, link: LinkSpec, key_texts: list[str]) -> set[str]:
+        """Which of these entities have their master row at the destination now."""
+        pk = list(link.primary_key)
+        table = f"{quote(link.destination_db)}.{quote(destination_name(link.source_table))}"
+
+        def work(cur: Any) -> set[str]:
+            found: set[str] = set()
+            for start in range(0, len(key_texts), 1000):
+                chunk = [keycodec.decode(k) for k in key_texts[start : start + 1000]]
+                try:
+                    cur.execute(
+                        f"SELECT {', '.join(quote(c) for c in pk)} FROM {table} WHERE {in_clause(pk, len(chunk))}",
+                        [k[c] for k in chunk for c in pk],
+                    )
+                except pymysql.err.ProgrammingError as exc:
+                    if exc.args[0] == ER_NO_SUCH_TABLE:
+                        return found
+                    raise
+                found.update(keycodec.encode(dict(zip(pk, row, strict=True)), pk) for row in cur.fetchall())
+            return found
+
+        return self._transact(work)
 
     def _commit(self, plans: list[Plan], offsets: dict[Partition, int]) -> None:
         """Write the plans, their claims, entity states, source positions and `offsets` in ONE transaction."""

@@ -12,32 +12,94 @@ from enum import Enum
 from typing import Any
 
 
-class PullDecision(Enum):
-    ACTIVATE = "activate"  # Unshared: insert helper row with process PULL
-    RESUME = "resume"  # Activated/Received by an earlier pull: read and apply again (idempotent)
-    SKIP = "skip"  # Shared: nothing to do
-    REFUSE = "refuse"
+class Action(Enum):
+    """What the source agent does to one entity for a request (see decide_pull, decide_delete)."""
+
+    ACTIVATE = "activate"  # insert the helper row (PULL) and have it processed
+    PROCESS = "process"  # have it processed as its helper row says (a snapshot read the applier acts on)
+    REPULL = "repull"  # an interrupted delete of an unflagged entity: back to PULL, then processed
+    MARK_DELETE = "mark-delete"  # helper process DELETE, then processed
+    DONE = "done"  # nothing to do: already where the request leads
+    REFUSE = "refuse"  # nothing done; the reason goes back
+    REFUSE_AND_PROCESS = "refuse-and-process"  # refused, but an interrupted delete is finished meanwhile
 
 
 @dataclass(frozen=True)
 class Decision:
-    action: PullDecision
+    action: Action
     reason: str = ""
 
 
+def _flagged(helper: dict[str, Any]) -> bool:
+    return helper["is_flagged"] == "TRUE"
+
+
 def decide_pull(helper: dict[str, Any] | None) -> Decision:
-    """What a pull request does to one entity, given its helper row (None: no helper row)."""
+    """What a pull request does to one entity, given its helper row (None: no helper row).
+
+    As the seed: an interrupted process is finished first, then the pull.
+    An interrupted delete of an unflagged entity would end Unshared and be
+    pulled again, so it goes straight back to PULL (same end: Shared); of a
+    flagged one, it ends Deprecated, which refuses the pull.
+    """
     if helper is None:
-        return Decision(PullDecision.ACTIVATE)
+        return Decision(Action.ACTIVATE)
     if helper["is_deprecated"] == "TRUE":
-        return Decision(PullDecision.REFUSE, "deprecated at the source")
+        return Decision(Action.REFUSE, "deprecated at the source")
     if helper["process"] == "PULL":
-        return Decision(PullDecision.RESUME)
+        return Decision(Action.PROCESS)
     if helper["process"] == "DELETE":
-        return Decision(PullDecision.REFUSE, "a delete of this entity is in progress")
-    if helper["is_flagged"] == "TRUE":
-        return Decision(PullDecision.REFUSE, "flagged at the source")
-    return Decision(PullDecision.SKIP, "already shared")
+        if _flagged(helper):
+            return Decision(Action.REFUSE_AND_PROCESS, "flagged at the source (its delete is being finished)")
+        return Decision(Action.REPULL)
+    if _flagged(helper):
+        return Decision(Action.REFUSE, "flagged at the source")
+    return Decision(Action.DONE, "already shared")
+
+
+def decide_delete(helper: dict[str, Any] | None) -> Decision:
+    """What a delete request does to one entity, given its helper row (None: no helper row).
+
+    A shared, tainted or activated entity is marked DELETE and processed:
+    its destination rows go, then the helper row (or, flagged, it becomes
+    Deprecated). An interrupted delete is processed again.
+    """
+    if helper is None:
+        return Decision(Action.DONE, "not shared")
+    if helper["is_deprecated"] == "TRUE":
+        return Decision(Action.DONE, "deprecated")
+    if helper["process"] == "DELETE":
+        return Decision(Action.PROCESS)
+    return Decision(Action.MARK_DELETE)
+
+
+class Outcome(Enum):
+    """What the applier does with one entity of a processing unit (see decide_process)."""
+
+    APPLY = "apply"  # write its rows; ack as here
+    KEEP = "keep"  # leave the rows as they are; ack as here (Received -> Tainted)
+    DEPRECATE = "deprecate"  # write nothing; ack for deprecation (Activated and flagged -> Deprecated)
+    REMOVE = "remove"  # delete its rows; ack as deleted (then Unshared, or Deprecated when flagged)
+    SKIP = "skip"  # not approved when read; ack as skipped with the reason
+
+
+def decide_process(helper: dict[str, Any] | None, present: bool) -> tuple[Outcome, str]:
+    """The applier's step of the seed's `process`, on the helper row read with the entity's rows.
+
+    `present`: whether the entity's master row is at the destination (only
+    asked for flagged entities being pulled).
+    """
+    if helper is None:
+        return Outcome.SKIP, "no longer activated at the source"
+    if helper["is_deprecated"] == "TRUE":
+        return Outcome.SKIP, "deprecated at the source"
+    if helper["process"] == "DELETE":
+        return Outcome.REMOVE, ""
+    if helper["process"] == "PULL" and _flagged(helper):
+        return (Outcome.KEEP, "") if present else (Outcome.DEPRECATE, "flagged at the source")
+    if _flagged(helper):
+        return Outcome.KEEP, ""
+    return Outcome.APPLY, ""
 
 
 NEW_HELPER_ROW = {"process": "PULL", "is_flagged": "FALSE", "is_deprecated": "FALSE"}

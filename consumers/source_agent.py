@@ -21,7 +21,7 @@ import pymysql.cursors
 import schemas
 from cdc.schema_history import SchemaHistory, UnknownTable
 from cdc.snapshot import in_clause, quote
-from consumers.entity import NEW_HELPER_ROW, PullDecision, decide_pull
+from consumers.entity import NEW_HELPER_ROW, Action, decide_delete, decide_pull
 from djlink import keys as keycodec
 from djlink.config import Settings
 from djlink.links import LinkRegistry, LinkSpec
@@ -92,7 +92,7 @@ class SourceAgent:
             if cmd["kind"] == "REGISTER":
                 self._reply(rid, "ACCEPTED", message=f"link {link.link_id} registered")
             else:
-                self._pull(rid, link, cmd["keys"])
+                self._request(rid, link, cmd["kind"], cmd["keys"])
         except Refused as exc:
             self._db.rollback()
             self._reply(rid, "REFUSED", message=str(exc))
@@ -164,41 +164,48 @@ class SourceAgent:
                     result[keycodec.encode(row, pk)] = row
         return result
 
-    def _pull(self, rid: str, link: LinkSpec, key_texts: list[str]) -> None:
+    def _request(self, rid: str, link: LinkSpec, kind: str, key_texts: list[str]) -> None:
+        """A pull or a delete: move each entity's helper row as the seed would, then have them processed.
+
+        Processing is a snapshot read of the entities' rows AND helper rows
+        in one consistent read; the applier acts on the helper row it finds
+        there (consumers.entity.decide_process) and acknowledges.
+        """
         pk = list(link.primary_key)
-        key_texts = [keycodec.encode(keycodec.decode(k), pk) for k in key_texts]
+        key_texts = list(dict.fromkeys(keycodec.encode(keycodec.decode(k), pk) for k in key_texts))
         helpers = self._helper_rows(link, key_texts)
-        to_insert: list[str] = []
-        to_read: list[str] = []
-        skipped: list[str] = []
+        decide = decide_pull if kind == "PULL" else decide_delete
+        moves: dict[Action, list[str]] = {action: [] for action in Action}
         refused: list[str] = []
         for k in key_texts:
-            decision = decide_pull(helpers.get(k))
-            if decision.action is PullDecision.ACTIVATE:
-                to_insert.append(k)
-                to_read.append(k)
-            elif decision.action is PullDecision.RESUME:
-                to_read.append(k)
-            elif decision.action is PullDecision.SKIP:
-                skipped.append(k)
-            else:
+            decision = decide(helpers.get(k))
+            moves[decision.action].append(k)
+            if decision.action in (Action.REFUSE, Action.REFUSE_AND_PROCESS):
                 refused.append(f"{k}: {decision.reason}")
-        if to_insert:
+        if moves[Action.ACTIVATE]:
             cols = pk + list(HELPER_COLUMNS)
             sql = (
-                f"INSERT INTO {quote(link.helper_db)}.{quote(link.helper_table)} "
+                f"INSERT INTO {self._helper(link)} "
                 f"({', '.join(quote(c) for c in cols)}) VALUES ({', '.join(['%s'] * len(cols))})"
             )
             rows = [
-                [keycodec.decode(k)[c] for c in pk] + [NEW_HELPER_ROW[c] for c in HELPER_COLUMNS] for k in to_insert
+                [keycodec.decode(k)[c] for c in pk] + [NEW_HELPER_ROW[c] for c in HELPER_COLUMNS]
+                for k in moves[Action.ACTIVATE]
             ]
             with self._db.cursor() as cur:
                 try:
                     cur.executemany(sql, rows)
                 except pymysql.err.IntegrityError as exc:
                     raise Refused(f"cannot activate entities of {link.link_id}: {exc.args[-1]}") from exc
+        self._set_process(link, moves[Action.REPULL], "PULL")
+        self._set_process(link, moves[Action.MARK_DELETE], "DELETE")
         self._db.commit()
-        self._reply(rid, "ACCEPTED", activated=len(to_read), skipped=len(skipped), refused=refused, done=skipped)
+        waited = [
+            k for action in (Action.ACTIVATE, Action.PROCESS, Action.REPULL, Action.MARK_DELETE) for k in moves[action]
+        ]
+        done = moves[Action.DONE]
+        self._reply(rid, "ACCEPTED", activated=len(waited), skipped=len(done), refused=refused, done=done)
+        to_read = waited + moves[Action.REFUSE_AND_PROCESS]
         if to_read:
             signal = {
                 "signal_id": rid,
@@ -210,23 +217,45 @@ class SourceAgent:
             }
             produce(self._p, self.topics.signals, link.link_id, self._codec.encode(schemas.FIXED["signal"], signal))
 
+    @staticmethod
+    def _helper(link: LinkSpec) -> str:
+        return f"{quote(link.helper_db)}.{quote(link.helper_table)}"
+
+    def _set_process(self, link: LinkSpec, key_texts: list[str], process: str) -> None:
+        self._update(link, key_texts, f"UPDATE {self._helper(link)} SET `process`=%s WHERE", [process])
+
+    def _update(self, link: LinkSpec, key_texts: Sequence[str], head: str, params: list[Any], where: str = "") -> None:
+        """`head` (ending in WHERE) for the entities `key_texts`, 1,000 at a time; `where` narrows it."""
+        pk = list(link.primary_key)
+        with self._db.cursor() as cur:
+            for start in range(0, len(key_texts), 1000):
+                chunk = [keycodec.decode(k) for k in key_texts[start : start + 1000]]
+                cur.execute(f"{head} {in_clause(pk, len(chunk))}{where}", [*params, *(k[c] for k in chunk for c in pk)])
+
     # -- acknowledgements ----------------------------------------------------
 
     def _ack(self, ack: dict[str, Any]) -> None:
+        """Finish what the applier did, each step only from the state it expects (so a repeated ack is harmless).
+
+        Pulled or kept: PULL -> NONE (Shared, or Tainted when flagged).
+        Flagged before arriving: PULL -> NONE, deprecated (Deprecated).
+        Deleted at the destination: DELETE -> helper row gone (Unshared), or,
+        flagged, -> NONE, deprecated (Deprecated).
+        """
         self._registry.refresh(0)
         link = self._registry.links.get(ack["link_id"])
         if link is None:
             self._registry.catch_up()
             link = self._registry.links[ack["link_id"]]
-        pk = list(link.primary_key)
-        chunk = [keycodec.decode(k) for k in ack["keys"]]
-        if chunk:
-            with self._db.cursor() as cur:
-                cur.execute(
-                    f"UPDATE {quote(link.helper_db)}.{quote(link.helper_table)} SET `process`='NONE' "
-                    f"WHERE `process`='PULL' AND {in_clause(pk, len(chunk))}",
-                    [k[c] for k in chunk for c in pk],
-                )
-            self._db.commit()
+        table = self._helper(link)
+        deprecated = f"UPDATE {table} SET `process`='NONE', `is_deprecated`='TRUE' WHERE"
+        self._update(link, ack["keys"], f"UPDATE {table} SET `process`='NONE' WHERE `process`='PULL' AND", [])
+        self._update(link, ack.get("deprecate") or [], deprecated, [], " AND `process`='PULL' AND `is_flagged`='TRUE'")
+        deleted = ack.get("deleted") or []
+        self._update(link, deleted, deprecated, [], " AND `process`='DELETE' AND `is_flagged`='TRUE'")
+        self._update(link, deleted, f"DELETE FROM {table} WHERE", [], " AND `process`='DELETE'")
+        self._db.commit()
         if ack["request_id"]:
-            self._reply(ack["request_id"], "PROGRESS", done=ack["keys"])
+            refused = [f"{k}: flagged at the source; now deprecated" for k in ack.get("deprecate") or []]
+            refused += ack.get("skipped") or []
+            self._reply(ack["request_id"], "PROGRESS", done=[*ack["keys"], *deleted], refused=refused)

@@ -45,6 +45,24 @@ class PullSummary:
         return text + (f": {self.message}" if self.message else "")
 
 
+@dataclass
+class DeleteSummary:
+    """What a delete did at the source site, entity by entity."""
+
+    requested: int = 0
+    deleted: int = 0  # destination rows gone, helper row gone (or deprecated, when flagged)
+    skipped: int = 0  # not shared (or already deprecated): nothing to do
+    refused: list[str] = field(default_factory=list)
+    in_flight: list[str] = field(default_factory=list)
+    message: str = ""
+
+    def __str__(self) -> str:
+        text = f"{self.deleted} deleted, {self.skipped} not shared, {len(self.refused)} refused"
+        if self.in_flight:
+            text += f", {len(self.in_flight)} still in flight (they complete in the background; delete again to wait)"
+        return text + (f": {self.message}" if self.message else "")
+
+
 def _sql_name(helper_table: str) -> str:
     """The helper table as given in the README (snake_case) or as a class name (CamelCase)."""
     return dj.utils.from_camel_case(helper_table) if any(ch.isupper() for ch in helper_table) else helper_table
@@ -127,31 +145,64 @@ class _Link:
             summary.message = "the restriction matches no source rows; nothing to pull"
             print(summary.message)
             return summary
-        texts = [keycodec.encode(k) for k in keys]
+        self._request("PULL", spec, keys, display_progress, timeout, summary)
+        return summary
+
+    def delete(
+        self, spec: LinkSpec, keys: list[dict[str, Any]], display_progress: bool, timeout: float | None
+    ) -> DeleteSummary:
+        """Delete entities at the destination through the source site: returns once the agent recorded it."""
+        summary = DeleteSummary(requested=len(keys))
+        if not keys:
+            summary.message = "the restriction matches no rows; nothing to delete"
+            return summary
+        self._request("DELETE", spec, keys, display_progress, timeout, summary)
+        return summary
+
+    def _request(
+        self,
+        kind: str,
+        spec: LinkSpec,
+        keys: list[dict[str, Any]],
+        display_progress: bool,
+        timeout: float | None,
+        summary: PullSummary | DeleteSummary,
+    ) -> None:
+        """Send a pull or delete and follow its replies until every entity is done, refused or the time is up."""
+        texts = list(dict.fromkeys(keycodec.encode(k) for k in keys))
         waiting: set[str] = set()
-        bar = tqdm(total=len(texts), desc="pull", unit="entity", disable=not display_progress)
+        done_count = 0
+        bar = tqdm(total=len(texts), desc=kind.lower(), unit="entity", disable=not display_progress)
         try:
-            for reply in self.requests.ask("PULL", spec, texts, timeout or self.settings.timeout_s):
+            for reply in self.requests.ask(kind, spec, texts, timeout or self.settings.timeout_s):
                 if reply["status"] == "REFUSED":
-                    raise LinkError(f"the source site refused the pull: {reply['message']}")
+                    raise LinkError(f"the source site refused the {kind.lower()}: {reply['message']}")
+                refused = list(reply["refused"])
+                refused_keys = {r.split(": ", 1)[0] for r in refused}
                 if reply["status"] == "ACCEPTED":
-                    summary.refused = list(reply["refused"])
+                    summary.refused = refused
                     summary.skipped = len(reply["done"])
-                    waiting = set(texts) - set(reply["done"]) - {r.split(": ", 1)[0] for r in summary.refused}
+                    waiting = set(texts) - set(reply["done"]) - refused_keys
                     bar.update(len(texts) - len(waiting))
                 else:
                     done = waiting.intersection(reply["done"])
-                    waiting -= done
-                    summary.pulled += len(done)
-                    bar.update(len(done))
+                    late = [r for r in refused if r.split(": ", 1)[0] in waiting]
+                    waiting -= done | refused_keys
+                    summary.refused += late
+                    done_count += len(done)
+                    bar.update(len(done) + len(late))
                 if not waiting:
-                    return summary
-            summary.in_flight = sorted(waiting) if waiting else texts
-            if not waiting:
-                summary.message = "no answer from the source site's agent (is `djlink run` running there?)"
+                    break
+            else:
+                summary.in_flight = sorted(waiting) if waiting else texts
+                if not waiting:
+                    summary.message = "no answer from the source site's agent (is `djlink run` running there?)"
         finally:
             bar.close()
-        return summary
+        if isinstance(summary, PullSummary):
+            summary.pulled = done_count
+        else:
+            summary.deleted = done_count
 
 
 def _parts_of(table_class: type) -> dict[str, Any]:

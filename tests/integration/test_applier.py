@@ -264,7 +264,7 @@ def poison_and_refusal(site: Site, state_db: str, app_user: str, app_pass: str) 
     def dead_letters() -> list[dict[str, Any]]:
         return read_topic(site, topics.dead_letter)
 
-    wait_for(lambda: len(dead_letters()) >= 9, 60, "9 dead letters")
+    wait_for(lambda: len(dead_letters()) >= 10, 60, "10 dead letters")
     # Nothing of entity 3 arrived, not even its master row; it stays Activated (process PULL), a legal state.
     assert rows(site, "DEST", site.dest_schema, "recording", "recording_id") == [
         rows(site, "SOURCE", site.source_schema, "recording", "recording_id")[0]
@@ -284,7 +284,7 @@ def poison_and_refusal(site: Site, state_db: str, app_user: str, app_pass: str) 
         assert rows(site, "DEST", site.dest_schema, table, order) == source
     assert [r[1] for r in rows(site, "SOURCE", site.helper_schema, "outbound", "recording_id")] == ["NONE"] * 3
 
-    # Each poison message once, with its original bytes and the reason; then the four events of the refused unit.
+    # Each poison message once, with its original bytes and the reason; then the five events of the refused unit.
     letters = dead_letters()
     decode = [d for d in letters if d["stage"] == "decode"]
     assert sorted(d["key"] for d in decode) == sorted(poison)
@@ -296,11 +296,12 @@ def poison_and_refusal(site: Site, state_db: str, app_user: str, app_pass: str) 
     for d in decode:
         assert raw[(d["topic"], d["offset"])] == (d["key"], d["value"])
     refused = [d for d in letters if d["stage"] == "apply"]
-    assert len(refused) == 4  # master + 3 channels; nothing for entities 1 and 2, nor for the second try of 3
+    assert len(refused) == 5  # helper row, master, 3 channels; nothing for entities 1 and 2, nor for the retry of 3
     assert len({d["unit_id"] for d in refused}) == 1
     assert all("(1146)" in d["reason"] for d in refused), refused[0]["reason"]
     events = [codec.decode(d["value"]) for d in refused]  # the original bytes, decoded with Kafka alone
     assert sorted((e["source"]["table"], e["after"]["recording_id"]) for e in events) == [
+        ("outbound", 3),
         ("recording", 3),
         ("recording__channel", 3),
         ("recording__channel", 3),
@@ -310,7 +311,7 @@ def poison_and_refusal(site: Site, state_db: str, app_user: str, app_pass: str) 
     (lost,) = [d for d in letters if d["stage"] == "gather"]
     assert (lost["key"], lost["value"], lost["unit_id"]) == (b"stray", stray_value, stray["transaction"]["id"])
     assert "is not on the transaction topic" in lost["reason"]
-    assert len(letters) == 9
+    assert len(letters) == 10
     with dest.cursor() as cur:
         cur.execute(f"SELECT outcome FROM `{state_db}`.applied_units WHERE unit_id=%s", (refused[0]["unit_id"],))
         assert cur.fetchone() == ("dead-letter",)

@@ -105,11 +105,14 @@ def test_pull_through_kafka_leaves_exactly_the_requested_entities(site: Site) ->
     assert sorted((e["after"]["recording_id"], e["after"]["channel"]) for e in part_events if e["op"] == "r") == [
         (i, c) for i in (1, 2) for c in range(3)
     ]
-    # The master row and its parts are one unit (one snapshot chunk), so they were applied together.
+    # The master row and its parts are one unit (one snapshot chunk, read with the helper rows it was
+    # decided on), so they were applied together.
     units = {e["transaction"]["id"] for e in master_events + part_events if e["op"] == "r"}
     assert len(units) == 1
     ends = [t for t in read_topic(site, topics.transaction) if t["id"] in units]
-    assert [(t["status"], t["event_count"]) for t in ends] == [("END", 8)]
+    assert [(t["status"], t["event_count"]) for t in ends] == [("END", 2 + 2 + 6)]
+    helper_reads = [e for e in read_topic(site, topics.table(site.helper_schema, "outbound")) if e["op"] == "r"]
+    assert [(e["after"]["process"], e["transaction"]["id"] in units) for e in helper_reads] == [("PULL", True)] * 2
 
     # Pulling again: already shared, nothing duplicated.
     again = (Recording().source & {"recording_id": 1}).pull()

@@ -8,7 +8,6 @@ from decimal import Decimal
 import pytest
 
 import schemas
-from consumers.entity import PullDecision, decide_pull
 from djlink import keys as keycodec
 from djlink.config import Settings
 from djlink.links import LinkSpec, destination_name
@@ -166,18 +165,3 @@ def test_allow_list_is_the_source_sites_patterns() -> None:
     settings = Settings.from_env({"DJLINK_ALLOWED_SCHEMAS": "lab_*, shared"})
     assert settings.schema_allowed("lab_ephys") and settings.schema_allowed("shared")
     assert not settings.schema_allowed("private") and not Settings.from_env({}).schema_allowed("lab")
-
-
-@pytest.mark.parametrize(
-    ("helper", "action"),
-    [
-        (None, PullDecision.ACTIVATE),
-        ({"process": "PULL", "is_flagged": "FALSE", "is_deprecated": "FALSE"}, PullDecision.RESUME),
-        ({"process": "NONE", "is_flagged": "FALSE", "is_deprecated": "FALSE"}, PullDecision.SKIP),
-        ({"process": "NONE", "is_flagged": "TRUE", "is_deprecated": "FALSE"}, PullDecision.REFUSE),
-        ({"process": "NONE", "is_flagged": "TRUE", "is_deprecated": "TRUE"}, PullDecision.REFUSE),
-        ({"process": "DELETE", "is_flagged": "FALSE", "is_deprecated": "FALSE"}, PullDecision.REFUSE),
-    ],
-)
-def test_pull_decisions(helper: dict[str, str] | None, action: PullDecision) -> None:
-    assert decide_pull(helper).action is action

@@ -261,6 +261,7 @@ def link(
         source_view = type(source_class.__name__, (source_class,), {"pull": pull, "__module__": __name__})
         destination = _destination_class(cls.__name__, cls.__doc__, source_class)
         destination.source = property(lambda self: source_view())  # type: ignore[attr-defined]
+        destination._djlink = (state, spec)  # type: ignore[attr-defined]  # the link behind the class
         dj.Schema(destination_schema)(destination)
         return destination
 

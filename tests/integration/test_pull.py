@@ -16,8 +16,8 @@ from link import LinkError, link
 from tests.conftest import Site, admin
 
 
-def declare_source(site: Site) -> Any:
-    """A master with a longblob and a part table, rows 1..3, declared while the pipeline runs."""
+def declare_source(site: Site, n: int = 3) -> Any:
+    """A master with a longblob and a part table, rows 1..n, declared while the pipeline runs."""
     schema = dj.Schema(site.source_schema, connection=site.source_dj())
 
     @schema
@@ -38,7 +38,7 @@ def declare_source(site: Site) -> Any:
             label = null : varchar(16)
             """
 
-    for i in (1, 2, 3):
+    for i in range(1, n + 1):
         Recording.insert1({"recording_id": i, "subject": f"mouse-{i} 🐭", "trace": np.random.rand(100 * i)})
         Recording.Channel.insert({"recording_id": i, "channel": c, "gain": 0.25 * c, "label": None} for c in range(3))
     return Recording

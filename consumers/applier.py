@@ -19,13 +19,12 @@ makes a replay (offsets restored from an old backup, a COMMIT whose
 connection dropped and is retried) skip a unit instead of applying it twice.
 Units the applier does not apply (streamed source transactions, helper-table
 changes) move the stored offsets on in a small transaction of their own, at
-most once a second. On start and on every partition assignment (`on_assign`)
-the consumer seeks to the stored offsets; Kafka's committed offsets are also
-written, for lag monitoring only, and count only where nothing is stored.
-The consumer is a static group member (`group.instance.id` = its group: one
-applier per deployment, since a unit's events span several topics and one
-consumer must read them all), so a restarted applier gets its partitions
-back at once instead of after the dead one's 45 s session timeout.
+most once a second. The applier assigns itself every partition of the topics
+it follows (no group rebalancing: a unit's events span several topics and
+one consumer must read them all) and starts each at its stored offset;
+Kafka's committed offsets are also written, for lag monitoring only. One
+applier per deployment: a second one finds the lock the first holds in the
+destination server (`GET_LOCK`) and stops with a clear error.
 
 Dead letters. A message that cannot be decoded goes to `<prefix>.dead-letter`
 on its own (stage 'decode'); a unit the destination refuses (missing table or
@@ -53,7 +52,7 @@ a record while flagged or deprecated, a tombstone once neither.
 
 Order and batches. Units are applied strictly in the order the capture
 produced them (their ENDs' order), many per destination transaction (at most
-MAX_BATCH_UNITS units, MAX_BATCH_EVENTS events), with one multi-row statement
+DJLINK_APPLIER_BATCH_UNITS units, MAX_BATCH_EVENTS events), with one multi-row statement
 per run of rows of one table. A source transaction read again is recognised
 by its GTID (`source_positions`: the last sequence number applied per
 replication domain), a snapshot unit by its id (`applied_units`).
@@ -65,13 +64,14 @@ import dataclasses
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
 import pymysql
-from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition
 
 import schemas
 from cdc.snapshot import in_clause, quote
@@ -90,7 +90,7 @@ from consumers.offsets_store import (
     state_db_name,
 )
 from djlink import keys as keycodec
-from djlink.config import Settings
+from djlink.config import ConfigError, Settings
 from djlink.links import LinkRegistry, LinkSpec, destination_name
 from djlink.topics import Admin, SchemaTopic, Topics, consumer, now_ms, producer, where
 from schemas.tables import sql_converters
@@ -103,7 +103,7 @@ PROGRESS_EVERY_S = 1.0  # store offsets that moved without applying anything at 
 ORPHAN_AFTER_MS = 30_000
 TRANSACTION_FIELDS = frozenset({"status", "id", "data_collections", "request_id", "link_id"})
 ER_NO_SUCH_TABLE = 1146
-MAX_BATCH_UNITS = 500  # units per destination transaction, at most
+WAITING_WARN_S = 5.0  # warn when the next unit in order has been incomplete this long
 MAX_BATCH_EVENTS = 20_000  # events per destination transaction, at most (a unit is never split)
 UNKNOWN_SCHEMA_TTL_S = 10.0  # a fingerprint the schema topic lacked is not looked up again this soon
 # Errors of the connection or of concurrency, not of the unit: reconnect and retry, never dead-letter.
@@ -303,10 +303,13 @@ class Applier:
         self._positions: dict[int, int] = {}  # replication domain -> seq no of the last source transaction applied
         self._flag_outbox: dict[EntityKey, int] = {}  # flag changes committed, not yet on the flags topic
         self._flags_delivered: list[EntityKey] = []
+        self._waiting_for: tuple[str, float, bool] | None = None  # unit id, since, warned
         self._key_columns_of: dict[bytes, list[str]] = {}  # key schema fingerprint -> primary key columns
         self._captured: set[str] = set()  # 'db.table' of every table the capture publishes for our links
         self._links: dict[str, LinkSpec] = {}
-        self._subscribed: list[str] = []
+        self._subscribed: list[str] = []  # topics whose partitions are assigned
+        self._wanted: list[str] = []
+        self._retry_assign_at = 0.0
         self._assigned: set[Partition] = set()
         self._converters: dict[bytes, dict[str, Any]] = {}
         self._consumed: dict[Partition, int] = {}
@@ -388,33 +391,49 @@ class Applier:
         return [self.topics.transaction, *sorted(self._by_topic)]
 
     def _subscribe(self, links: dict[str, LinkSpec]) -> None:
-        wanted = self._follow(links)
-        if wanted != self._subscribed:
-            self._c.subscribe(wanted, on_assign=self._on_assign, on_revoke=self._on_revoke)
-            self._subscribed = wanted
+        """Follow the topics of `links`: assign every partition of each topic not assigned yet.
 
-    def _on_assign(self, c: Any, partitions: list[TopicPartition]) -> None:
-        """Start every assigned partition at its stored offset; gather every unit afresh from there."""
-        self._stored = self._transact(self._store.load_offsets)
-        self._pending.clear()
-        self._finished.clear()
-        self._consumed.clear()
-        self._assigned = set()
-        for tp in partitions:
-            at = (tp.topic, tp.partition)
-            self._assigned.add(at)
-            if at in self._stored:
-                tp.offset = self._stored[at]
-                self._consumed[at] = self._stored[at]
-        c.assign(partitions)
-        log.info("applier assigned %d partitions, %d at stored offsets", len(partitions), len(self._consumed))
+        Partitions are assigned by hand, not by the consumer group: there is
+        one applier per deployment (`_fence`), its offsets live in the
+        destination database, and a group would only add rebalances (with
+        a static member, a restart after the subscription grew even kept the
+        old, smaller assignment). A new partition starts at its stored offset,
+        or at the beginning.
+        """
+        self._wanted = wanted = self._follow(links)
+        missing = [t for t in wanted if t not in self._subscribed]
+        if not missing:
+            return
+        topics = self._c.list_topics(timeout=10).topics
+        partitions = []
+        for topic in missing:
+            meta = topics.get(topic)
+            if meta is None or meta.error is not None or not meta.partitions:
+                self._retry_assign_at = time.monotonic() + 1.0  # not created yet: try again in a second
+                continue
+            for number in sorted(meta.partitions):
+                at = (topic, number)
+                offset = self._stored.get(at, OFFSET_BEGINNING)
+                partitions.append(TopicPartition(topic, number, offset))
+                self._assigned.add(at)
+                if at in self._stored:
+                    self._consumed[at] = self._stored[at]
+            self._subscribed.append(topic)
+        if partitions:
+            self._c.incremental_assign(partitions)
+            log.info("applier follows %d more partitions (%d topics in all)", len(partitions), len(self._subscribed))
 
-    def _on_revoke(self, c: Any, partitions: list[TopicPartition]) -> None:
-        try:
-            self._store_progress(force=True)
-        except Exception as exc:  # harmless: the next assignment re-reads from older offsets
-            log.warning("could not store offsets on revocation: %s", describe(exc))
-        self._assigned = set()
+    def _fence(self) -> None:
+        """Hold a lock in the destination that a second applier of this deployment cannot take."""
+        self._lock_conn = self._connect()
+        with self._lock_conn.cursor() as cur:
+            cur.execute("SELECT GET_LOCK(%s, 0)", (f"djlink-applier:{self.group}"[:64],))
+            (got,) = cur.fetchone()
+        if got != 1:
+            raise ConfigError(
+                f"another applier of deployment '{self.topics.prefix}' is running against this destination "
+                "(it holds the lock); run one applier per topic prefix"
+            )
 
     # -- the loop ----------------------------------------------------------------
 
@@ -425,6 +444,7 @@ class Applier:
         registry = LinkRegistry(s, self.topics)
         registry.catch_up()
         self._db = self._connect()
+        self._fence()
         self._transact(self._store.ensure)
         self._p = producer(s)
         self._schema_topic.publish_fixed(self._p)
@@ -438,13 +458,15 @@ class Applier:
         self._flag_outbox = {key: 0 for key in unsent_flags}
         self._send_acks()
         self._send_flags()
-        self._c = consumer(s, self.group, **{"group.instance.id": self.group})
+        self._stored = self._transact(self._store.load_offsets)
+        self._c = consumer(s, self.group)
         self._subscribe(registry.links)
         if on_ready:
             on_ready()
         try:
             while not stop.is_set():
-                if registry.refresh(0):
+                late = len(self._subscribed) < len(self._wanted) and time.monotonic() > self._retry_assign_at
+                if registry.refresh(0) or late:
                     self._subscribe(registry.links)
                 for msg in self._c.consume(500, 0.05):
                     if msg.error() is None and self._route(msg, registry):
@@ -465,6 +487,7 @@ class Applier:
             registry.close()
             self._p.flush(10)
             self._db.close()
+            self._lock_conn.close()
 
     def _route(self, msg: Message, registry: LinkRegistry) -> bool:
         """Take one message into its unit; True when it taught us of new links (resubscribe)."""
@@ -573,6 +596,7 @@ class Applier:
             assert unit.end is not None
             if not unit.complete(self._tracked):
                 if self._latest_end_ms - unit.end_ts_ms <= ORPHAN_AFTER_MS:
+                    self._note_waiting(unit_id, unit)
                     break
                 self._apply_batch(batch, registry)
                 batch, rows = [], 0
@@ -584,10 +608,25 @@ class Applier:
             if any(dc["data_collection"] in self._tracked for dc in unit.end["data_collections"] or []):
                 batch.append((unit_id, unit))
                 rows += len(unit.events)
-            if len(batch) >= MAX_BATCH_UNITS or rows >= MAX_BATCH_EVENTS:
+            if len(batch) >= self.settings.applier_batch_units or rows >= MAX_BATCH_EVENTS:
                 self._apply_batch(batch, registry)
                 batch, rows = [], 0
         self._apply_batch(batch, registry)
+
+    def _note_waiting(self, unit_id: str, unit: PendingUnit) -> None:
+        """Say so (once) when the unit every later one waits for has been incomplete for a while."""
+        if self._waiting_for is None or self._waiting_for[0] != unit_id:
+            self._waiting_for = (unit_id, time.monotonic(), False)
+        elif not self._waiting_for[2] and time.monotonic() - self._waiting_for[1] > WAITING_WARN_S:
+            assert unit.end is not None
+            have = Counter(e.collection for e in unit.events.values())
+            missing = {
+                dc["data_collection"]: f"{have[dc['data_collection']]}/{dc['event_count']}"
+                for dc in unit.end["data_collections"] or []
+                if dc["data_collection"] in self._tracked and have[dc["data_collection"]] < dc["event_count"]
+            }
+            log.warning("unit %s has waited %.0f s for events (have/expected: %s)", unit_id, WAITING_WARN_S, missing)
+            self._waiting_for = (unit_id, self._waiting_for[1], True)
 
     def _apply_batch(self, batch: list[tuple[str, PendingUnit]], registry: LinkRegistry) -> None:
         """Plan the units against the entity states, then commit them in one transaction.

@@ -9,6 +9,7 @@ request on the replies topic.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -17,6 +18,7 @@ from typing import Any
 
 import pymysql
 import pymysql.cursors
+from confluent_kafka import KafkaException, Message, TopicPartition
 
 import schemas
 from cdc.schema_history import SchemaHistory, UnknownTable
@@ -25,7 +27,7 @@ from consumers.entity import NEW_HELPER_ROW, Action, decide_delete, decide_pull
 from djlink import keys as keycodec
 from djlink.config import Settings
 from djlink.links import LinkRegistry, LinkSpec
-from djlink.topics import Admin, SchemaTopic, Topics, consumer, now_ms, produce, producer
+from djlink.topics import Admin, SchemaTopic, Topics, consumer, now_ms, produce, producer, where
 
 log = logging.getLogger(__name__)
 HELPER_COLUMNS = ("process", "is_flagged", "is_deprecated")
@@ -52,30 +54,67 @@ class SourceAgent:
         self._registry = LinkRegistry(s, self.topics)
         self._registry.catch_up()
         self._db = self._connect(cursorclass=pymysql.cursors.DictCursor, autocommit=False)
-        self._p = producer(s)
+        # Transactional: what a message makes the agent say (replies, snapshot signals, links) commits
+        # with the message's offset, so a crash at any point neither loses it nor says it twice. The
+        # helper table is written first; handling a message again finds it moved and does nothing twice.
+        self._p = producer(s, transactional_id=f"{self.topics.prefix}-agent")
+        self._p.init_transactions(60)  # fences a predecessor still running, aborts its open transaction
+        self._p.begin_transaction()
         SchemaTopic(s, self.topics).publish_fixed(self._p)
-        c = consumer(s, f"{self.topics.prefix}-agent")
+        self._p.commit_transaction(30)
+        # A static member (one agent per deployment): a restarted agent gets its partitions back at once
+        # instead of after the dead one's session timeout.
+        group = f"{self.topics.prefix}-agent"
+        c = consumer(s, group, **{"group.instance.id": group})
         c.subscribe([self.topics.commands, self.topics.acks])
         if on_ready:
             on_ready()
         try:
             while not stop.is_set():
                 msg = c.poll(0.1)
-                if msg is None or msg.error() is not None or msg.value() is None:
+                if msg is None or msg.error() is not None:
                     continue
-                record = self._codec.decode(msg.value())
-                self._db.ping(reconnect=True)
-                if msg.topic() == self.topics.acks:
-                    self._ack(record)
-                else:
-                    self._command(record)
-                self._p.flush(30)
-                c.commit(message=msg, asynchronous=False)
+                self._p.begin_transaction()
+                try:
+                    if msg.value() is not None:
+                        self._handle(msg)
+                    topic, partition, offset = where(msg)
+                    at = TopicPartition(topic, partition, offset + 1)
+                    self._p.send_offsets_to_transaction([at], c.consumer_group_metadata(), 30)
+                    self._p.commit_transaction(30)
+                except BaseException:
+                    with contextlib.suppress(KafkaException):
+                        self._p.abort_transaction(10)
+                    raise
         finally:
             c.close()
             self._registry.close()
             self._db.close()
-            self._p.flush(10)
+
+    def _handle(self, msg: Message) -> None:
+        try:
+            record = self._codec.decode(msg.value() or b"")
+        except schemas.DecodeError as exc:
+            topic, partition, offset = where(msg)
+            dead = {
+                "topic": topic,
+                "partition": partition,
+                "offset": offset,
+                "key": msg.key(),
+                "value": msg.value(),
+                "reason": str(exc),
+                "stage": "decode",
+                "unit_id": None,
+                "ts_ms": now_ms(),
+            }
+            produce(self._p, self.topics.dead_letter, topic, self._codec.encode(schemas.FIXED["dead_letter"], dead))
+            log.warning("dead-lettered undecodable message %s[%d]@%d: %s", topic, partition, offset, exc)
+            return
+        self._db.ping(reconnect=True)
+        if msg.topic() == self.topics.acks:
+            self._ack(record)
+        else:
+            self._command(record)
 
     # -- replies -----------------------------------------------------------
 

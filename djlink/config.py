@@ -11,6 +11,7 @@ import fnmatch
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 class ConfigError(Exception):
@@ -21,6 +22,18 @@ def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str:
     value = env.get(name, allowed[0]).strip().lower()
     if value not in allowed:
         raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def _number(env: Mapping[str, str], name: str, default: str, kind: type = int, minimum: float = 1) -> Any:
+    """A numeric setting, or a one-line ConfigError naming it."""
+    text = env.get(name) or default
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not a number") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={text!r} must be at least {minimum:g}")
     return value
 
 
@@ -49,16 +62,14 @@ class Settings:
     startup_timeout_s: float
     metrics_port: int | None
     snapshot_mode: str
+    applier_batch_units: int
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
 
         def db(side: str) -> Database:
-            try:
-                port = int(env.get(f"DJLINK_{side}_PORT", "3306"))
-            except ValueError as exc:
-                raise ConfigError(f"DJLINK_{side}_PORT must be a port number") from exc
+            port = _number(env, f"DJLINK_{side}_PORT", "3306")
             return Database(
                 env.get(f"DJLINK_{side}_HOST", "127.0.0.1"),
                 port,
@@ -73,13 +84,14 @@ class Settings:
             source=db("SOURCE"),
             destination=db("DEST"),
             allowed_schemas=allowed,
-            capture_server_id=int(env.get("DJLINK_CAPTURE_SERVER_ID", "5401")),
+            capture_server_id=_number(env, "DJLINK_CAPTURE_SERVER_ID", "5401"),
             capture_start_gtid=env.get("DJLINK_CAPTURE_START_GTID") or None,
-            snapshot_chunk_size=int(env.get("DJLINK_SNAPSHOT_CHUNK_SIZE", "500")),
-            timeout_s=float(env.get("DJLINK_TIMEOUT", "60")),
-            startup_timeout_s=float(env.get("DJLINK_STARTUP_TIMEOUT", "30")),
-            metrics_port=int(env["DJLINK_METRICS_PORT"]) if env.get("DJLINK_METRICS_PORT") else None,
+            snapshot_chunk_size=_number(env, "DJLINK_SNAPSHOT_CHUNK_SIZE", "500"),
+            timeout_s=_number(env, "DJLINK_TIMEOUT", "60", float, 0.1),
+            startup_timeout_s=_number(env, "DJLINK_STARTUP_TIMEOUT", "30", float, 0.1),
+            metrics_port=_number(env, "DJLINK_METRICS_PORT", "0") if env.get("DJLINK_METRICS_PORT") else None,
             snapshot_mode=_choice(env, "DJLINK_SNAPSHOT_MODE", ("none", "initial")),
+            applier_batch_units=_number(env, "DJLINK_APPLIER_BATCH_UNITS", "500"),
         )
 
     def schema_allowed(self, schema: str) -> bool:

@@ -77,8 +77,11 @@ def units_of(site: Site, spec: LinkSpec) -> dict[str, tuple[int, int]]:
 
 def test_applier_killed_at_random_moments_applies_every_unit_exactly_once(site: Site, state_db: str) -> None:
     n, per_pull = 300, 25
+    # One unit per destination transaction: batched, a pull's units would mostly commit together, and
+    # the kills would rarely fall between two of them.
+    one_unit_per_transaction = {"DJLINK_APPLIER_STATE_DB": state_db, "DJLINK_APPLIER_BATCH_UNITS": "1"}
     site.start("capture", "agent", DJLINK_SNAPSHOT_CHUNK_SIZE="3")  # 100 units: many moments to be killed in
-    applier = site.start("applier", DJLINK_APPLIER_STATE_DB=state_db)
+    applier = site.start("applier", **one_unit_per_transaction)
     declare_recordings(site, n)
     site.connect_facade()
 
@@ -111,7 +114,7 @@ def test_applier_killed_at_random_moments_applies_every_unit_exactly_once(site: 
             replays += said.count("was finished before")
             resent += "resending the acks" in said
             mid_flight += scalar(dest, count) < requested
-            applier = site.start("applier", DJLINK_APPLIER_STATE_DB=state_db)
+            applier = site.start("applier", **one_unit_per_transaction)
         wait_for(lambda: scalar(dest, count) == n, 120, f"all {n} entities at the destination")
         src = admin(site.env, "SOURCE")
         shared = f"SELECT COUNT(*) FROM `{site.helper_schema}`.`outbound` WHERE process='NONE'"
@@ -169,7 +172,7 @@ def test_applier_killed_at_random_moments_applies_every_unit_exactly_once(site: 
     with dest.cursor() as cur:
         cur.execute(f"UPDATE `{site.dest_schema}`.`recording` SET subject='changed at the destination'")
         cur.execute(f"UPDATE `{state_db}`.offsets SET next_offset=0 WHERE consumer_group=%s", (group,))
-    applier = site.start("applier", DJLINK_APPLIER_STATE_DB=state_db)
+    applier = site.start("applier", **one_unit_per_transaction)
     wait_for(lambda: stored_transaction_offset() >= caught_up, 60, "the applier to read everything again")
     applier.terminate()
     _, err = applier.communicate(timeout=30)

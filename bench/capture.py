@@ -52,19 +52,17 @@ from typing import Any
 
 import pymysql
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-from confluent_kafka.admin import AdminClient
 from pymysql.constants import CLIENT
 from pymysqlreplication import BinLogStreamReader
 from pymysqlreplication.event import MariadbGtidEvent, QueryEvent, XidEvent
 from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
 
 import schemas
-from djlink import services
+from bench.common import ROOT, cleanup, connect, say, services_env
 from djlink.config import Settings
 from djlink.links import LinkSpec
 from djlink.topics import Admin, Topics, produce, producer
 
-ROOT = Path(__file__).resolve().parent.parent
 TABLE = "recording"
 ROW_EVENTS = (WriteRowsEvent, UpdateRowsEvent, DeleteRowsEvent)
 
@@ -76,10 +74,6 @@ DDL = """CREATE TABLE {db}.`{table}` (
   `payload` longblob COMMENT ':<djblob>:small serialized array',
   PRIMARY KEY (`recording_id`)
 ) ENGINE=InnoDB COMMENT='benchmark table (DataJoint manual table)'"""
-
-
-def say(text: str) -> None:
-    print(text, flush=True)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -146,18 +140,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # -- the source ---------------------------------------------------------------
-
-
-def connect(env: dict[str, str], **extra: Any) -> Any:
-    return pymysql.connect(
-        host=env["DJLINK_SOURCE_HOST"],
-        port=int(env["DJLINK_SOURCE_PORT"]),
-        user=env["DJLINK_SOURCE_USER"],
-        password=env["DJLINK_SOURCE_PASSWORD"],
-        autocommit=True,
-        charset="utf8mb4",
-        **extra,
-    )
 
 
 def query_one(env: dict[str, str], sql: str) -> Any:
@@ -581,35 +563,9 @@ def print_hot_spots(path: str, limit: int = 25) -> None:
 # -- main ---------------------------------------------------------------------
 
 
-@contextmanager
-def cleanup(env: dict[str, str], databases: list[str], prefix: str, keep: bool) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        if keep:
-            say(f"kept schemas {', '.join(databases)} and topics {prefix}.*")
-        else:
-            with suppress(Exception):
-                conn = connect(env)
-                with conn.cursor() as cur:
-                    for db in databases:
-                        cur.execute(f"DROP DATABASE IF EXISTS `{db}`")
-                conn.close()
-            with suppress(Exception):
-                admin = AdminClient({"bootstrap.servers": env["DJLINK_KAFKA_BOOTSTRAP"]})
-                names = [t for t in admin.list_topics(timeout=10).topics if t.startswith(f"{prefix}.")]
-                if names:
-                    for fut in admin.delete_topics(names, operation_timeout=30).values():
-                        with suppress(Exception):
-                            fut.result(30)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if os.environ.get("DJLINK_TEST_EXTERNAL") == "1":  # external servers, as for the tests
-        env = {k: os.environ[k] for k in services.ENV_KEYS}
-    else:
-        env = services.load_env() or services.up(quiet=True)
+    env = services_env()
     tag = uuid.uuid4().hex[:8]
     db, other = f"bench_capture_{tag}", f"bench_capture_{tag}_unrelated"
     prefix = f"bench-capture-{tag}"

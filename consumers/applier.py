@@ -468,7 +468,10 @@ class Applier:
                 late = len(self._subscribed) < len(self._wanted) and time.monotonic() > self._retry_assign_at
                 if registry.refresh(0) or late:
                     self._subscribe(registry.links)
-                for msg in self._c.consume(500, 0.05):
+                # Wait for the first message only; then take what is there (consume(n, t) would wait the
+                # whole timeout for n messages, and every mirrored change would pay it).
+                first = self._c.poll(0.05)
+                for msg in [first, *self._c.consume(499, 0)] if first is not None else []:
                     if msg.error() is None and self._route(msg, registry):
                         self._subscribe(registry.links)
                 self._dead_letters.confirm()

@@ -1,0 +1,241 @@
+"""Mirroring latency: source commit to destination row visible, for shared rows updated at a steady rate;
+and how soon a flag set at the source is known at the destination.
+
+    python -m bench.latency                      # 100 and 1,000 rows/s, 15 s each
+    python -m bench.latency --rates 100 --seconds 5
+    python -m bench.latency --help
+
+1. Declares a source table of E entities (default 500; a varchar and a small
+   longblob, one part row each), starts the pipeline (`djlink run --role
+   capture --role agent`, `djlink run --role applier`) and pulls all of them:
+   every row is Shared, so every update is mirrored.
+2. For each rate R: one writer updates `subject` of a random entity to a new
+   sequence number, one autocommit UPDATE at a time, on the schedule
+   t0 + i/R, noting when each COMMIT returned. A watcher reads the
+   destination's `subject` column every `--poll-ms` (default 5 ms) and notes
+   when each sequence number first appears. Latency = seen - committed, for
+   every update that was not overwritten before the watcher saw it (its
+   resolution is the poll interval). Prints the achieved rate, p50, p95, p99,
+   max, and each percentile as a ratio to the issue's target (p50 < 50 ms,
+   p99 < 250 ms).
+3. Flags: sets `is_flagged='TRUE'` on F helper rows (default 50), one at a
+   time, each after the previous one is known, and times until the
+   applier's entity state lists it (the state `Table().source.flagged` reads):
+   p50 and max (target: within one second).
+
+Figures, never assertions. Schemas and topics are dropped afterwards (unless --keep).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+import datajoint as dj
+import numpy as np
+
+from bench.common import cleanup, connect, say, services_env, start_pipeline
+
+TARGETS = {"p50": 50.0, "p99": 250.0}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rates", default="100,1000", help="update rates to measure, rows/s (default 100,1000)")
+    parser.add_argument("--seconds", type=float, default=15, help="seconds of load per rate (default 15)")
+    parser.add_argument("--entities", type=int, default=500, help="shared entities updated (default 500)")
+    parser.add_argument("--flags", type=int, default=50, help="flags to time (default 50; 0 skips)")
+    parser.add_argument("--poll-ms", type=float, default=5, help="the watcher's polling interval (default 5)")
+    parser.add_argument("--keep", action="store_true", help="keep the schemas and topics")
+    return parser.parse_args(argv)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+class Watcher(threading.Thread):
+    """Notes when each `subject` value first shows at the destination."""
+
+    def __init__(self, env: dict[str, str], table: str, poll_s: float) -> None:
+        super().__init__(daemon=True)
+        self.env, self.table, self.poll_s = env, table, poll_s
+        self.seen: dict[str, float] = {}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        conn = connect(self.env, "DEST")
+        with conn.cursor() as cur:
+            while not self.stop.is_set():
+                cur.execute(f"SELECT subject FROM {self.table}")
+                now = time.time()
+                for (subject,) in cur.fetchall():
+                    self.seen.setdefault(subject, now)
+                self.stop.wait(self.poll_s)
+        conn.close()
+
+
+def mirror_latency(env: dict[str, str], names: dict[str, str], rate: float, args: argparse.Namespace) -> None:
+    watcher = Watcher(env, f"`{names['dest']}`.`sample`", args.poll_ms / 1000)
+    watcher.start()
+    conn = connect(env, "SOURCE")
+    rng = random.Random(int(rate))
+    committed: dict[str, tuple[float, int]] = {}  # subject -> (commit time, entity)
+    last_of: dict[int, str] = {}
+    n = int(rate * args.seconds)
+    started = time.time()
+    with conn.cursor() as cur:
+        for i in range(n):
+            due = started + i / rate
+            delay = due - time.time()
+            if delay > 0:
+                time.sleep(delay)  # the load's schedule, not synchronisation
+            entity = rng.randint(1, args.entities)
+            subject = f"r{int(rate)}-{i}"
+            cur.execute(f"UPDATE `{names['source']}`.`sample` SET subject=%s WHERE sample_id=%s", (subject, entity))
+            committed[subject] = (time.time(), entity)
+            last_of[entity] = subject
+    elapsed = time.time() - started
+    conn.close()
+    deadline = time.time() + 60
+    while time.time() < deadline and not all(s in watcher.seen for s in last_of.values()):
+        time.sleep(0.05)
+    watcher.stop.set()
+    watcher.join(10)
+    latencies = [1000 * (watcher.seen[s] - t) for s, (t, _) in committed.items() if s in watcher.seen]
+    lost = [s for s in last_of.values() if s not in watcher.seen]
+    if not latencies:
+        say(f"{rate:,.0f} rows/s: nothing seen at the destination")
+        return
+    p = {q: percentile(latencies, q) for q in (50, 95, 99)}
+    say(
+        f"{rate:,.0f} rows/s (achieved {n / elapsed:,.0f}): {len(latencies):,} of {n:,} updates timed, "
+        f"p50 {p[50]:.0f} ms, p95 {p[95]:.0f} ms, p99 {p[99]:.0f} ms, max {max(latencies):.0f} ms"
+        + (f"; {len(lost)} final values never seen" if lost else "")
+    )
+    say(
+        f"  ratio to target: p50 {p[50] / TARGETS['p50']:.2f} x 50 ms, p99 {p[99] / TARGETS['p99']:.2f} x 250 ms "
+        "(below 1 meets it)"
+    )
+
+
+def flag_latency(env: dict[str, str], names: dict[str, str], state_db: str, group: str, flags: int) -> None:
+    src, dst = connect(env, "SOURCE"), connect(env, "DEST")
+    times: list[float] = []
+    with src.cursor() as s_cur, dst.cursor() as d_cur:
+        for entity in range(1, flags + 1):
+            s_cur.execute(f"UPDATE `{names['helper']}`.`outbound` SET is_flagged='TRUE' WHERE sample_id=%s", (entity,))
+            committed = time.time()
+            deadline = committed + 30
+            while time.time() < deadline:
+                d_cur.execute(
+                    f"SELECT COUNT(*) FROM `{state_db}`.entities WHERE consumer_group=%s AND is_flagged='TRUE'",
+                    (group,),
+                )
+                if d_cur.fetchone()[0] >= entity:
+                    times.append(1000 * (time.time() - committed))
+                    break
+    src.close()
+    dst.close()
+    if times:
+        say(
+            f"flags: {len(times)} of {flags} known at the destination, p50 {statistics.median(times):.0f} ms, "
+            f"max {max(times):.0f} ms (ratio of max to the 1 s target: {max(times) / 1000:.2f})"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    env = services_env()
+    tag = uuid.uuid4().hex[:8]
+    base = f"bench_latency_{tag}"
+    names = {"source": f"{base}_src", "helper": f"{base}_helper", "dest": f"{base}_dst"}
+    state_db = f"{base}_applier"
+    prefix = f"bench-latency-{tag}"
+    say(f"bench/latency: {args.entities} shared entities; rates {args.rates} rows/s, {args.seconds:g} s each")
+    say(f"  load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
+    with cleanup(env, [names["source"], names["helper"]], prefix, args.keep, [names["dest"], state_db]):
+        source = dj.Connection(
+            f"{env['DJLINK_SOURCE_HOST']}:{env['DJLINK_SOURCE_PORT']}",
+            env["DJLINK_SOURCE_USER"],
+            env["DJLINK_SOURCE_PASSWORD"],
+            use_tls=False,
+        )
+        schema = dj.Schema(names["source"], connection=source)
+
+        @schema
+        class Sample(dj.Manual):
+            definition = """
+            sample_id : int
+            ---
+            subject : varchar(32)
+            data : longblob
+            """
+
+            class Part(dj.Part):
+                definition = """
+                -> master
+                ---
+                value : double
+                """
+
+        rng = np.random.default_rng(3)
+        Sample.insert({"sample_id": i, "subject": "-", "data": rng.random(16)} for i in range(1, args.entities + 1))
+        Sample.Part.insert({"sample_id": i, "value": i} for i in range(1, args.entities + 1))
+
+        pipeline = {
+            "DJLINK_TOPIC_PREFIX": prefix,
+            "DJLINK_ALLOWED_SCHEMAS": names["source"],
+            "DJLINK_CAPTURE_SERVER_ID": str(7000 + uuid.uuid4().int % 100000),
+        }
+        processes = [
+            start_pipeline(env, ["capture", "agent"], pipeline),
+            start_pipeline(env, ["applier"], pipeline | {"DJLINK_APPLIER_STATE_DB": state_db}),
+        ]
+        try:
+            os.environ.update({k: v for k, v in env.items() if k.startswith("DJLINK_")} | pipeline)
+            os.environ["LINK_USER"] = env["DJLINK_SOURCE_USER"]
+            os.environ["LINK_PASS"] = env["DJLINK_SOURCE_PASSWORD"]
+            dj.config.update(
+                {
+                    "database.host": f"{env['DJLINK_DEST_HOST']}:{env['DJLINK_DEST_PORT']}",
+                    "database.user": env["DJLINK_DEST_USER"],
+                    "database.password": env["DJLINK_DEST_PASSWORD"],
+                    "database.use_tls": False,
+                    "safemode": False,
+                }
+            )
+            dj.conn(reset=True)
+            from link import link
+
+            source_host = f"{env['DJLINK_SOURCE_HOST']}:{env['DJLINK_SOURCE_PORT']}"
+
+            @link(source_host, names["source"], names["helper"], "outbound", names["dest"])
+            class Sample:  # type: ignore[no-redef]
+                """The shared copy."""
+
+            table: Any = Sample
+            summary = table().source.pull(timeout=300)
+            say(f"  pulled: {summary}")
+            for rate in (float(r) for r in args.rates.split(",") if r.strip()):
+                mirror_latency(env, names, rate, args)
+            if args.flags:
+                flag_latency(env, names, state_db, f"{prefix}-applier", min(args.flags, args.entities))
+        finally:
+            for proc in processes:
+                proc.terminate()
+            for proc in processes:
+                proc.wait(30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import os
-import queue
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+import datajoint as dj
 import pymysql
 from confluent_kafka.admin import AdminClient
 
 from djlink import services
+from djlink.process import NotReady, start_roles
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,39 +44,34 @@ def connect(env: dict[str, str], side: str = "SOURCE", **extra: Any) -> Any:
 
 def start_pipeline(env: dict[str, str], roles: list[str], overrides: dict[str, str], timeout: float = 120) -> Any:
     """`djlink run` with these roles in a subprocess, once it says it is ready; its log goes to a temp file."""
-    args = [sys.executable, "-m", "djlink", "run"]
-    for role in roles:
-        args += ["--role", role]
     log = open(f"/tmp/bench-{'-'.join(roles)}-{os.getpid()}.log", "w")
-    proc = subprocess.Popen(
-        args,
-        env={**os.environ, **env, "PYTHONPATH": str(ROOT), **overrides},
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-        cwd=ROOT,
+    try:
+        return start_roles(roles, {**os.environ, **env, "PYTHONPATH": str(ROOT), **overrides}, ROOT, log, timeout)
+    except NotReady:
+        raise SystemExit(f"`djlink run {' '.join(roles)}` did not become ready; see {log.name}") from None
+
+
+def facade(env: dict[str, str], pipeline: dict[str, str]) -> Any:
+    """Point the façade at the services and this pipeline (environment, dj.config); return `link.link`."""
+    os.environ.update({k: v for k, v in env.items() if k.startswith("DJLINK_")} | pipeline)
+    os.environ["LINK_USER"], os.environ["LINK_PASS"] = env["DJLINK_SOURCE_USER"], env["DJLINK_SOURCE_PASSWORD"]
+    dj.config.update(
+        {
+            "database.host": f"{env['DJLINK_DEST_HOST']}:{env['DJLINK_DEST_PORT']}",
+            "database.user": env["DJLINK_DEST_USER"],
+            "database.password": env["DJLINK_DEST_PASSWORD"],
+            "database.use_tls": False,
+            "safemode": False,
+        }
     )
-    lines: queue.Queue[str | None] = queue.Queue()
+    dj.conn(reset=True)
+    from link import link
 
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
+    return link
 
-    threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=0.5)
-        except queue.Empty:
-            continue
-        if line is None:
-            break
-        if "djlink: ready" in line:
-            return proc
-    proc.kill()
-    raise SystemExit(f"`djlink run {' '.join(roles)}` did not become ready; see {log.name}")
+
+def source_host(env: dict[str, str]) -> str:
+    return f"{env['DJLINK_SOURCE_HOST']}:{env['DJLINK_SOURCE_PORT']}"
 
 
 @contextmanager

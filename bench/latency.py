@@ -41,7 +41,7 @@ from typing import Any
 import datajoint as dj
 import numpy as np
 
-from bench.common import cleanup, connect, say, services_env, start_pipeline
+from bench.common import cleanup, connect, facade, say, services_env, source_host, start_pipeline
 
 TARGETS = {"p50": 50.0, "p99": 250.0}
 
@@ -201,24 +201,9 @@ def main(argv: list[str] | None = None) -> int:
             start_pipeline(env, ["applier"], pipeline | {"DJLINK_APPLIER_STATE_DB": state_db}),
         ]
         try:
-            os.environ.update({k: v for k, v in env.items() if k.startswith("DJLINK_")} | pipeline)
-            os.environ["LINK_USER"] = env["DJLINK_SOURCE_USER"]
-            os.environ["LINK_PASS"] = env["DJLINK_SOURCE_PASSWORD"]
-            dj.config.update(
-                {
-                    "database.host": f"{env['DJLINK_DEST_HOST']}:{env['DJLINK_DEST_PORT']}",
-                    "database.user": env["DJLINK_DEST_USER"],
-                    "database.password": env["DJLINK_DEST_PASSWORD"],
-                    "database.use_tls": False,
-                    "safemode": False,
-                }
-            )
-            dj.conn(reset=True)
-            from link import link
+            link = facade(env, pipeline)
 
-            source_host = f"{env['DJLINK_SOURCE_HOST']}:{env['DJLINK_SOURCE_PORT']}"
-
-            @link(source_host, names["source"], names["helper"], "outbound", names["dest"])
+            @link(source_host(env), names["source"], names["helper"], "outbound", names["dest"])
             class Sample:  # type: ignore[no-redef]
                 """The shared copy."""
 

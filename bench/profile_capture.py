@@ -35,6 +35,7 @@ from typing import Any
 
 from djlink.cli import Role, run_roles
 from djlink.config import Settings
+from djlink.process import READY
 
 _profiles: list[tuple[str, cProfile.Profile]] = []
 _cpu: dict[str, float] = {}
@@ -105,7 +106,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        run_roles([Role.capture], Settings.from_env(), stop, lambda: print("djlink: ready", flush=True))
+        run_roles([Role.capture], Settings.from_env(), stop, lambda: print(READY, flush=True))
     finally:
         # The binlog thread ends once the capture shut its socket down; give it a moment to record its profile.
         deadline = time.monotonic() + 5

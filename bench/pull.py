@@ -41,7 +41,7 @@ from typing import Any
 import datajoint as dj
 import numpy as np
 
-from bench.common import ROOT, cleanup, connect, say, services_env, start_pipeline
+from bench.common import ROOT, cleanup, connect, facade, say, services_env, source_host, start_pipeline
 
 DL_VENV = ROOT / "bench" / ".venv-datajoint-link"
 DL_REQUIREMENTS = ["datajoint-link==0.11", "datajoint>=0.14.3,<0.15", "pymysql<1.2"]
@@ -122,23 +122,9 @@ def djlink_pull(env: dict[str, str], names: dict[str, str], prefix: str, args: a
         start_pipeline(env, ["applier"], pipeline | {"DJLINK_APPLIER_STATE_DB": f"{names['source']}_applier"}),
     ]
     try:
-        os.environ.update({k: v for k, v in env.items() if k.startswith("DJLINK_")} | pipeline)
-        os.environ["LINK_USER"], os.environ["LINK_PASS"] = env["DJLINK_SOURCE_USER"], env["DJLINK_SOURCE_PASSWORD"]
-        dj.config.update(
-            {
-                "database.host": f"{env['DJLINK_DEST_HOST']}:{env['DJLINK_DEST_PORT']}",
-                "database.user": env["DJLINK_DEST_USER"],
-                "database.password": env["DJLINK_DEST_PASSWORD"],
-                "database.use_tls": False,
-                "safemode": False,
-            }
-        )
-        dj.conn(reset=True)
-        from link import link
+        link = facade(env, pipeline)
 
-        source_host = f"{env['DJLINK_SOURCE_HOST']}:{env['DJLINK_SOURCE_PORT']}"
-
-        @link(source_host, names["source"], names["helper"], "outbound", names["dest"])
+        @link(source_host(env), names["source"], names["helper"], "outbound", names["dest"])
         class Recording:
             """djlink's copy."""
 
@@ -164,7 +150,7 @@ def datajoint_link_pull(env: dict[str, str], names: dict[str, str], m: int) -> f
         subprocess.run([sys.executable, "-m", "venv", str(DL_VENV)], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "-q", *DL_REQUIREMENTS], check=True)
     cfg = {
-        "source_host": f"{env['DJLINK_SOURCE_HOST']}:{env['DJLINK_SOURCE_PORT']}",
+        "source_host": source_host(env),
         "source_user": env["DJLINK_SOURCE_USER"],
         "source_password": env["DJLINK_SOURCE_PASSWORD"],
         "dest_host": f"{env['DJLINK_DEST_HOST']}:{env['DJLINK_DEST_PORT']}",

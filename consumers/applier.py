@@ -93,7 +93,7 @@ from djlink import keys as keycodec
 from djlink.config import ConfigError, Settings
 from djlink.links import LinkRegistry, LinkSpec, destination_name
 from djlink.topics import Admin, SchemaTopic, Topics, consumer, now_ms, producer, where
-from schemas.tables import sql_converters
+from schemas.tables import EnvelopeReader
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -311,7 +311,7 @@ class Applier:
         self._wanted: list[str] = []
         self._retry_assign_at = 0.0
         self._assigned: set[Partition] = set()
-        self._converters: dict[bytes, dict[str, Any]] = {}
+        self._envelopes = EnvelopeReader(self._codec)
         self._consumed: dict[Partition, int] = {}
         self._stored: dict[Partition, int] = {}
         self._committed_to_kafka: dict[Partition, int] = {}
@@ -525,7 +525,7 @@ class Applier:
         try:
             vschema = self._codec.schema_of(value)
             envelope = self._codec.decode(value)
-            convert = self._converters_of(vschema)
+            convert = self._envelopes.converters(vschema)
         except schemas.DecodeError as exc:
             self._reject(msg, str(exc))
             return False
@@ -537,18 +537,6 @@ class Applier:
             collection, envelope, convert, msg.key(), value, kafka_ts(msg)
         )
         return False
-
-    def _converters_of(self, vschema: schemas.Schema) -> dict[str, Any]:
-        if vschema.fingerprint not in self._converters:
-            fields = {f["name"]: f["type"] for f in vschema.definition.get("fields", [])}
-            before = fields.get("before")
-            if not {"before", "after", "op", "transaction"} <= fields.keys() or not isinstance(before, list):
-                raise schemas.DecodeError(f"{vschema.subject} is not a change event envelope")
-            record = next((t for t in before if isinstance(t, dict) and t.get("type") == "record"), None)
-            if record is None:
-                raise schemas.DecodeError(f"{vschema.subject} is not a change event envelope")
-            self._converters[vschema.fingerprint] = sql_converters(record)
-        return self._converters[vschema.fingerprint]
 
     def _reject(self, msg: Message, reason: str) -> None:
         """Dead-letter one undecodable message."""
@@ -732,8 +720,7 @@ class Applier:
     @staticmethod
     def _image(event: Event, side: str) -> dict[str, Any] | None:
         """A row image of an event as PyMySQL parameters (None when the event has none)."""
-        image = event.envelope[side]
-        return None if image is None else {k: event.convert[k](v) for k, v in image.items()}
+        return EnvelopeReader.image(event.envelope, event.convert, side)
 
     def _plan_mirroring(
         self,

@@ -13,12 +13,14 @@ import contextlib
 import dataclasses
 import logging
 import threading
+import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import pymysql
 import pymysql.cursors
-from confluent_kafka import KafkaException, Message, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 import schemas
 from cdc.schema_history import SchemaHistory, UnknownTable
@@ -28,9 +30,11 @@ from djlink import keys as keycodec
 from djlink.config import Settings
 from djlink.links import LinkRegistry, LinkSpec
 from djlink.topics import Admin, SchemaTopic, Topics, consumer, now_ms, produce, producer, where
+from schemas.tables import EnvelopeReader
 
 log = logging.getLogger(__name__)
 HELPER_COLUMNS = ("process", "is_flagged", "is_deprecated")
+CAPTURE_WAIT_S = 3.0  # how long a REGISTER reply waits for the capture to read the new link's signal
 
 
 class Refused(Exception):
@@ -67,10 +71,17 @@ class SourceAgent:
         group = f"{self.topics.prefix}-agent"
         c = consumer(s, group, **{"group.instance.id": group})
         c.subscribe([self.topics.commands, self.topics.acks])
+        self._auto = AutoPull(s, self.topics, self._registry)
+        self._auto.follow()
+        self._awaiting_capture: dict[str, tuple[int, str, float]] = {}  # REGISTER id -> (signal offset, link, until)
+        # Only to read the capture's committed signal offsets; never joins its group.
+        self._capture_group = consumer(s, f"{self.topics.prefix}-capture")
         if on_ready:
             on_ready()
         try:
             while not stop.is_set():
+                self._answer_registrations()
+                self._auto_pulls()
                 msg = c.poll(0.1)
                 if msg is None or msg.error() is not None:
                     continue
@@ -88,8 +99,87 @@ class SourceAgent:
                     raise
         finally:
             c.close()
+            self._auto.close()
+            self._capture_group.close()
             self._registry.close()
             self._db.close()
+
+    def _tell_capture(self, link: LinkSpec, rid: str) -> None:
+        """Signal the capture with the new link; the REGISTER reply waits until it has read the signal.
+
+        The running capture learns links from the links topic in its own
+        time, and its binlog reader drops the rows of tables it does not know
+        yet: rows inserted right after the reply would never be published
+        (an auto-pulled row would never arrive). Having read the signal, it
+        captures the link's tables from then on.
+        """
+        signal = {
+            "signal_id": rid,
+            "kind": "SNAPSHOT_KEYS",
+            "request_id": rid,
+            "link": link.to_avro(),
+            "keys": [],
+            "ts_ms": now_ms(),
+        }
+        delivered: list[int] = []
+
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
+            if err is None:
+                delivered.append(where(msg)[2])
+
+        self._p.produce(
+            self.topics.signals,
+            key=link.link_id,
+            value=self._codec.encode(schemas.FIXED["signal"], signal),
+            on_delivery=on_delivery,
+        )
+        self._p.flush(30)
+        if delivered:
+            self._awaiting_capture[rid] = (delivered[0], link.link_id, time.monotonic() + CAPTURE_WAIT_S)
+
+    def _answer_registrations(self) -> None:
+        """Reply to REGISTER commands whose signal the capture has read (or after CAPTURE_WAIT_S without)."""
+        if not self._awaiting_capture:
+            return
+        tp = TopicPartition(self.topics.signals, 0)
+        read = self._capture_group.committed([tp], timeout=5)[0].offset
+        done = [
+            (rid, link_id, read > offset)
+            for rid, (offset, link_id, deadline) in self._awaiting_capture.items()
+            if read > offset or time.monotonic() > deadline
+        ]
+        if not done:
+            return
+        self._p.begin_transaction()
+        for rid, link_id, seen in done:
+            note = "" if seen else " (the capture has not confirmed it yet: is `djlink run --role capture` running?)"
+            self._reply(rid, "ACCEPTED", message=f"link {link_id} registered{note}")
+            del self._awaiting_capture[rid]
+        self._p.commit_transaction(30)
+
+    def _auto_pulls(self) -> None:
+        """Pull the new master rows that their link's auto-pull policy approves: one Kafka transaction
+        with the offsets of the change events read, as for any message the agent handles."""
+        if self._registry.refresh(0):
+            self._auto.follow()
+        taken = self._auto.take()
+        if taken is None:
+            return
+        approved, offsets = taken
+        self._p.begin_transaction()
+        try:
+            self._db.ping(reconnect=True)
+            for link_id, keys in approved.items():
+                link = self._registry.links[link_id]
+                self._request(f"auto:{uuid.uuid4()}", link, "PULL", keys)
+            self._p.send_offsets_to_transaction(offsets, self._auto.group_metadata(), 30)
+            self._p.commit_transaction(30)
+        except BaseException:
+            with contextlib.suppress(KafkaException):
+                self._p.abort_transaction(10)
+            raise
+        if approved:
+            log.info("auto-pull: %s", ", ".join(f"{len(k)} new rows of {i}" for i, k in approved.items()))
 
     def _handle(self, msg: Message) -> None:
         try:
@@ -127,8 +217,12 @@ class SourceAgent:
     def _command(self, cmd: dict[str, Any]) -> None:
         rid = cmd["request_id"]
         try:
-            link = self._register(LinkSpec.from_avro(cmd["link"]))
-            if cmd["kind"] == "REGISTER":
+            requested = LinkSpec.from_avro(cmd["link"])
+            registered = self._registry.links.get(requested.link_id)
+            if cmd["kind"] != "REGISTER" or requested.auto_pull is None:  # only a REGISTER sets the policy
+                requested = dataclasses.replace(requested, auto_pull=registered.auto_pull if registered else None)
+            link = self._register(requested, rid)
+            if cmd["kind"] == "REGISTER" and rid not in self._awaiting_capture:
                 self._reply(rid, "ACCEPTED", message=f"link {link.link_id} registered")
             else:
                 self._request(rid, link, cmd["kind"], cmd["keys"])
@@ -136,7 +230,7 @@ class SourceAgent:
             self._db.rollback()
             self._reply(rid, "REFUSED", message=str(exc))
 
-    def _register(self, requested: LinkSpec) -> LinkSpec:
+    def _register(self, requested: LinkSpec, rid: str) -> LinkSpec:
         s = self.settings
         if not s.schema_allowed(requested.source_db):
             raise Refused(
@@ -160,6 +254,9 @@ class SourceAgent:
             produce(self._p, self.topics.links, link.link_id, self._codec.encode(schemas.FIXED["link"], link.to_avro()))
             self._p.flush(30)
             self._registry.links[link.link_id] = link
+            # Before the reply: a policy turned on approves every row inserted after the requester hears back.
+            self._auto.follow()
+            self._tell_capture(link, rid)
         return link
 
     def _ensure_helper_table(self, link: LinkSpec) -> None:
@@ -298,3 +395,83 @@ class SourceAgent:
             refused = [f"{k}: flagged at the source; now deprecated" for k in ack.get("deprecate") or []]
             refused += ack.get("skipped") or []
             self._reply(ack["request_id"], "PROGRESS", done=[*ack["keys"], *deleted], refused=refused)
+
+
+class AutoPull:
+    """Reads the master tables' change topics of links with an auto-pull policy, for rows it approves.
+
+    Partitions are assigned by hand (the topics change with the links; a
+    group's static member would keep an old assignment across a restart);
+    the offsets read commit in the agent's Kafka transactions, under the
+    group `<prefix>-agent-auto`. A policy turned on starts at the topic's
+    end: it approves rows inserted from then on.
+    """
+
+    def __init__(self, settings: Settings, topics: Topics, registry: LinkRegistry) -> None:
+        self._topics = topics
+        self._registry = registry
+        self._c = consumer(settings, f"{topics.prefix}-agent-auto")
+        self._codec = schemas.Codec(SchemaTopic(settings, topics).resolve)
+        self._envelopes = EnvelopeReader(self._codec)
+        self._following: dict[str, str] = {}  # master topic -> link id
+
+    def follow(self) -> None:
+        """Assign the master topics of links whose policy is on; drop those whose policy went off."""
+        wanted = {
+            self._topics.table(link.source_db, link.source_table): link.link_id
+            for link in self._registry.links.values()
+            if link.auto_pull_match() is not None
+        }
+        gone = [t for t in self._following if t not in wanted]
+        if gone:
+            self._c.incremental_unassign([TopicPartition(t, p) for t in gone for p in self._partitions(t)])
+        new = [TopicPartition(t, p) for t in wanted if t not in self._following for p in self._partitions(t)]
+        if new:
+            committed = self._c.committed(new, timeout=10)
+            for tp, done in zip(new, committed, strict=True):
+                if done.offset >= 0:
+                    tp.offset = done.offset
+                else:
+                    tp.offset = self._c.get_watermark_offsets(tp, timeout=10)[1]
+            self._c.incremental_assign(new)
+        self._following = wanted
+
+    def _partitions(self, topic: str) -> list[int]:
+        meta = self._c.list_topics(topic, timeout=10).topics.get(topic)
+        return sorted(meta.partitions) if meta is not None and meta.partitions else []
+
+    def take(self) -> tuple[dict[str, list[str]], list[TopicPartition]] | None:
+        """New rows approved per link and the offsets after what was read; None when nothing was read."""
+        if not self._following:
+            return None
+        messages = [m for m in self._c.consume(500, 0) if m.error() is None]
+        if not messages:
+            return None
+        approved: dict[str, list[str]] = {}
+        offsets: dict[tuple[str, int], int] = {}
+        for msg in messages:
+            topic, partition, offset = where(msg)
+            offsets[(topic, partition)] = offset + 1
+            link = self._registry.links.get(self._following.get(topic, ""))
+            match = link.auto_pull_match() if link is not None else None
+            if link is None or match is None or msg.value() is None:
+                continue
+            try:
+                vschema = self._codec.schema_of(msg.value())
+                envelope = self._codec.decode(msg.value())
+                after = EnvelopeReader.image(envelope, self._envelopes.converters(vschema), "after")
+            except schemas.DecodeError as exc:  # the applier dead-letters it; here it approves nothing
+                log.warning("auto-pull skips an undecodable event %s[%d]@%d: %s", topic, partition, offset, exc)
+                continue
+            if envelope["op"] != "c" or after is None:
+                continue
+            plain = keycodec.plain(after)
+            if all(plain.get(name) == value for name, value in match.items()):
+                approved.setdefault(link.link_id, []).append(keycodec.encode(after, list(link.primary_key)))
+        return approved, [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+
+    def group_metadata(self) -> Any:
+        return self._c.consumer_group_metadata()
+
+    def close(self) -> None:
+        self._c.close()

@@ -22,6 +22,7 @@ import pymysql
 import typer
 
 from djlink.config import ConfigError, Settings
+from djlink.process import READY
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 
@@ -129,7 +130,7 @@ def run(
                 from prometheus_client import start_http_server
 
                 start_http_server(settings.metrics_port, addr="127.0.0.1")
-            run_roles(list(role), settings, stop, lambda: print("djlink: ready", flush=True))
+            run_roles(list(role), settings, stop, lambda: print(READY, flush=True))
         except KeyboardInterrupt:
             stop.set()
 

@@ -30,6 +30,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def plain(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Attribute values as JSON-able values, compared the way keys are (see `encode`)."""
+    return {k: _plain(v) for k, v in values.items()}
+
+
 def encode(key: Mapping[str, Any], attributes: Sequence[str] | None = None) -> str:
     """The canonical string of a key (only `attributes`, when given)."""
     names = attributes if attributes is not None else sorted(key)

@@ -7,6 +7,7 @@ declared at run time reaches the running services without a restart.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,7 @@ class LinkSpec:
     destination_db: str
     part_tables: tuple[str, ...] = ()
     primary_key: tuple[str, ...] = ()
+    auto_pull: str | None = None  # JSON {attribute: value} of new rows to pull unasked; 'false' or None: off
 
     @classmethod
     def new(cls, source_db: str, source_table: str, helper_db: str, helper_table: str, destination_db: str) -> LinkSpec:
@@ -49,6 +51,7 @@ class LinkSpec:
             "helper_db": self.helper_db,
             "helper_table": self.helper_table,
             "destination_db": self.destination_db,
+            "auto_pull": self.auto_pull,
         }
 
     @classmethod
@@ -62,7 +65,15 @@ class LinkSpec:
             r["destination_db"],
             tuple(r["part_tables"]),
             tuple(r["primary_key"]),
+            r.get("auto_pull"),
         )
+
+    def auto_pull_match(self) -> dict[str, Any] | None:
+        """The attribute values new master rows must have to be pulled unasked; None when the policy is off."""
+        if self.auto_pull is None:
+            return None
+        policy = json.loads(self.auto_pull)
+        return policy if isinstance(policy, dict) else None
 
     def data_tables(self) -> list[tuple[str, str]]:
         """(db, table) of the master and its parts, master first."""

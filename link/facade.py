@@ -10,6 +10,8 @@ keys to the source agent and waits for the applier's acknowledgements.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,10 +126,14 @@ class _Link:
         cls: type = context[name]
         return cls
 
-    def register(self, source_table: str) -> LinkSpec:
+    def register(self, source_table: str, auto_pull: bool | dict[str, Any] | None = None) -> LinkSpec:
         spec = LinkSpec.new(
             self.source_schema, source_table, self.helper_schema, self.helper_table, self.destination_schema
         )
+        if auto_pull is not None:
+            policy = {} if auto_pull is True else auto_pull
+            text = json.dumps(keycodec.plain(policy) if isinstance(policy, dict) else False, sort_keys=True)
+            spec = dataclasses.replace(spec, auto_pull=text)
         for reply in self.requests.ask("REGISTER", spec, [], self.settings.timeout_s):
             if reply["status"] == "REFUSED":
                 raise LinkError(f"the source site refused the link: {reply['message']}")
@@ -239,12 +245,18 @@ def link(
     helper_table: str,
     destination_schema: str,
     stores: dict[str, str] | None = None,
+    auto_pull: bool | dict[str, Any] | None = None,
 ) -> Any:
     """Declare a class named after a source table as its linked copy at the destination.
 
     `host` is the source server ("host" or "host:port"); the link user's
     credentials come from LINK_USER / LINK_PASS, the destination's from
     `dj.config`, Kafka's from DJLINK_KAFKA_BOOTSTRAP.
+
+    `auto_pull` (djlink only): True pulls every source row inserted from now
+    on without anyone calling pull(); a dict of attribute values pulls only
+    new rows having all of them (`{"subject": "mouse-7"}`); False turns the
+    policy off; None (the default) leaves it as registered.
     """
     if stores:
         raise LinkError("external stores are not supported yet by this version of djlink")
@@ -252,7 +264,7 @@ def link(
     def decorate(cls: type) -> type:
         state = _Link(host, source_schema, helper_schema, helper_table, destination_schema)
         source_class: Any = state.source_class(cls.__name__)
-        spec = state.register(source_class.table_name)  # type: ignore[attr-defined]
+        spec = state.register(source_class.table_name, auto_pull)  # type: ignore[attr-defined]
 
         def pull(self: Any, *, display_progress: bool = False, timeout: float | None = None) -> PullSummary:
             """Pull the source rows of this restriction (with their parts) to the destination."""

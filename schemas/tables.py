@@ -267,3 +267,32 @@ def sql_converters(value_record: dict[str, Any]) -> dict[str, Any]:
         else:
             result[f["name"]] = lambda v: v
     return result
+
+
+class EnvelopeReader:
+    """Decodes change events of any table into rows of PyMySQL parameters, one converter set per schema."""
+
+    def __init__(self, codec: Any) -> None:
+        self.codec = codec
+        self._converters: dict[bytes, dict[str, Any]] = {}
+
+    def converters(self, vschema: Any) -> dict[str, Any]:
+        """Per column, Avro value -> PyMySQL parameter; DecodeError when `vschema` is no change envelope."""
+        from schemas import DecodeError
+
+        if vschema.fingerprint not in self._converters:
+            fields = {f["name"]: f["type"] for f in vschema.definition.get("fields", [])}
+            before = fields.get("before")
+            if not {"before", "after", "op", "transaction"} <= fields.keys() or not isinstance(before, list):
+                raise DecodeError(f"{vschema.subject} is not a change event envelope")
+            record = next((t for t in before if isinstance(t, dict) and t.get("type") == "record"), None)
+            if record is None:
+                raise DecodeError(f"{vschema.subject} is not a change event envelope")
+            self._converters[vschema.fingerprint] = sql_converters(record)
+        return self._converters[vschema.fingerprint]
+
+    @staticmethod
+    def image(envelope: dict[str, Any], convert: dict[str, Any], side: str) -> dict[str, Any] | None:
+        """The `before` or `after` row of a decoded envelope as PyMySQL parameters (None when absent)."""
+        row = envelope[side]
+        return None if row is None else {k: convert[k](v) for k, v in row.items()}

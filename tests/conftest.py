@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,6 +26,7 @@ import pymysql
 import pytest
 
 from djlink import services
+from djlink.process import NotReady, start_roles
 from djlink.services import ENV_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,40 +107,12 @@ class Site:
 
     def start(self, *roles: str, timeout: float = 90, **overrides: str) -> subprocess.Popen[str]:
         """Run `djlink run` for `roles` in a subprocess and wait for it to say it is ready."""
-        args = [sys.executable, "-m", "djlink", "run"]
-        for r in roles:
-            args += ["--role", r]
-        proc = subprocess.Popen(
-            args,
-            env=self.pipeline_env(**overrides),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-        )
+        try:
+            proc = start_roles(list(roles), self.pipeline_env(**overrides), ROOT, timeout=timeout)
+        except NotReady as exc:
+            raise AssertionError(str(exc)) from None
         self.processes.append(proc)
-        lines: queue.Queue[str | None] = queue.Queue()
-
-        def pump() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                lines.put(line)
-            lines.put(None)
-
-        threading.Thread(target=pump, daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = lines.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if line is None:
-                break
-            if "djlink: ready" in line:
-                return proc
-        proc.kill()
-        _, err = proc.communicate(timeout=10)
-        raise AssertionError(f"`djlink run {' '.join(roles)}` did not become ready: {err[-2000:]}")
+        return proc
 
     def connect_facade(self) -> None:
         """Point the façade at this test's services: dj.config for the destination, env for the rest."""

@@ -137,3 +137,37 @@ def test_a_flag_reaches_the_destination_and_unflagging_is_a_transition(site: Sit
     assert rows(site, "DEST", site.dest_schema, "recording", "recording_id") == rows(
         site, "SOURCE", site.source_schema, "recording", "recording_id"
     )
+
+
+def test_an_auto_pull_policy_shares_new_matching_rows_without_a_pull(site: Site, state_db: str) -> None:
+    site.start("capture", "agent")
+    site.start("applier", DJLINK_APPLIER_STATE_DB=state_db)
+    Source = declare_source(site)  # rows 1..3
+    Source.insert1({"recording_id": 4, "subject": "auto", "trace": b"before the policy"})
+    site.connect_facade()
+
+    @link(
+        site.source_host,
+        site.source_schema,
+        site.helper_schema,
+        "outbound",
+        site.dest_schema,
+        auto_pull={"subject": "auto"},
+    )
+    class Recording:
+        pass
+
+    for i, subject in ((10, "auto"), (11, "by hand"), (12, "auto")):
+        Source.insert1({"recording_id": i, "subject": subject, "trace": bytes([i]) * 100})
+        Source.Channel.insert1({"recording_id": i, "channel": 0, "gain": i, "label": subject})
+
+    def shared() -> list[tuple[Any, ...]]:
+        return rows(site, "SOURCE", site.helper_schema, "outbound", "recording_id")
+
+    # Nobody pulls: the new rows with subject 'auto' arrive, with their parts, and end Shared.
+    wait_for(lambda: [r[0] for r in shared() if r[1] == "NONE"] == [10, 12], 60, "rows 10 and 12 shared")
+    assert view(site, "DEST", (10, 11, 12)) == view(site, "SOURCE", (10, 12))
+    # Rows from before the policy, and new rows it does not match, stay at the source until pulled.
+    assert [r[0] for r in shared()] == [10, 12]
+    summary = (Recording().source & {"recording_id": 11}).pull()
+    assert summary.pulled == 1

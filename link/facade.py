@@ -165,6 +165,14 @@ class _Link:
         self._request("DELETE", spec, keys, display_progress, timeout, summary)
         return summary
 
+    def flagged(self, primary_key: list[str]) -> list[dict[str, Any]]:
+        columns = ", ".join(f"`{c}`" for c in primary_key)
+        rows = self.source_conn.query(
+            f"SELECT {columns} FROM `{self.helper_schema}`.`{self.helper_table}` WHERE is_flagged='TRUE' "
+            f"ORDER BY {columns}"
+        ).fetchall()
+        return [dict(zip(primary_key, row, strict=True)) for row in rows]
+
     def _request(
         self,
         kind: str,
@@ -270,9 +278,38 @@ def link(
             """Pull the source rows of this restriction (with their parts) to the destination."""
             return state.pull(spec, list(self.fetch("KEY")), display_progress, timeout)
 
-        source_view = type(source_class.__name__, (source_class,), {"pull": pull, "__module__": __name__})
+        primary_key = list(source_class.heading.primary_key)
+
+        def flagged(self: Any) -> list[dict[str, Any]]:
+            """Primary keys of the entities flagged at the source, read from the helper table now.
+
+            Read at the call, from the helper table itself: a flag set before
+            the call is always listed. A restriction: `Table() & Table().source.flagged`.
+            """
+            return state.flagged(primary_key)
+
+        members = {"pull": pull, "flagged": property(flagged), "__module__": __name__}
+        source_view = type(source_class.__name__, (source_class,), members)
         destination = _destination_class(cls.__name__, cls.__doc__, source_class)
         destination.source = property(lambda self: source_view())  # type: ignore[attr-defined]
+
+        def delete(self: Any, *, display_progress: bool = False, timeout: float | None = None) -> DeleteSummary:
+            """Delete these entities (with their parts) at the destination, through the source site.
+
+            Asks once under DataJoint's safemode; answering no changes nothing
+            anywhere. Returns when the source agent has recorded the outcome:
+            the helper row removed (Unshared), or `is_deprecated='TRUE'` for a
+            flagged entity (Deprecated).
+            """
+            keys = [{k: key[k] for k in primary_key} for key in self.fetch("KEY")]
+            if not keys:
+                return DeleteSummary(message="the restriction matches no rows; nothing to delete")
+            question = f"Delete {len(keys)} {cls.__name__} entities (with their part rows) at the destination?"
+            if dj.config["safemode"] and dj.utils.user_choice(question, default="no") != "yes":
+                return DeleteSummary(requested=len(keys), message="not deleted: nothing changed")
+            return state.delete(spec, keys, display_progress, timeout)
+
+        destination.delete = delete  # type: ignore[attr-defined]
         destination._djlink = (state, spec)  # type: ignore[attr-defined]  # the link behind the class
         dj.Schema(destination_schema)(destination)
         return destination

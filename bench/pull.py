@@ -12,8 +12,8 @@ with an 8 KiB longblob (1,024 float64, DataJoint-serialized) and 4 part rows
 1. INSERT ... SELECT: the same rows copied inside the source server into a
    schema with the same tables (master, then parts, one transaction): the
    database's own limit, entities/s.
-2. djlink: `djlink run --role capture --role agent` (source site) and
-   `djlink run --role applier` (destination site) as two processes, then in
+2. djlink: `djlink run --role capture`, `--role agent` (source site) and
+   `--role applier` (destination site) as three processes, then in
    this process the façade: `@link(...)` and `Recording().source.pull()` of
    all N (snapshot reads, Kafka, the applier's transactions, acks): entities/s
    from the call to its return (every entity acknowledged and Shared).
@@ -118,7 +118,8 @@ def djlink_pull(env: dict[str, str], names: dict[str, str], prefix: str, args: a
     pipeline = {"DJLINK_TOPIC_PREFIX": prefix, "DJLINK_ALLOWED_SCHEMAS": names["source"]}
     pipeline["DJLINK_CAPTURE_SERVER_ID"] = str(7000 + uuid.uuid4().int % 100000)
     processes = [
-        start_pipeline(env, ["capture", "agent"], pipeline),
+        start_pipeline(env, ["capture"], pipeline),
+        start_pipeline(env, ["agent"], pipeline),
         start_pipeline(env, ["applier"], pipeline | {"DJLINK_APPLIER_STATE_DB": f"{names['source']}_applier"}),
     ]
     try:

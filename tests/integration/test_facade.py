@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from typing import Any
 
 import datajoint as dj
@@ -86,3 +90,92 @@ def test_a_delete_asks_once_and_no_changes_nothing_anywhere(site: Site, monkeypa
     assert summary.deleted == 2, summary
     assert [r[0] for r in rows(site, "DEST", site.dest_schema, "recording", "recording_id")] == [1]
     assert rows(site, "SOURCE", site.helper_schema, "outbound", "recording_id") == [(1, "NONE", "FALSE", "FALSE")]
+
+
+PULLER = """
+import json, os, sys
+import datajoint as dj
+dj.config.update(json.loads(os.environ["TEST_DJ_CONFIG"]))
+from link import link
+Recording = link(*json.loads(os.environ["TEST_LINK_ARGS"]))(type("Recording", (), {}))
+ids = json.loads(sys.argv[1])
+s = (Recording().source & [{"recording_id": i} for i in ids]).pull(timeout=60)
+print(json.dumps({"pulled": s.pulled, "skipped": s.skipped, "refused": s.refused, "in_flight": s.in_flight}))
+"""
+
+
+def test_two_processes_pulling_overlapping_rows_both_succeed_and_each_entity_arrives_once(site: Site) -> None:
+    site.start("capture", "agent")
+    site.start("applier")
+    declare_source(site, n=30)
+    site.connect_facade()
+    env = {
+        **os.environ,
+        **site.pipeline_env(),
+        "LINK_USER": site.link_user,
+        "LINK_PASS": site.link_pass,
+        "TEST_DJ_CONFIG": json.dumps(
+            {k: dj.config[k] for k in ("database.host", "database.user", "database.password")}
+            | {"database.use_tls": False}
+        ),
+        "TEST_LINK_ARGS": json.dumps(
+            [site.source_host, site.source_schema, site.helper_schema, "outbound", site.dest_schema]
+        ),
+    }
+    wanted = {"a": list(range(1, 21)), "b": list(range(10, 31))}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", PULLER, json.dumps(ids)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, ids in wanted.items()
+    }
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-2000:]
+        results[name] = json.loads(out.strip().splitlines()[-1])
+    for name, ids in wanted.items():
+        r = results[name]
+        assert (r["pulled"] + r["skipped"], r["refused"], r["in_flight"]) == (len(ids), [], []), (name, r)
+    # Every entity once, with its parts, byte-identical; every helper row Shared.
+    for table, order in (("recording", "recording_id"), ("recording__channel", "recording_id, channel")):
+        assert rows(site, "DEST", site.dest_schema, table, order) == rows(
+            site, "SOURCE", site.source_schema, table, order
+        )
+    assert rows(site, "SOURCE", site.helper_schema, "outbound", "recording_id") == [
+        (i, "NONE", "FALSE", "FALSE") for i in range(1, 31)
+    ]
+
+
+def test_the_facade_needs_only_select_on_the_source_and_helper_schemas(site: Site) -> None:
+    site.start("capture", "agent")
+    site.start("applier")
+    declare_source(site)
+    site.connect_facade()
+    reader, password = f"{site.tag}_reader", "reader-pass"
+    conn = admin(site.env, "SOURCE")
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE USER '{reader}'@'%' IDENTIFIED BY '{password}'")
+        cur.execute(f"GRANT SELECT ON `{site.source_schema}`.* TO '{reader}'@'%'")
+        cur.execute(f"GRANT SELECT ON `{site.helper_schema}`.* TO '{reader}'@'%'")
+    try:
+        os.environ["LINK_USER"], os.environ["LINK_PASS"] = reader, password
+
+        @link(site.source_host, site.source_schema, site.helper_schema, "outbound", site.dest_schema)
+        class Recording:
+            pass
+
+        assert len(Recording().source) == 3
+        summary = (Recording().source & {"recording_id": 2}).pull()
+        assert summary.pulled == 1, summary
+        flag(site, 2)
+        assert Recording().source.flagged == [{"recording_id": 2}]
+        assert [r[0] for r in rows(site, "DEST", site.dest_schema, "recording", "recording_id")] == [2]
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP USER IF EXISTS '{reader}'@'%'")
+        conn.close()

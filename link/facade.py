@@ -81,8 +81,9 @@ def _definition(heading: Any, drop: set[str] = frozenset(), head: str = "") -> s
             lines.append("---")
             in_key = False
         default = attr.default
-        if default is not None and default.lower().startswith("current_timestamp"):
-            default = "CURRENT_TIMESTAMP"  # MariaDB reports current_timestamp(), which DataJoint cannot declare
+        if default is not None and default.strip("\"'").lower().startswith("current_timestamp"):
+            # MariaDB reports current_timestamp(), and DataJoint quotes it: declared so, it is a string.
+            default = "CURRENT_TIMESTAMP"
         name = attr.name if default is None else f"{attr.name} = {default}"
         # MariaDB reports json as longtext (with a json_valid check); DataJoint cannot declare longtext itself.
         sql_type = "json" if attr.type == "longtext" else attr.type

@@ -1,0 +1,110 @@
+"""The seed's functional scenarios 1, 2, 3 and 5 (shared/reference/STATES.md) through the façade and the event path.
+
+(Scenario 4 needs external stores; scenario 6 is in test_facade.py.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import datajoint as dj
+
+from link import link
+from tests.conftest import Site
+from tests.integration.test_pull import rows
+
+
+def running(site: Site) -> dj.Schema:
+    site.start("capture", "agent")
+    site.start("applier")
+    return dj.Schema(site.source_schema, connection=site.source_dj())
+
+
+def test_a_table_with_a_parent_and_a_current_timestamp_default_links_and_pulls(site: Site) -> None:
+    """Scenarios 1 and 2: a foreign key to another source table; a CURRENT_TIMESTAMP default."""
+    schema = running(site)
+
+    @schema
+    class Subject(dj.Manual):
+        definition = """
+        subject_id : int
+        ---
+        species : varchar(32)
+        """
+
+    @schema
+    class Session(dj.Manual):
+        definition = """
+        -> Subject
+        session : smallint
+        ---
+        started = CURRENT_TIMESTAMP : timestamp
+        note = "" : varchar(64)
+        """
+
+    Subject.insert([(1, "mouse"), (2, "rat")])
+    Session.insert([{"subject_id": 1, "session": 1, "note": "a"}, {"subject_id": 2, "session": 1, "note": "b"}])
+    site.connect_facade()
+
+    @link(site.source_host, site.source_schema, site.helper_schema, "session_outbound", site.dest_schema)
+    class Session:  # type: ignore[no-redef]
+        pass
+
+    summary = (Session().source & {"subject_id": 1}).pull()
+    assert summary.pulled == 1, summary
+    assert (
+        rows(site, "DEST", site.dest_schema, "session", "subject_id")
+        == rows(site, "SOURCE", site.source_schema, "session", "subject_id")[:1]
+    )
+    # The copy stands alone (no foreign key to a parent the destination lacks); the default is MariaDB's.
+    declared = dj.conn().query(f"SHOW CREATE TABLE `{site.dest_schema}`.`session`").fetchone()[1]
+    assert "FOREIGN KEY" not in declared and "current_timestamp()" in declared.lower()
+
+
+def test_a_computed_table_with_a_part_links_under_its_own_names_and_pulls(site: Site) -> None:
+    """Scenarios 3 and 5: a Computed source with a part table; part names ignore the tier prefix."""
+    schema = running(site)
+
+    @schema
+    class Stimulus(dj.Manual):
+        definition = """
+        stimulus_id : int
+        """
+
+    @schema
+    class Response(dj.Computed):
+        definition = """
+        -> Stimulus
+        ---
+        mean : double
+        """
+
+        class Trial(dj.Part):
+            definition = """
+            -> master
+            trial : int
+            ---
+            value : double
+            """
+
+        def make(self, key: dict[str, Any]) -> None:
+            self.insert1({**key, "mean": key["stimulus_id"] / 2})
+            self.Trial.insert({**key, "trial": t, "value": t * key["stimulus_id"]} for t in range(3))
+
+    Stimulus.insert([(1,), (2,), (3,)])
+    Response.populate()
+    site.connect_facade()
+
+    @link(site.source_host, site.source_schema, site.helper_schema, "ResponseOutbound", site.dest_schema)
+    class Response:  # type: ignore[no-redef]
+        pass
+
+    assert Response.Trial.__name__ == "Trial"  # the part, under its own name on the destination class
+    summary = (Response().source & "stimulus_id > 1").pull()
+    assert summary.pulled == 2, summary
+    assert Response().fetch("stimulus_id").tolist() == [2, 3]
+    assert len(Response.Trial()) == 6
+    assert (
+        rows(site, "DEST", site.dest_schema, "response__trial", "stimulus_id, trial")
+        == rows(site, "SOURCE", site.source_schema, "__response__trial", "stimulus_id, trial")[3:]
+    )

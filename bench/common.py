@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import datajoint as dj
-import pymysql
 from confluent_kafka.admin import AdminClient
 
 from djlink import services
@@ -31,15 +30,7 @@ def services_env() -> dict[str, str]:
 
 def connect(env: dict[str, str], side: str = "SOURCE", **extra: Any) -> Any:
     """An administrator's connection to the source or destination server (autocommit)."""
-    return pymysql.connect(
-        host=env[f"DJLINK_{side}_HOST"],
-        port=int(env[f"DJLINK_{side}_PORT"]),
-        user=env[f"DJLINK_{side}_USER"],
-        password=env[f"DJLINK_{side}_PASSWORD"],
-        autocommit=True,
-        charset="utf8mb4",
-        **extra,
-    )
+    return services.admin_connection(env, side, **extra)
 
 
 def start_pipeline(env: dict[str, str], roles: list[str], overrides: dict[str, str], timeout: float = 120) -> Any:

@@ -11,11 +11,9 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any
 
 import datajoint as dj
 import numpy as np
-import pymysql
 
 from djlink import services
 from djlink.cli import Role, run_roles
@@ -25,18 +23,8 @@ SOURCE, HELPER, DEST = "djlink_demo_source", "djlink_demo_helper", "djlink_demo_
 LINK_USER, LINK_PASS = "djlink_demo", "djlink-demo-password"
 
 
-def _admin(env: dict[str, str], side: str) -> Any:
-    return pymysql.connect(
-        host=env[f"DJLINK_{side}_HOST"],
-        port=int(env[f"DJLINK_{side}_PORT"]),
-        user=env[f"DJLINK_{side}_USER"],
-        password=env[f"DJLINK_{side}_PASSWORD"],
-        autocommit=True,
-    )
-
-
 def prepare_source(env: dict[str, str]) -> None:
-    conn = _admin(env, "SOURCE")
+    conn = services.admin_connection(env, "SOURCE")
     with conn.cursor() as cur:
         for db in (HELPER, SOURCE):
             cur.execute(f"DROP DATABASE IF EXISTS `{db}`")
@@ -79,7 +67,7 @@ def prepare_source(env: dict[str, str]) -> None:
 def main() -> None:
     started = time.monotonic()
     env = services.up(quiet=True)
-    conn = _admin(env, "DEST")
+    conn = services.admin_connection(env, "DEST")
     with conn.cursor() as cur:
         cur.execute(f"DROP DATABASE IF EXISTS `{DEST}`")
     conn.close()

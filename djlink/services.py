@@ -59,7 +59,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -673,6 +673,17 @@ def _running(sd: Path) -> dict[str, int]:
     """Services whose pid file names a live process of ours, by name."""
     found = {name: _running_pid(sd, name, marker) for name, marker in _markers(sd).items()}
     return {name: pid for name, pid in found.items() if pid is not None}
+
+
+def admin_connection(env: Mapping[str, str], side: str, **extra: Any) -> Any:
+    """An autocommit connection to the SOURCE or DEST server with the credentials in `env` (DJLINK_* keys)."""
+    return pymysql.connect(
+        host=env[f"DJLINK_{side}_HOST"],
+        port=int(env[f"DJLINK_{side}_PORT"]),
+        user=env[f"DJLINK_{side}_USER"],
+        password=env[f"DJLINK_{side}_PASSWORD"],
+        **{"autocommit": True, "charset": "utf8mb4", **extra},
+    )
 
 
 def load_env() -> dict[str, str] | None:

@@ -30,39 +30,44 @@ class LinkError(Exception):
 
 
 @dataclass
-class PullSummary:
-    """What a pull did, entity by entity."""
+class _Summary:
+    """What a request did at the source site, entity by entity."""
 
     requested: int = 0
-    pulled: int = 0
     skipped: int = 0
     refused: list[str] = field(default_factory=list)
     in_flight: list[str] = field(default_factory=list)
     message: str = ""
+    _words = ("done", "skipped", "request")
 
-    def __str__(self) -> str:
-        text = f"{self.pulled} pulled, {self.skipped} already shared, {len(self.refused)} refused"
+    def _text(self, done: int) -> str:
+        did, skipped, verb = self._words
+        text = f"{done} {did}, {self.skipped} {skipped}, {len(self.refused)} refused"
         if self.in_flight:
-            text += f", {len(self.in_flight)} still in flight (they complete in the background; pull again to wait)"
+            text += f", {len(self.in_flight)} still in flight (they complete in the background; {verb} again to wait)"
         return text + (f": {self.message}" if self.message else "")
 
 
 @dataclass
-class DeleteSummary:
-    """What a delete did at the source site, entity by entity."""
+class PullSummary(_Summary):
+    """What a pull did: pulled, already shared (skipped), refused with the reason, still in flight."""
 
-    requested: int = 0
-    deleted: int = 0  # destination rows gone, helper row gone (or deprecated, when flagged)
-    skipped: int = 0  # not shared (or already deprecated): nothing to do
-    refused: list[str] = field(default_factory=list)
-    in_flight: list[str] = field(default_factory=list)
-    message: str = ""
+    pulled: int = 0
+    _words = ("pulled", "already shared", "pull")
 
     def __str__(self) -> str:
-        text = f"{self.deleted} deleted, {self.skipped} not shared, {len(self.refused)} refused"
-        if self.in_flight:
-            text += f", {len(self.in_flight)} still in flight (they complete in the background; delete again to wait)"
-        return text + (f": {self.message}" if self.message else "")
+        return self._text(self.pulled)
+
+
+@dataclass
+class DeleteSummary(_Summary):
+    """What a delete did: deleted (helper row gone, or deprecated when flagged), not shared (skipped), ..."""
+
+    deleted: int = 0
+    _words = ("deleted", "not shared", "delete")
+
+    def __str__(self) -> str:
+        return self._text(self.deleted)
 
 
 def _sql_name(helper_table: str) -> str:

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import datajoint as dj
-import pymysql
 import pytest
 
 from djlink import services
@@ -43,14 +42,7 @@ def services_env() -> dict[str, str]:
 
 
 def admin(env: dict[str, str], side: str, **extra: Any) -> Any:
-    return pymysql.connect(
-        host=env[f"DJLINK_{side}_HOST"],
-        port=int(env[f"DJLINK_{side}_PORT"]),
-        user=env[f"DJLINK_{side}_USER"],
-        password=env[f"DJLINK_{side}_PASSWORD"],
-        autocommit=True,
-        **extra,
-    )
+    return services.admin_connection(env, side, **extra)
 
 
 def wait_for(condition: Any, timeout: float = 30.0, what: str = "condition", interval: float = 0.05) -> Any:

@@ -55,7 +55,10 @@ class Capture:
         return (db, table) in self._captured
 
     def _capture(self, links: dict[str, LinkSpec]) -> None:
-        self._captured = frozenset(t for spec in links.values() for t in spec.captured_tables())
+        captured = frozenset(t for spec in links.values() for t in spec.captured_tables())
+        if captured - getattr(self, "_captured", frozenset()):
+            log.info("capturing %s", ", ".join(sorted(f"{db}.{t}" for db, t in captured - self._captured)))
+        self._captured = captured
 
     def _on_ddl(self, db: str, query: str) -> None:
         self._history.forget(db)

@@ -34,7 +34,7 @@ from schemas.tables import EnvelopeReader
 
 log = logging.getLogger(__name__)
 HELPER_COLUMNS = ("process", "is_flagged", "is_deprecated")
-CAPTURE_WAIT_S = 3.0  # how long a REGISTER reply waits for the capture to read the new link's signal
+CAPTURE_WAIT_S = 5.0  # how long a REGISTER reply waits for the capture to read the new link's signal
 
 
 class Refused(Exception):
@@ -136,6 +136,7 @@ class SourceAgent:
         self._p.flush(30)
         if delivered:
             self._awaiting_capture[rid] = (delivered[0], link.link_id, time.monotonic() + CAPTURE_WAIT_S)
+        log.info("told the capture of link %s (signal at offset %s)", link.link_id, delivered)
 
     def _answer_registrations(self) -> None:
         """Reply to REGISTER commands whose signal the capture has read (or after CAPTURE_WAIT_S without)."""
@@ -152,6 +153,7 @@ class SourceAgent:
             return
         self._p.begin_transaction()
         for rid, link_id, seen in done:
+            log.info("link %s: capture %s (its signal offset %s)", link_id, "confirmed" if seen else "silent", read)
             note = "" if seen else " (the capture has not confirmed it yet: is `djlink run --role capture` running?)"
             self._reply(rid, "ACCEPTED", message=f"link {link_id} registered{note}")
             del self._awaiting_capture[rid]
@@ -160,7 +162,7 @@ class SourceAgent:
     def _auto_pulls(self) -> None:
         """Pull the new master rows that their link's auto-pull policy approves: one Kafka transaction
         with the offsets of the change events read, as for any message the agent handles."""
-        if self._registry.refresh(0):
+        if self._registry.refresh(0) or self._auto.missing:
             self._auto.follow()
         taken = self._auto.take()
         if taken is None:
@@ -414,6 +416,7 @@ class AutoPull:
         self._codec = schemas.Codec(SchemaTopic(settings, topics).resolve)
         self._envelopes = EnvelopeReader(self._codec)
         self._following: dict[str, str] = {}  # master topic -> link id
+        self.missing: list[str] = []  # wanted topics not assigned yet
 
     def follow(self) -> None:
         """Assign the master topics of links whose policy is on; drop those whose policy went off."""
@@ -426,6 +429,9 @@ class AutoPull:
         if gone:
             self._c.incremental_unassign([TopicPartition(t, p) for t in gone for p in self._partitions(t)])
         new = [TopicPartition(t, p) for t in wanted if t not in self._following for p in self._partitions(t)]
+        assigned = {tp.topic for tp in new}
+        # A topic whose partitions the broker does not report yet is tried again (see `missing`).
+        self.missing = [t for t in wanted if t not in self._following and t not in assigned]
         if new:
             committed = self._c.committed(new, timeout=10)
             for tp, done in zip(new, committed, strict=True):
@@ -434,7 +440,7 @@ class AutoPull:
                 else:
                     tp.offset = self._c.get_watermark_offsets(tp, timeout=10)[1]
             self._c.incremental_assign(new)
-        self._following = wanted
+        self._following = {t: link_id for t, link_id in wanted.items() if t not in self.missing}
 
     def _partitions(self, topic: str) -> list[int]:
         meta = self._c.list_topics(topic, timeout=10).topics.get(topic)

@@ -103,6 +103,9 @@ PROGRESS_EVERY_S = 1.0  # store offsets that moved without applying anything at 
 ORPHAN_AFTER_MS = 30_000
 TRANSACTION_FIELDS = frozenset({"status", "id", "data_collections", "request_id", "link_id"})
 ER_NO_SUCH_TABLE = 1146
+# Per processing outcome: whether the entity's rows are at the destination afterwards, and where the ack lists it.
+HERE_AFTER = {Outcome.APPLY: True, Outcome.KEEP: True, Outcome.REMOVE: False, Outcome.DEPRECATE: False}
+ACK_FIELD = {Outcome.APPLY: "keys", Outcome.KEEP: "keys", Outcome.REMOVE: "deleted", Outcome.DEPRECATE: "deprecate"}
 WAITING_WARN_S = 5.0  # warn when the next unit in order has been incomplete this long
 MAX_BATCH_EVENTS = 20_000  # events per destination transaction, at most (a unit is never split)
 UNKNOWN_SCHEMA_TTL_S = 10.0  # a fingerprint the schema topic lacked is not looked up again this soon
@@ -781,14 +784,12 @@ class Applier:
                 plan.write("delete", (link.destination_db, destination_name(table)), key_row)
         ack: dict[str, Any] = {"keys": [], "deleted": [], "deprecate": [], "skipped": []}
         for key, (outcome, reason) in outcomes.items():
-            here = {Outcome.APPLY: True, Outcome.KEEP: True, Outcome.REMOVE: False, Outcome.DEPRECATE: False}
-            if outcome in here:
-                local[key] = dataclasses.replace(local.get(key) or state(key), at_destination=here[outcome])
-            field_of = {Outcome.APPLY: "keys", Outcome.KEEP: "keys", Outcome.REMOVE: "deleted"}
+            if outcome in HERE_AFTER:
+                local[key] = dataclasses.replace(local.get(key) or state(key), at_destination=HERE_AFTER[outcome])
             if outcome is Outcome.SKIP:
                 ack["skipped"].append(f"{key[1]}: {reason}")
             else:
-                ack[field_of.get(outcome, "deprecate")].append(key[1])
+                ack[ACK_FIELD[outcome]].append(key[1])
         assert plan.unit.end is not None
         ack.update(link_id=link.link_id, unit_id=plan.unit_id, request_id=plan.unit.end["request_id"], ts_ms=now_ms())
         plan.ack = self._codec.encode(schemas.FIXED["ack"], ack)

@@ -319,20 +319,18 @@ class OffsetsStore:
     def flags_sent(self, cur: Any, entities: Iterable[tuple[str, str]]) -> None:
         """The flags topic has these entities' changes: clear the outbox, forget entities with nothing left."""
         done = list(entities)
-        for start in range(0, len(done), 1000):
-            chunk = done[start : start + 1000]
-            cur.execute(
-                f"UPDATE {self._entities} SET `flag_pending`=0 WHERE `consumer_group`=%s AND "
-                f"(`link_id`, `key_hash`) IN ({', '.join(['(%s, %s)'] * len(chunk))})",
-                (self.group, *(v for link_id, key in chunk for v in (link_id, key_hash(key)))),
-            )
+        self._on_entities(cur, f"UPDATE {self._entities} SET `flag_pending`=0", done)
         self._delete_entities(cur, done, " AND `process` IS NULL AND `at_destination`=0")
 
     def _delete_entities(self, cur: Any, entities: list[tuple[str, str]], condition: str) -> None:
+        self._on_entities(cur, f"DELETE FROM {self._entities}", entities, condition)
+
+    def _on_entities(self, cur: Any, head: str, entities: list[tuple[str, str]], condition: str = "") -> None:
+        """`head` (an UPDATE or DELETE of `entities`) for these (link id, key) pairs, 1,000 at a time."""
         for start in range(0, len(entities), 1000):
             chunk = entities[start : start + 1000]
             cur.execute(
-                f"DELETE FROM {self._entities} WHERE `consumer_group`=%s AND "
+                f"{head} WHERE `consumer_group`=%s AND "
                 f"(`link_id`, `key_hash`) IN ({', '.join(['(%s, %s)'] * len(chunk))}){condition}",
                 (self.group, *(v for link_id, key in chunk for v in (link_id, key_hash(key)))),
             )

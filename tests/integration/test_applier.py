@@ -51,14 +51,21 @@ def declare_recordings(site: Site, n: int) -> Any:
     return Recording
 
 
-def pull_without_waiting(requests: Requests, spec: LinkSpec, ids: list[int]) -> None:
-    """Send a PULL and return once the agent accepted it (the entities are then in flight)."""
-    replies = requests.ask("PULL", spec, [keycodec.encode({"recording_id": i}) for i in ids], 60)
+def ask(requests: Requests, kind: str, spec: LinkSpec, ids: list[int], timeout: float = 90) -> dict[str, Any]:
+    """Send a pull or delete and return the agent's acceptance (its entities are then in flight)."""
+    replies = requests.ask(kind, spec, [keycodec.encode({"recording_id": i}) for i in ids], timeout)
     try:
         accepted = next(replies)
     finally:
         replies.close()
-    assert accepted["status"] == "ACCEPTED" and accepted["activated"] == len(ids), accepted
+    assert accepted["status"] == "ACCEPTED", accepted
+    return accepted
+
+
+def pull_without_waiting(requests: Requests, spec: LinkSpec, ids: list[int]) -> None:
+    """Send a PULL and return once the agent accepted it (the entities are then in flight)."""
+    accepted = ask(requests, "PULL", spec, ids, 60)
+    assert accepted["activated"] == len(ids), accepted
 
 
 def units_of(site: Site, spec: LinkSpec) -> dict[str, tuple[int, int]]:

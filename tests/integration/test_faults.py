@@ -18,7 +18,7 @@ from djlink.topics import Topics, read_to_end
 from link import link
 from link.requests import Requests
 from tests.conftest import Site, admin, scalar, wait_for
-from tests.integration.test_applier import declare_recordings
+from tests.integration.test_applier import ask, declare_recordings
 from tests.integration.test_pull import rows
 
 
@@ -52,16 +52,6 @@ class MirrorLoad(threading.Thread):
             conn.close()
         except BaseException as exc:
             self.error = exc
-
-
-def ask(requests: Requests, kind: str, spec: LinkSpec, ids: list[int]) -> None:
-    """Send a pull or delete and return once the agent accepted it (its entities are then in flight)."""
-    replies = requests.ask(kind, spec, [keycodec.encode({"recording_id": i}) for i in ids], 90)
-    try:
-        accepted = next(replies)
-    finally:
-        replies.close()
-    assert accepted["status"] == "ACCEPTED", accepted
 
 
 def test_agent_and_applier_killed_at_random_moments_under_load_leave_every_entity_in_its_end_state(

@@ -224,10 +224,10 @@ class SourceAgent:
             if cmd["kind"] != "REGISTER" or requested.auto_pull is None:  # only a REGISTER sets the policy
                 requested = dataclasses.replace(requested, auto_pull=registered.auto_pull if registered else None)
             link = self._register(requested, rid)
-            if cmd["kind"] == "REGISTER" and rid not in self._awaiting_capture:
-                self._reply(rid, "ACCEPTED", message=f"link {link.link_id} registered")
-            else:
+            if cmd["kind"] != "REGISTER":
                 self._request(rid, link, cmd["kind"], cmd["keys"])
+            elif rid not in self._awaiting_capture:  # else answered once the capture has read the link
+                self._reply(rid, "ACCEPTED", message=f"link {link.link_id} registered")
         except Refused as exc:
             self._db.rollback()
             self._reply(rid, "REFUSED", message=str(exc))

@@ -190,6 +190,31 @@ def test_only_linked_tables_reach_kafka(site: Site) -> None:
         conn.close()
 
 
+def test_a_running_capture_publishes_rows_inserted_right_after_the_first_link(site: Site) -> None:
+    """The REGISTER reply waits until the running capture has read the new link: the next insert is published."""
+    site.start("capture", "agent")
+    signals = Topics(site.topic_prefix).signals
+    for table in ("first", "second"):
+        create_table(site, site.source_schema, table)
+        signal_at = committed_count(site, signals)  # the link's signal will be at this offset or later
+        register(site, table)
+        # Deterministic: the reply came only after the capture committed its read of the link's signal.
+        capture_group = f"{site.topic_prefix}-capture"
+        c = Consumer({"bootstrap.servers": site.env["DJLINK_KAFKA_BOOTSTRAP"], "group.id": capture_group})
+        try:
+            [read] = c.committed([TopicPartition(signals, 0)], timeout=10)
+        finally:
+            c.close()
+        assert read.offset > signal_at, f"the capture had not read the signal of {table} when the link was accepted"
+        conn = admin(site.env, "SOURCE")
+        with conn.cursor() as cur:
+            cur.execute(f"INSERT INTO `{site.source_schema}`.`{table}` VALUES (7, 7)")
+        conn.close()
+        topic = Topics(site.topic_prefix).table(site.source_schema, table)
+        events = wait_for(lambda t=topic: read_topic(site, t), 30, f"the row inserted into {table}")  # type: ignore[misc]
+        assert [e["after"]["id"] for e in events] == [7]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -157,9 +157,7 @@ def test_an_auto_pull_policy_shares_new_matching_rows_without_a_pull(site: Site,
     class Recording:
         pass
 
-    # Known issue (see the issue 4 note): a running capture can miss rows inserted right after the first
-    # @link of a table. A pull first (its snapshot signal carries the link to the capture, as tested).
-    assert (Recording().source & {"recording_id": 1}).pull().pulled == 1
+    # Inserted right after the first @link of the table: the running capture already captures it.
     for i, subject in ((10, "auto"), (11, "by hand"), (12, "auto")):
         Source.insert1({"recording_id": i, "subject": subject, "trace": bytes([i]) * 100})
         Source.Channel.insert1({"recording_id": i, "channel": 0, "gain": i, "label": subject})
@@ -168,9 +166,9 @@ def test_an_auto_pull_policy_shares_new_matching_rows_without_a_pull(site: Site,
         return rows(site, "SOURCE", site.helper_schema, "outbound", "recording_id")
 
     # Nobody pulls: the new rows with subject 'auto' arrive, with their parts, and end Shared.
-    wait_for(lambda: [r[0] for r in shared() if r[1] == "NONE"] == [1, 10, 12], 60, "rows 10 and 12 shared")
+    wait_for(lambda: [r[0] for r in shared() if r[1] == "NONE"] == [10, 12], 60, "rows 10 and 12 shared")
     assert view(site, "DEST", (10, 11, 12)) == view(site, "SOURCE", (10, 12))
     # Rows from before the policy, and new rows it does not match, stay at the source until pulled.
-    assert [r[0] for r in shared()] == [1, 10, 12]
+    assert [r[0] for r in shared()] == [10, 12]
     summary = (Recording().source & {"recording_id": 11}).pull()
     assert summary.pulled == 1

@@ -50,6 +50,19 @@ class SchemaHistory:
             )
             return [r[0] for r in cur.fetchall()]
 
+    def external_columns(self, db: str, tables: list[str]) -> list[tuple[str, str, str]]:
+        """(table, column, store) of the in-store attributes of `tables`: their foreign keys to `~external_<store>`."""
+        if not tables:
+            return []
+        with self._cursor() as cur:
+            cur.execute(
+                "SELECT table_name, column_name, referenced_table_name FROM information_schema.key_column_usage "
+                f"WHERE table_schema=%s AND table_name IN ({', '.join(['%s'] * len(tables))}) "
+                "AND referenced_table_schema=%s AND referenced_table_name LIKE %s ORDER BY table_name, column_name",
+                (db, *tables, db, "~external\\_%"),
+            )
+            return [(r[0], r[1], r[2][len("~external_") :]) for r in cur.fetchall()]
+
     def _read(self, db: str, table: str) -> TableShape:
         with self._cursor() as cur:
             cur.execute(

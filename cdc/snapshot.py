@@ -96,7 +96,17 @@ class SnapshotSource:
             cur.execute("SELECT @@gtid_binlog_pos AS g")
             gtid = cur.fetchone()["g"] or None
             changes: list[RowChange] = []
-            # The helper rows first, read with the data: the applier acts on the state they were in then.
+            # The tracking rows of the objects the entities reference, then the helper rows, then the data,
+            # all in this one read: the applier copies those objects and acts on the helper state of then.
+            for db, table in link.external_tables():
+                store = table[len("~external_") :]
+                refs = [(t, c) for t, c, st in link.externals if st == store]
+                union = " UNION ".join(f"SELECT {quote(c)} FROM {quote(db)}.{quote(t)} WHERE {where}" for t, c in refs)
+                columns = ", ".join(select_expression(c) for c in self._history.shape(db, table).columns)
+                cur.execute(
+                    f"SELECT {columns} FROM {quote(db)}.{quote(table)} WHERE hash IN ({union})", params * len(refs)
+                )
+                changes.extend(RowChange(db, table, "r", None, row) for row in cur.fetchall())
             for db, table in [(link.helper_db, link.helper_table), *link.data_tables()]:
                 columns = ", ".join(select_expression(c) for c in self._history.shape(db, table).columns)
                 cur.execute(f"SELECT {columns} FROM {quote(db)}.{quote(table)} WHERE {where}", params)

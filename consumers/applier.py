@@ -92,6 +92,7 @@ from consumers.offsets_store import (
 from djlink import keys as keycodec
 from djlink.config import ConfigError, Settings
 from djlink.links import LinkRegistry, LinkSpec, destination_name
+from djlink.stores import ObjectError, StoreError, Stores, copy_object
 from djlink.topics import Admin, SchemaTopic, Topics, consumer, now_ms, producer, where
 from schemas.tables import EnvelopeReader
 
@@ -197,6 +198,7 @@ class PendingUnit:
 
 EntityKey = tuple[str, str]  # link id, canonical primary key
 Target = tuple[str, str]  # destination db, table
+TrackedKey = tuple[str, str, bytes]  # source db, store, hash: one `~external_<store>` row
 
 
 @dataclass
@@ -210,6 +212,7 @@ class Plan:
     writes: list[tuple[str, Target, list[dict[str, Any]]]] = field(default_factory=list)
     states: dict[EntityKey, EntityState] = field(default_factory=dict)  # as the unit leaves them
     flags: dict[EntityKey, int] = field(default_factory=dict)  # flag changed -> source commit ms
+    tracked: dict[TrackedKey, dict[str, Any] | None] = field(default_factory=dict)  # `~external` rows captured
     ack: bytes | None = None
 
     def write(self, kind: str, target: Target, row: dict[str, Any]) -> None:
@@ -301,7 +304,14 @@ class Applier:
         self._by_topic: dict[str, str] = {}  # change topic -> 'db.table'
         self._links_of: dict[str, LinkSpec] = {}  # 'db.table' -> link, data tables only
         self._helper_of: dict[str, LinkSpec] = {}  # 'db.table' of a helper table -> its link
-        self._tracked: set[str] = set()  # 'db.table' of the tables read: data and helper tables
+        self._tracked: set[str] = set()  # 'db.table' of the tables read: data, external and helper tables
+        self._store_of: dict[str, str] = {}  # 'db.~external_<store>' -> store
+        self._in_store: dict[str, list[tuple[str, str]]] = {}  # 'db.table' -> (column, store) of in-store attributes
+        self._source_stores = Stores(settings.source_stores, "DJLINK_SOURCE_STORES")
+        self._destination_stores = Stores(settings.destination_stores, "DJLINK_DEST_STORES")
+        self._copied: set[tuple[str, str, bytes]] = set()  # (destination store, db, hash) copied by this process
+        self._tracked_overlay: dict[TrackedKey, dict[str, Any] | None] = {}  # of the batch being planned
+        self.objects_copied = 0
         self._entities: dict[EntityKey, EntityState] = {}
         self._positions: dict[int, int] = {}  # replication domain -> seq no of the last source transaction applied
         self._flag_outbox: dict[EntityKey, int] = {}  # flag changes committed, not yet on the flags topic
@@ -383,13 +393,20 @@ class Applier:
         self._by_topic = {}
         self._links_of = {}
         self._helper_of = {}
+        self._store_of = {}
+        self._in_store = {}
         for link in links.values():
             for db, table in link.data_tables():
                 self._by_topic[self.topics.table(db, table)] = f"{db}.{table}"
                 self._links_of[f"{db}.{table}"] = link
             self._by_topic[self.topics.table(link.helper_db, link.helper_table)] = link.helper_collection
             self._helper_of[link.helper_collection] = link
-        self._tracked = set(self._links_of) | set(self._helper_of)
+            for db, table in link.external_tables():
+                self._by_topic[self.topics.table(db, table)] = f"{db}.{table}"
+                self._store_of[f"{db}.{table}"] = table[len("~external_") :]
+            for table, column, store in link.externals:
+                self._in_store.setdefault(f"{link.source_db}.{table}", []).append((column, store))
+        self._tracked = set(self._links_of) | set(self._helper_of) | set(self._store_of)
         self._captured = {f"{db}.{table}" for link in links.values() for db, table in link.captured_tables()}
         return [self.topics.transaction, *sorted(self._by_topic)]
 
@@ -653,6 +670,7 @@ class Applier:
         """The plans of units with something to do; units that cannot be converted are given up."""
         plans: list[Plan] = []
         overlay: dict[EntityKey, EntityState] = {}
+        self._tracked_overlay = {}
         for unit_id, unit in batch:
             end = unit.end
             assert end is not None
@@ -672,9 +690,13 @@ class Applier:
                 reason = f"cannot convert the unit's rows: {describe(exc)}"
                 self._give_up(unit_id, unit, end["link_id"], reason, store_offsets=False)
                 continue
+            except (ObjectError, StoreError) as exc:  # a mirrored row's object: the unit cannot be applied whole
+                self._give_up(unit_id, unit, end["link_id"], f"external object: {exc}", store_offsets=False)
+                continue
             if plan is not None:
                 plans.append(plan)
                 overlay.update(plan.states)
+                self._tracked_overlay.update(plan.tracked)
         return plans
 
     def _state(self, key: EntityKey, overlay: dict[EntityKey, EntityState]) -> EntityState:
@@ -711,12 +733,17 @@ class Applier:
                     plan.flags[key] = int(event.envelope["source"]["ts_ms"])
                 if link is not None:
                     helpers[key] = after
+            store = self._store_of.get(event.collection)
+            if store is not None:
+                image = after or before
+                assert image is not None
+                plan.tracked[(event.collection.split(".", 1)[0], store, bytes(image["hash"]))] = after
         if link is not None:
             self._plan_processing(plan, link, changes, helpers, local, state)
         else:
             self._plan_mirroring(plan, changes, state)
         plan.states = local
-        if not plan.writes and not plan.states and plan.ack is None:
+        if not plan.writes and not plan.states and plan.ack is None and not plan.tracked:
             return None
         return plan
 
@@ -745,11 +772,51 @@ class Applier:
             if after is None:
                 assert before is not None
                 plan.write("delete", target, {c: before[c] for c in row_key})
-            elif before is not None and any(before[c] != after[c] for c in row_key):
+                continue
+            self._write_objects(plan, data_of, event.collection, after)  # before the row that references them
+            if before is not None and any(before[c] != after[c] for c in row_key):
                 # The primary key changed: an UPDATE, so that the parts' foreign keys cascade as at the source.
                 plan.write("rekey", target, {"key": {c: before[c] for c in row_key}, "row": after})
             else:
                 plan.write("upsert", target, after)
+
+    def _objects_of(
+        self, plan: Plan, link: LinkSpec, collection: str, row: dict[str, Any]
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """(source store, tracking row) of each object `row` references, copied to the destination store and
+        verified by content hash. Raises ObjectError or StoreError: then the row must not be applied."""
+        found = []
+        db = collection.split(".", 1)[0]
+        for column, store in self._in_store.get(collection, ()):
+            digest = row.get(column)
+            if digest is None:
+                continue
+            key = (db, store, bytes(digest))
+            tracked = plan.tracked.get(key) or self._tracked_overlay.get(key)
+            if tracked is None:
+                tracked = self._transact(partial(self._store.load_tracked, db=db, store=store, digest=key[2]))
+            if tracked is None:
+                raise ObjectError(f"no `~external_{store}` row captured for {column} of {collection}")
+            destination = link.destination_store(store)
+            done = (destination, link.destination_db, key[2])
+            if done not in self._copied:
+                copy_object(
+                    tracked,
+                    self._source_stores[store],
+                    db,
+                    self._destination_stores[destination],
+                    link.destination_db,
+                )
+                self._copied.add(done)
+                self.objects_copied += 1
+            found.append((store, tracked))
+        return found
+
+    def _write_objects(self, plan: Plan, link: LinkSpec, collection: str, row: dict[str, Any]) -> None:
+        """Copy the objects `row` references, and write their tracking rows at the destination (before it)."""
+        for store, tracked in self._objects_of(plan, link, collection, row):
+            target = (link.destination_db, f"~external_{link.destination_store(store)}")
+            plan.write("upsert", target, dict(tracked))
 
     def _plan_processing(
         self,
@@ -771,18 +838,38 @@ class Applier:
         ]
         present = self._present(link, [k[1] for k in flagged_pulls]) if flagged_pulls else set()
         outcomes = {k: decide_process(helpers.get(k), k[1] in present) for k in entities}
-        for event, _, after in changes:
-            data_of = self._links_of.get(event.collection)
-            if data_of is None or after is None:
+        applied = [
+            (event, key, after)
+            for event, _, after in changes
+            if self._links_of.get(event.collection) is not None
+            and after is not None
+            and outcomes.get(key := (link.link_id, keycodec.encode(after, pk)), (Outcome.SKIP, ""))[0] is Outcome.APPLY
+        ]
+        # The objects first, entity by entity: one missing or not matching its hash keeps its entity out.
+        objects: dict[int, list[tuple[str, dict[str, Any]]]] = {}
+        failed: dict[EntityKey, str] = {}
+        for i, (event, key, after) in enumerate(applied):
+            if key in failed:
                 continue
-            key = (link.link_id, keycodec.encode(after, pk))
-            if outcomes.get(key, (Outcome.SKIP, ""))[0] is Outcome.APPLY:
-                plan.write("upsert", (link.destination_db, destination_name(event.collection.split(".", 1)[1])), after)
+            try:
+                objects[i] = self._objects_of(plan, link, event.collection, after)
+            except (ObjectError, StoreError) as exc:
+                failed[key] = f"external object: {exc}"
+                log.warning("entity %s of %s not applied: %s", key[1], link.link_id, failed[key])
+        for i, (event, key, after) in enumerate(applied):
+            if key in failed:
+                continue
+            for store, tracked in objects.get(i, []):
+                plan.write("upsert", (link.destination_db, f"~external_{link.destination_store(store)}"), dict(tracked))
+            plan.write("upsert", (link.destination_db, destination_name(event.collection.split(".", 1)[1])), after)
         removed = [keycodec.decode(k[1]) for k, (o, _) in outcomes.items() if o is Outcome.REMOVE]
         for _db, table in reversed(link.data_tables()):  # parts first: they reference the master
             for key_row in removed:
                 plan.write("delete", (link.destination_db, destination_name(table)), key_row)
-        ack: dict[str, Any] = {"keys": [], "deleted": [], "deprecate": [], "skipped": []}
+        ack: dict[str, Any] = {"keys": [], "deleted": [], "deprecate": [], "skipped": [], "failed": []}
+        for key, reason in failed.items():
+            ack["failed"].append(f"{key[1]}: {reason}")
+            del outcomes[key]
         for key, (outcome, reason) in outcomes.items():
             if outcome in HERE_AFTER:
                 local[key] = dataclasses.replace(local.get(key) or state(key), at_destination=HERE_AFTER[outcome])
@@ -842,6 +929,7 @@ class Applier:
             states = {k: s for p in live for k, s in p.states.items()}
             self._store.save_entities(cur, states, [k for p in live for k in p.flags])
             self._store.save_positions(cur, {p.gtid[0]: p.unit_id for p in live if p.gtid is not None})
+            self._store.save_tracked(cur, {k: row for p in live for k, row in p.tracked.items()})
             self._store.save_offsets(cur, offsets)
             return before, live
 

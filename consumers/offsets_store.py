@@ -146,6 +146,7 @@ class OffsetsStore:
         self._units = f"{quote(database)}.`applied_units`"
         self._entities = f"{quote(database)}.`entities`"
         self._positions = f"{quote(database)}.`source_positions`"
+        self._objects = f"{quote(database)}.`tracked_objects`"
 
     def ensure(self, cur: Any) -> None:
         """Create the database and tables when missing."""
@@ -202,6 +203,22 @@ class OffsetsStore:
             " PRIMARY KEY (`consumer_group`, `domain_id`)"
             ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"
             " COMMENT 'djlink applier: how far the source transactions are applied, per replication domain'"
+        )
+
+        cur.execute(
+            f"CREATE TABLE IF NOT EXISTS {self._objects} ("
+            "`consumer_group` varchar(255) NOT NULL,"
+            " `source_db` varchar(64) NOT NULL,"
+            " `store` varchar(64) NOT NULL,"
+            " `hash` binary(16) NOT NULL,"
+            " `size` bigint unsigned NOT NULL,"
+            " `attachment_name` varchar(255) NULL,"
+            " `filepath` varchar(1000) NULL,"
+            " `contents_hash` binary(16) NULL,"
+            " `timestamp` timestamp NULL,"
+            " PRIMARY KEY (`consumer_group`, `source_db`, `store`, `hash`)"
+            ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"
+            " COMMENT 'djlink applier: the source stores'' ~external rows as captured'"
         )
 
     def load_offsets(self, cur: Any) -> dict[Partition, int]:
@@ -358,6 +375,51 @@ class OffsetsStore:
                 "VALUES (%s, %s, %s, %s) ON DUPLICATE KEY UPDATE `seq_no`=VALUES(`seq_no`), `gtid`=VALUES(`gtid`)",
                 [(self.group, d, _seq_no(g), g) for d, g in sorted(gtids.items())],
             )
+
+    # -- tracked objects ---------------------------------------------------------------
+
+    def save_tracked(self, cur: Any, rows: Mapping[tuple[str, str, bytes], Mapping[str, Any] | None]) -> None:
+        """Keep the `~external` rows captured ((source db, store, hash) -> row; None: deleted at the source)."""
+        gone = [k for k, row in rows.items() if row is None]
+        for db, store, digest in gone:
+            cur.execute(
+                f"DELETE FROM {self._objects} "
+                "WHERE `consumer_group`=%s AND `source_db`=%s AND `store`=%s AND `hash`=%s",
+                (self.group, db, store, digest),
+            )
+        kept = [(k, row) for k, row in rows.items() if row is not None]
+        if kept:
+            cur.executemany(
+                f"REPLACE INTO {self._objects} VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                [
+                    (
+                        self.group,
+                        db,
+                        store,
+                        digest,
+                        row["size"],
+                        row.get("attachment_name"),
+                        row.get("filepath"),
+                        row.get("contents_hash"),
+                        row.get("timestamp"),
+                    )
+                    for (db, store, digest), row in kept
+                ],
+            )
+
+    def load_tracked(self, cur: Any, db: str, store: str, digest: bytes) -> dict[str, Any] | None:
+        """The `~external_<store>` row of `digest` in source schema `db` as last captured, or None."""
+        cur.execute(
+            f"SELECT `hash`, `size`, `attachment_name`, `filepath`, `contents_hash`, `timestamp` FROM {self._objects} "
+            "WHERE `consumer_group`=%s AND `source_db`=%s AND `store`=%s AND `hash`=%s",
+            (self.group, db, store, digest),
+        )
+        row = cur.fetchone()
+        if row is None:
+            return None
+        return dict(
+            zip(("hash", "size", "attachment_name", "filepath", "contents_hash", "timestamp"), row, strict=True)
+        )
 
     def outcome(self, cur: Any, unit_id: str) -> str | None:
         """How a unit finished ('applied', 'dead-letter'), or None when it has not."""

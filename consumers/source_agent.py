@@ -244,10 +244,12 @@ class SourceAgent:
             shape = self._history.shape(requested.source_db, requested.source_table)
         except UnknownTable as exc:
             raise Refused(str(exc)) from exc
+        parts = self._history.part_tables(requested.source_db, requested.source_table)
         link = dataclasses.replace(
             requested,
-            part_tables=tuple(self._history.part_tables(requested.source_db, requested.source_table)),
+            part_tables=tuple(parts),
             primary_key=shape.primary_key,
+            externals=tuple(self._history.external_columns(requested.source_db, [requested.source_table, *parts])),
         )
         self._ensure_helper_table(link)
         self._admin.ensure(self.topics.table(db, t) for db, t in link.captured_tables())
@@ -396,7 +398,8 @@ class SourceAgent:
         if ack["request_id"]:
             refused = [f"{k}: flagged at the source; now deprecated" for k in ack.get("deprecate") or []]
             refused += ack.get("skipped") or []
-            self._reply(ack["request_id"], "PROGRESS", done=[*ack["keys"], *deleted], refused=refused)
+            failed = ack.get("failed") or []
+            self._reply(ack["request_id"], "PROGRESS", done=[*ack["keys"], *deleted], refused=refused, failed=failed)
 
 
 class AutoPull:

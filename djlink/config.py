@@ -8,6 +8,7 @@ the façade additionally reads `LINK_USER`/`LINK_PASS` as datajoint-link did.
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,6 +38,18 @@ def _number(env: Mapping[str, str], name: str, default: str, kind: type = int, m
     return value
 
 
+def _stores(env: Mapping[str, str], name: str) -> dict[str, dict[str, Any]]:
+    """A JSON object of DataJoint store specs ({name: dj.config['stores'][name]}), or a one-line ConfigError."""
+    text = env.get(name) or "{}"
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{name} is not JSON ({exc}); give {{store: {{protocol, location, ...}}}}") from None
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise ConfigError(f"{name} must be a JSON object of store specs, as dj.config['stores'] holds them")
+    return value
+
+
 @dataclass(frozen=True)
 class Database:
     host: str
@@ -63,6 +76,8 @@ class Settings:
     metrics_port: int | None
     snapshot_mode: str
     applier_batch_units: int
+    source_stores: Any  # {store: DataJoint store spec}: where the applier reads the source's objects
+    destination_stores: Any  # {store: DataJoint store spec}: where it writes the destination's
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -92,6 +107,8 @@ class Settings:
             metrics_port=_number(env, "DJLINK_METRICS_PORT", "0") if env.get("DJLINK_METRICS_PORT") else None,
             snapshot_mode=_choice(env, "DJLINK_SNAPSHOT_MODE", ("none", "initial")),
             applier_batch_units=_number(env, "DJLINK_APPLIER_BATCH_UNITS", "500"),
+            source_stores=_stores(env, "DJLINK_SOURCE_STORES"),
+            destination_stores=_stores(env, "DJLINK_DEST_STORES"),
         )
 
     def schema_allowed(self, schema: str) -> bool:

@@ -36,6 +36,9 @@ class LinkSpec:
     part_tables: tuple[str, ...] = ()
     primary_key: tuple[str, ...] = ()
     auto_pull: str | None = None  # JSON {attribute: value} of new rows to pull unasked; 'false' or None: off
+    # (table, column, store) of each in-store attribute (blob@, attach@, filepath@) of the master and its parts
+    externals: tuple[tuple[str, str, str], ...] = ()
+    stores: tuple[tuple[str, str], ...] = ()  # (source store, destination store); a store not named keeps its name
 
     @classmethod
     def new(cls, source_db: str, source_table: str, helper_db: str, helper_table: str, destination_db: str) -> LinkSpec:
@@ -52,6 +55,8 @@ class LinkSpec:
             "helper_table": self.helper_table,
             "destination_db": self.destination_db,
             "auto_pull": self.auto_pull,
+            "externals": [{"table": t, "column": c, "store": st} for t, c, st in self.externals],
+            "stores": dict(self.stores),
         }
 
     @classmethod
@@ -66,6 +71,8 @@ class LinkSpec:
             tuple(r["part_tables"]),
             tuple(r["primary_key"]),
             r.get("auto_pull"),
+            tuple((e["table"], e["column"], e["store"]) for e in r.get("externals") or ()),
+            tuple(sorted((r.get("stores") or {}).items())),
         )
 
     def auto_pull_match(self) -> dict[str, Any] | None:
@@ -84,9 +91,17 @@ class LinkSpec:
         """'db.table' of the helper table."""
         return f"{self.helper_db}.{self.helper_table}"
 
+    def external_tables(self) -> list[tuple[str, str]]:
+        """(db, table) of the `~external_<store>` tables the master and its parts reference."""
+        return [(self.source_db, f"~external_{store}") for store in sorted({st for _, _, st in self.externals})]
+
+    def destination_store(self, store: str) -> str:
+        """The destination store of a source store: as the link's `stores` mapping says, else the same name."""
+        return dict(self.stores).get(store, store)
+
     def captured_tables(self) -> list[tuple[str, str]]:
-        """Everything the capture publishes for this link: data tables and the helper table."""
-        return [*self.data_tables(), (self.helper_db, self.helper_table)]
+        """Everything the capture publishes for this link: data tables, their external tables, the helper table."""
+        return [*self.data_tables(), *self.external_tables(), (self.helper_db, self.helper_table)]
 
 
 @dataclass

@@ -36,6 +36,7 @@ class _Summary:
     requested: int = 0
     skipped: int = 0
     refused: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # '<key>: <reason>'; requesting again retries them
     in_flight: list[str] = field(default_factory=list)
     message: str = ""
     _words = ("done", "skipped", "request")
@@ -43,6 +44,8 @@ class _Summary:
     def _text(self, done: int) -> str:
         did, skipped, verb = self._words
         text = f"{done} {did}, {self.skipped} {skipped}, {len(self.refused)} refused"
+        if self.failed:
+            text += f", {len(self.failed)} failed ({self.failed[0]}{', ...' if len(self.failed) > 1 else ''})"
         if self.in_flight:
             text += f", {len(self.in_flight)} still in flight (they complete in the background; {verb} again to wait)"
         return text + (f": {self.message}" if self.message else "")
@@ -75,8 +78,14 @@ def _sql_name(helper_table: str) -> str:
     return dj.utils.from_camel_case(helper_table) if any(ch.isupper() for ch in helper_table) else helper_table
 
 
-def _definition(heading: Any, drop: set[str] = frozenset(), head: str = "") -> str:  # type: ignore[assignment]
-    """A DataJoint definition of a heading without its foreign keys (attributes inlined)."""
+def _definition(
+    heading: Any,
+    drop: set[str] = frozenset(),  # type: ignore[assignment]
+    head: str = "",
+    stores: dict[str, str] | None = None,
+) -> str:
+    """A DataJoint definition of a heading without its foreign keys (attributes inlined), in-store
+    attributes (`blob@`, `attach@`, `filepath@`) moved to their destination store as `stores` says."""
     lines = [head] if head else []
     in_key = True
     for attr in heading.attributes.values():
@@ -92,6 +101,8 @@ def _definition(heading: Any, drop: set[str] = frozenset(), head: str = "") -> s
         name = attr.name if default is None else f"{attr.name} = {default}"
         # MariaDB reports json as longtext (with a json_valid check); DataJoint cannot declare longtext itself.
         sql_type = "json" if attr.type == "longtext" else attr.type
+        if attr.store:
+            sql_type = f"{attr.type.split('@', 1)[0]}@{(stores or {}).get(attr.store, attr.store)}"
         kind = f"{sql_type}{' auto_increment' if attr.autoincrement else ''}"
         lines.append(f"{name} : {kind} # {attr.comment}")
     return "\n".join(lines)
@@ -132,10 +143,13 @@ class _Link:
         cls: type = context[name]
         return cls
 
-    def register(self, source_table: str, auto_pull: bool | dict[str, Any] | None = None) -> LinkSpec:
+    def register(
+        self, source_table: str, auto_pull: bool | dict[str, Any] | None = None, stores: dict[str, str] | None = None
+    ) -> LinkSpec:
         spec = LinkSpec.new(
             self.source_schema, source_table, self.helper_schema, self.helper_table, self.destination_schema
         )
+        spec = dataclasses.replace(spec, stores=tuple(sorted((stores or {}).items())))
         if auto_pull is not None:
             policy = {} if auto_pull is True else auto_pull
             text = json.dumps(keycodec.plain(policy) if isinstance(policy, dict) else False, sort_keys=True)
@@ -207,10 +221,12 @@ class _Link:
                 else:
                     done = waiting.intersection(reply["done"])
                     late = [r for r in refused if r.split(": ", 1)[0] in waiting]
-                    waiting -= done | refused_keys
+                    failed = [r for r in reply.get("failed") or [] if r.split(": ", 1)[0] in waiting]
+                    waiting -= done | refused_keys | {r.split(": ", 1)[0] for r in failed}
                     summary.refused += late
+                    summary.failed += failed
                     done_count += len(done)
-                    bar.update(len(done) + len(late))
+                    bar.update(len(done) + len(late) + len(failed))
                 if not waiting:
                     break
             else:
@@ -233,12 +249,12 @@ def _parts_of(table_class: type) -> dict[str, Any]:
     }
 
 
-def _destination_class(name: str, doc: str | None, source_class: Any) -> Any:
+def _destination_class(name: str, doc: str | None, source_class: Any, stores: dict[str, str] | None) -> Any:
     """The destination table: the source's definition without foreign keys, Manual tier, with its parts."""
     master_heading = source_class.heading
     comment = master_heading.table_status.get("comment", "") if master_heading.table_status else ""
     body: dict[str, Any] = {
-        "definition": _definition(master_heading, head=f"# {comment}" if comment else ""),
+        "definition": _definition(master_heading, head=f"# {comment}" if comment else "", stores=stores),
         "__doc__": doc,
         "__module__": __name__,
     }
@@ -247,7 +263,10 @@ def _destination_class(name: str, doc: str | None, source_class: Any) -> Any:
         body[part_name] = type(
             part_name,
             (dj.Part,),
-            {"definition": _definition(part_class.heading, drop=master_key, head="-> master"), "__module__": __name__},
+            {
+                "definition": _definition(part_class.heading, drop=master_key, head="-> master", stores=stores),
+                "__module__": __name__,
+            },
         )
     return type(name, (dj.Manual,), body)
 
@@ -271,14 +290,19 @@ def link(
     on without anyone calling pull(); a dict of attribute values pulls only
     new rows having all of them (`{"subject": "mouse-7"}`); False turns the
     policy off; None (the default) leaves it as registered.
+
+    `stores` maps source stores to destination stores, `{source_store:
+    destination_store}` as the datajoint-link README says, for `blob@`,
+    `attach@` and `filepath@` alike; a store not named keeps its name. The
+    destination stores must be in `dj.config["stores"]`; the applier reads
+    and writes objects with the stores its DJLINK_SOURCE_STORES and
+    DJLINK_DEST_STORES give.
     """
-    if stores:
-        raise LinkError("external stores are not supported yet by this version of djlink")
 
     def decorate(cls: type) -> type:
         state = _Link(host, source_schema, helper_schema, helper_table, destination_schema)
         source_class: Any = state.source_class(cls.__name__)
-        spec = state.register(source_class.table_name, auto_pull)  # type: ignore[attr-defined]
+        spec = state.register(source_class.table_name, auto_pull, stores)  # type: ignore[attr-defined]
 
         def pull(self: Any, *, display_progress: bool = False, timeout: float | None = None) -> PullSummary:
             """Pull the source rows of this restriction (with their parts) to the destination."""
@@ -296,7 +320,7 @@ def link(
 
         members = {"pull": pull, "flagged": property(flagged), "__module__": __name__}
         source_view = type(source_class.__name__, (source_class,), members)
-        destination = _destination_class(cls.__name__, cls.__doc__, source_class)
+        destination = _destination_class(cls.__name__, cls.__doc__, source_class, stores)
         destination.source = property(lambda self: source_view())  # type: ignore[attr-defined]
 
         def delete(self: Any, *, display_progress: bool = False, timeout: float | None = None) -> DeleteSummary:

@@ -1,6 +1,6 @@
 """The seed's functional scenarios 1, 2, 3 and 5 (shared/reference/STATES.md) through the façade and the event path.
 
-(Scenario 4 needs external stores; scenario 6 is in test_facade.py.)
+(Scenario 4 is in test_stores.py; scenario 6 in test_facade.py.)
 """
 
 from __future__ import annotations

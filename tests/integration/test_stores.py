@@ -1,0 +1,161 @@
+"""External stores over real services: the seed's scenario 4, the `stores` mapping, content hashes checked.
+
+The source store and the destination store are directories (DataJoint's `file`
+protocol) under the test's tmp_path; the applier reads one and writes the other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import datajoint as dj
+import pytest
+
+from link import link
+from tests.conftest import Site
+from tests.integration.test_pull import rows
+
+
+@pytest.fixture
+def stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, dict[str, Any]]]:
+    """Store 'raw' at the source, 'archive' at the destination, both in dj.config as a notebook has them."""
+    specs: dict[str, dict[str, Any]] = {
+        "raw": {"protocol": "file", "location": str(tmp_path / "source-store")},
+        "archive": {"protocol": "file", "location": str(tmp_path / "destination-store"), "subfolding": [3]},
+        "stage": {"protocol": "file", "location": str(tmp_path / "source-files"), "stage": str(tmp_path / "staged")},
+    }
+    for spec in specs.values():
+        Path(spec["location"]).mkdir(parents=True)
+    monkeypatch.setenv("DJ_SUPPORT_FILEPATH_MANAGEMENT", "TRUE")
+    saved = dj.config.get("stores")
+    dj.config["stores"] = json.loads(json.dumps(specs))
+    yield specs
+    dj.config["stores"] = saved or {}
+
+
+def declare_scenario_4(site: Site, files: Path) -> tuple[Any, dict[tuple[str, int], bytes]]:
+    """The seed's scenario 4: a master and a part with `attach@` attributes, a second part with plain ones;
+    plus a `blob@` attribute on the master. Rows 1..3."""
+    schema = dj.Schema(site.source_schema, connection=site.source_dj())
+
+    @schema
+    class Recording(dj.Manual):
+        definition = """
+        recording_id : int
+        ---
+        movie : attach@raw
+        settings : blob@raw
+        """
+
+        class Scan(dj.Part):
+            definition = """
+            -> master
+            scan : tinyint
+            ---
+            image : attach@raw
+            """
+
+        class Note(dj.Part):
+            definition = """
+            -> master
+            note_id : tinyint
+            ---
+            text : varchar(64)
+            """
+
+    files.mkdir()
+    contents: dict[tuple[str, int], bytes] = {}
+    for i in (1, 2, 3):
+        movie = files / f"movie-{i}.avi"
+        movie.write_bytes(os.urandom(5000 + i))
+        image = files / f"image-{i}.png"
+        image.write_bytes(os.urandom(300 + i))
+        contents[("movie", i)], contents[("image", i)] = movie.read_bytes(), image.read_bytes()
+        Recording.insert1({"recording_id": i, "movie": movie, "settings": {"gain": i, "name": f"rec {i}"}})
+        Recording.Scan.insert1({"recording_id": i, "scan": 0, "image": image})
+        Recording.Note.insert1({"recording_id": i, "note_id": 0, "text": f"note {i}"})
+    return Recording, contents
+
+
+def start(site: Site, stores: dict[str, dict[str, Any]]) -> None:
+    site.start("capture", "agent")
+    site.start(
+        "applier",
+        DJLINK_SOURCE_STORES=json.dumps({"raw": stores["raw"]}),
+        DJLINK_DEST_STORES=json.dumps({"archive": stores["archive"]}),
+    )
+
+
+def linked(site: Site) -> Any:
+    """The façade's Recording, its store 'raw' mapped to the destination's 'archive'."""
+
+    @link(site.source_host, site.source_schema, site.helper_schema, "outbound", site.dest_schema, {"raw": "archive"})
+    class Recording:
+        pass
+
+    return Recording
+
+
+def test_scenario_4_pulls_attachments_and_blobs_of_master_and_parts_byte_identical(
+    site: Site, stores: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    start(site, stores)
+    _, contents = declare_scenario_4(site, tmp_path / "files")
+    site.connect_facade()
+
+    Recording = linked(site)
+
+    summary = (Recording().source & [{"recording_id": 1}, {"recording_id": 2}]).pull()
+    assert (summary.pulled, summary.failed, summary.refused) == (2, [], []), summary
+
+    # Exactly rows 1 and 2 of the master and of both parts, the referencing uuids as at the source.
+    for table in ("recording", "recording__scan", "recording__note"):
+        source = rows(site, "SOURCE", site.source_schema, table, "recording_id")
+        assert rows(site, "DEST", site.dest_schema, table, "recording_id") == source[:2], table
+    # The destination declares the mapped store, and its objects read back byte-identical through DataJoint.
+    assert "attach@archive" in Recording.describe() and "blob@archive" in Recording.describe()
+    download = tmp_path / "download"
+    download.mkdir()
+    for i in (1, 2):
+        movie, settings = (Recording & {"recording_id": i}).fetch1("movie", "settings", download_path=download)
+        assert Path(movie).read_bytes() == contents[("movie", i)]
+        assert settings == {"gain": i, "name": f"rec {i}"}
+        image = (Recording.Scan & {"recording_id": i}).fetch1("image", download_path=download)
+        assert Path(image).read_bytes() == contents[("image", i)]
+    # Only the pulled entities' objects were copied (3 each: movie, settings, image), under the destination schema.
+    copied = [p for p in Path(stores["archive"]["location"]).rglob("*") if p.is_file()]
+    assert len(copied) == 6 and all(site.dest_schema in p.parts for p in copied)
+
+
+def test_an_object_not_matching_its_hash_fails_its_entity_alone_and_leaves_nothing(
+    site: Site, stores: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    start(site, stores)
+    _, contents = declare_scenario_4(site, tmp_path / "files")
+    site.connect_facade()
+    # Corrupt row 2's movie in the source store: same size, other bytes.
+    [movie_2] = [p for p in Path(stores["raw"]["location"]).rglob("*.movie-2.avi")]
+    movie_2.write_bytes(bytes(b ^ 0xFF for b in contents[("movie", 2)]))
+
+    Recording = linked(site)
+
+    summary = (Recording().source & [{"recording_id": 1}, {"recording_id": 2}]).pull()
+    assert summary.pulled == 1, summary
+    [failure] = summary.failed
+    assert failure.startswith('{"recording_id":2}') and "content hash" in failure and "movie-2.avi" in failure
+    assert "1 failed" in str(summary)
+    # Nothing of entity 2 at the destination: no rows, no tracking rows, no object.
+    assert [r[0] for r in rows(site, "DEST", site.dest_schema, "recording", "recording_id")] == [1]
+    assert [r[0] for r in rows(site, "DEST", site.dest_schema, "recording__scan", "recording_id")] == [1]
+    tracked = rows(site, "DEST", site.dest_schema, "~external_archive", "hash")
+    assert len(tracked) == 3  # entity 1's movie, settings and image
+    assert not [p for p in Path(stores["archive"]["location"]).rglob("*movie-2*")]
+    # The helper row stays PULL: once the object is repaired, pulling again completes it.
+    movie_2.write_bytes(contents[("movie", 2)])
+    again = (Recording().source & {"recording_id": 2}).pull()
+    assert (again.pulled, again.failed) == (1, []), again
+    assert [r[0] for r in rows(site, "DEST", site.dest_schema, "recording", "recording_id")] == [1, 2]

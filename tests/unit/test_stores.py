@@ -1,0 +1,59 @@
+"""Where DataJoint 0.14 keeps objects, and the content hashes it gives them (djlink.stores), without services."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from datajoint.hash import uuid_from_buffer
+
+from djlink.stores import ObjectError, Store, StoreError, Stores, copy_object, kind, mismatch, relative_path
+
+
+def test_paths_are_datajoints() -> None:
+    blob = b"\x01" * 10
+    h = uuid_from_buffer(blob)
+    assert relative_path({"hash": h.bytes}, "lab") == f"lab/{h.hex[:2]}/{h.hex[2:4]}/{h.hex}"
+    assert relative_path({"hash": h.bytes}, "lab", (3,)) == f"lab/{h.hex[:3]}/{h.hex}"
+    a = uuid_from_buffer(blob, init_string="x.png\0")
+    row = {"hash": a.bytes, "attachment_name": "x.png"}
+    assert kind(row) == "attach" and relative_path(row, "lab") == f"lab/{a.hex[:2]}/{a.hex[2:4]}/{a.hex}.x.png"
+    path_row = {"hash": uuid_from_buffer(init_string="raw/a.dat").bytes, "filepath": "raw/a.dat"}
+    assert kind(path_row) == "filepath" and relative_path(path_row, "lab") == "raw/a.dat"
+
+
+def test_content_hashes_are_checked_as_datajoint_computed_them() -> None:
+    content = b"some bytes"
+    assert mismatch({"hash": uuid_from_buffer(content).bytes, "size": len(content)}, content) is None
+    attach = {"hash": uuid_from_buffer(content, init_string="a.txt\0").bytes, "attachment_name": "a.txt"}
+    assert mismatch(attach, content) is None
+    assert "content hash" in (mismatch(attach, b"other byte") or "")
+    assert "size" in (mismatch({"hash": uuid_from_buffer(content).bytes, "size": 3}, content) or "")
+    path = {"hash": b"\0" * 16, "filepath": "f", "contents_hash": uuid_from_buffer(content).bytes, "size": None}
+    assert mismatch(path, content) is None and mismatch(path, b"x") is not None
+    assert mismatch({**path, "contents_hash": None}, b"anything") is None  # DataJoint skipped it: size only
+
+
+def test_copy_writes_only_verified_objects(tmp_path: Path) -> None:
+    source = Store("raw", {"protocol": "file", "location": str(tmp_path / "a")})
+    target = Store("archive", {"protocol": "file", "location": str(tmp_path / "b")})
+    content = b"payload"
+    row = {"hash": uuid_from_buffer(content).bytes, "size": len(content)}
+    with pytest.raises(ObjectError, match="missing"):
+        copy_object(row, source, "src", target, "dst")
+    source.put(relative_path(row, "src"), b"PAYLOAD")
+    with pytest.raises(ObjectError, match="content hash"):
+        copy_object(row, source, "src", target, "dst")
+    assert not list((tmp_path).rglob("dst"))
+    source.put(relative_path(row, "src"), content)
+    assert copy_object(row, source, "src", target, "dst") == len(content)
+    assert target.get(relative_path(row, "dst")) == content
+
+
+def test_store_settings_errors_say_what_to_fix() -> None:
+    with pytest.raises(StoreError, match="DJLINK_DEST_STORES"):
+        Stores({}, "DJLINK_DEST_STORES")["archive"]
+    with pytest.raises(StoreError, match="protocol"):
+        Store("x", {"protocol": "ftp", "location": "/"})
+    with pytest.raises(StoreError, match="bucket"):
+        Store("x", {"protocol": "s3", "location": "l", "endpoint": "e", "access_key": "a", "secret_key": "s"})

@@ -16,7 +16,7 @@ import datajoint as dj
 import pytest
 
 from link import link
-from tests.conftest import Site
+from tests.conftest import Site, wait_for
 from tests.integration.test_pull import rows
 
 
@@ -159,3 +159,109 @@ def test_an_object_not_matching_its_hash_fails_its_entity_alone_and_leaves_nothi
     again = (Recording().source & {"recording_id": 2}).pull()
     assert (again.pulled, again.failed) == (1, []), again
     assert [r[0] for r in rows(site, "DEST", site.dest_schema, "recording", "recording_id")] == [1, 2]
+
+
+@pytest.fixture
+def s3_store(stores: dict[str, dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """A real S3-compatible server on loopback (moto in server mode), with bucket 'lab', as store 'cloud'."""
+    from minio import Minio
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    spec = {
+        "protocol": "s3",
+        "endpoint": f"{host}:{port}",
+        "bucket": "lab",
+        "access_key": "djlink",
+        "secret_key": "djlink-secret",
+        "location": "archive",
+        "secure": False,
+    }
+    Minio(spec["endpoint"], spec["access_key"], spec["secret_key"], secure=False).make_bucket("lab")
+    dj.config["stores"]["cloud"] = dict(spec)
+    try:
+        yield spec
+    finally:
+        server.stop()
+
+
+def test_filepaths_and_an_s3_destination_and_a_mirrored_part_with_a_new_object(
+    site: Site, stores: dict[str, dict[str, Any]], s3_store: dict[str, Any], tmp_path: Path
+) -> None:
+    """`filepath@` to another file store and `blob@`/`attach@` to S3; then a part row inserted at the source
+    for the shared entity, whose object was tracked in an earlier source transaction, is mirrored with it."""
+    staged = Path(stores["stage"]["stage"])
+    dest_stage = {"protocol": "file", "location": str(tmp_path / "dest-files"), "stage": str(tmp_path / "dest-staged")}
+    Path(dest_stage["location"]).mkdir()
+    dj.config["stores"]["dest_stage"] = dict(dest_stage)
+    site.start("capture", "agent")
+    site.start(
+        "applier",
+        DJLINK_SOURCE_STORES=json.dumps({"raw": stores["raw"], "stage": stores["stage"]}),
+        DJLINK_DEST_STORES=json.dumps({"cloud": s3_store, "dest_stage": dest_stage}),
+    )
+    schema = dj.Schema(site.source_schema, connection=site.source_dj())
+
+    @schema
+    class Session(dj.Manual):
+        definition = """
+        session_id : int
+        ---
+        raw_file : filepath@stage
+        settings : blob@raw
+        """
+
+        class Frame(dj.Part):
+            definition = """
+            -> master
+            frame : smallint
+            ---
+            image : attach@raw
+            """
+
+    data: dict[str, bytes] = {}
+    for i in (1, 2):
+        path = staged / "sessions" / f"raw-{i}.dat"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(os.urandom(2000 + i))
+        data[f"raw-{i}"] = path.read_bytes()
+        image = tmp_path / f"frame-{i}-0.png"
+        image.write_bytes(os.urandom(100 + i))
+        data[f"frame-{i}-0"] = image.read_bytes()
+        Session.insert1({"session_id": i, "raw_file": path, "settings": [i, i * 2]})
+        Session.Frame.insert1({"session_id": i, "frame": 0, "image": image})
+    site.connect_facade()
+
+    @link(
+        site.source_host,
+        site.source_schema,
+        site.helper_schema,
+        "outbound",
+        site.dest_schema,
+        stores={"raw": "cloud", "stage": "dest_stage"},
+    )
+    class Session:  # type: ignore[no-redef]
+        pass
+
+    summary = (Session().source & {"session_id": 1}).pull()
+    assert (summary.pulled, summary.failed) == (1, []), summary
+    raw_file, settings = (Session & {"session_id": 1}).fetch1("raw_file", "settings")
+    assert Path(raw_file).read_bytes() == data["raw-1"] and Path(dest_stage["stage"]) in Path(raw_file).parents
+    assert list(settings) == [1, 2]
+    download = tmp_path / "download"
+    download.mkdir()
+    image = (Session.Frame & {"session_id": 1}).fetch1("image", download_path=download)
+    assert Path(image).read_bytes() == data["frame-1-0"]
+
+    # Mirrored: a new frame of the shared session 1; DataJoint tracked its object in a transaction of its own.
+    new_image = tmp_path / "frame-1-1.png"
+    new_image.write_bytes(os.urandom(77))
+    SourceSession = dj.create_virtual_module("src", site.source_schema, connection=site.source_dj()).Session
+    SourceSession.Frame.insert1({"session_id": 1, "frame": 1, "image": new_image})
+    wait_for(lambda: len(Session.Frame & {"session_id": 1}) == 2, 30, "the mirrored frame")
+    image = (Session.Frame & {"session_id": 1, "frame": 1}).fetch1("image", download_path=download)
+    assert Path(image).read_bytes() == new_image.read_bytes()
+    # Objects of session 2 (not pulled) never left the source.
+    assert len(Session.Frame & {"session_id": 2}) == 0

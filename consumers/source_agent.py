@@ -34,6 +34,7 @@ from schemas.tables import EnvelopeReader
 
 log = logging.getLogger(__name__)
 HELPER_COLUMNS = ("process", "is_flagged", "is_deprecated")
+ADOPT_CHUNK_KEYS = 10_000  # keys per snapshot signal when continuing from an existing helper table
 CAPTURE_WAIT_S = 5.0  # how long a REGISTER reply waits for the capture to read the new link's signal
 
 
@@ -254,6 +255,7 @@ class SourceAgent:
         self._ensure_helper_table(link)
         self._admin.ensure(self.topics.table(db, t) for db, t in link.captured_tables())
         self._registry.refresh(0)
+        first = link.link_id not in self._registry.links
         if self._registry.links.get(link.link_id) != link:
             produce(self._p, self.topics.links, link.link_id, self._codec.encode(schemas.FIXED["link"], link.to_avro()))
             self._p.flush(30)
@@ -261,7 +263,36 @@ class SourceAgent:
             # Before the reply: a policy turned on approves every row inserted after the requester hears back.
             self._auto.follow()
             self._tell_capture(link, rid)
+            if first:
+                self._adopt(link, rid)
         return link
+
+    def _adopt(self, link: LinkSpec, rid: str) -> None:
+        """Continue from a helper table that existed before the link (a datajoint-link deployment switching).
+
+        Every entity it names is processed once, as datajoint-link's `process`
+        step would: Shared ones are read again (which tells the applier their
+        state, so they are mirrored from now on), interrupted pulls and
+        deletes complete, Tainted and Deprecated ones stay as they are.
+        """
+        pk = list(link.primary_key)
+        with self._db.cursor() as cur:
+            cur.execute(f"SELECT {', '.join(quote(c) for c in pk)} FROM {self._helper(link)}")
+            keys = [keycodec.encode(row, pk) for row in cur.fetchall()]
+        self._db.commit()
+        if not keys:
+            return
+        log.info("link %s: continuing from its existing helper table (%d entities)", link.link_id, len(keys))
+        for start in range(0, len(keys), ADOPT_CHUNK_KEYS):
+            signal = {
+                "signal_id": f"{rid}:adopt:{start}",
+                "kind": "SNAPSHOT_KEYS",
+                "request_id": rid,
+                "link": link.to_avro(),
+                "keys": keys[start : start + ADOPT_CHUNK_KEYS],
+                "ts_ms": now_ms(),
+            }
+            produce(self._p, self.topics.signals, link.link_id, self._codec.encode(schemas.FIXED["signal"], signal))
 
     def _ensure_helper_table(self, link: LinkSpec) -> None:
         """Create the helper table as datajoint-link declares it, with its foreign key to the source."""

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import datajoint as dj
@@ -108,3 +109,48 @@ def test_a_computed_table_with_a_part_links_under_its_own_names_and_pulls(site: 
         rows(site, "DEST", site.dest_schema, "response__trial", "stimulus_id, trial")
         == rows(site, "SOURCE", site.source_schema, "__response__trial", "stimulus_id, trial")[3:]
     )
+
+
+def test_auto_increment_and_uuid_attributes_declare_as_at_the_source_and_pull(site: Site) -> None:
+    """An auto_increment key and uuid attributes (one in the key of a part) keep their types at the destination."""
+    schema = running(site)
+
+    @schema
+    class Animal(dj.Manual):
+        definition = """
+        animal_id : int auto_increment
+        ---
+        tag : uuid
+        name : varchar(16)
+        """
+
+        class Sample(dj.Part):
+            definition = """
+            -> master
+            sample : uuid
+            ---
+            grams : float
+            """
+
+    for name in ("ada", "bo", "cy"):
+        Animal.insert1({"tag": uuid.uuid4(), "name": name})
+        animal_id = (Animal & {"name": name}).fetch1("animal_id")
+        Animal.Sample.insert({"animal_id": animal_id, "sample": uuid.uuid4(), "grams": g} for g in (1.5, 2.5))
+    site.connect_facade()
+
+    @link(site.source_host, site.source_schema, site.helper_schema, "animal_outbound", site.dest_schema)
+    class Animal:  # type: ignore[no-redef]
+        pass
+
+    summary = (Animal().source & "name != 'bo'").pull()
+    assert summary.pulled == 2, summary
+    declared = dj.conn().query(f"SHOW CREATE TABLE `{site.dest_schema}`.`animal`").fetchone()[1]
+    assert "`animal_id` int(11) NOT NULL AUTO_INCREMENT" in declared and "`tag` binary(16)" in declared
+    assert Animal.heading.attributes["tag"].uuid and Animal.Sample.heading.attributes["sample"].uuid
+    for table, order in (("animal", "animal_id"), ("animal__sample", "animal_id, sample")):
+        source = rows(site, "SOURCE", site.source_schema, table, order)
+        assert rows(site, "DEST", site.dest_schema, table, order) == [r for r in source if r[0] != 2], table
+    # The destination's own inserts continue the key after the pulled ones.
+    Animal.insert1({"tag": uuid.uuid4(), "name": "local"})
+    assert (Animal & {"name": "local"}).fetch1("animal_id") == 4
+    assert isinstance((Animal & {"animal_id": 1}).fetch1("tag"), uuid.UUID)

@@ -271,6 +271,27 @@ def _destination_class(name: str, doc: str | None, source_class: Any, stores: di
     return type(name, (dj.Manual,), body)
 
 
+def _dependents(entities: Any) -> list[tuple[Any, int]]:
+    """Rows of other destination tables that reference these entities or their parts: (restricted table, rows).
+
+    The destination's own tables may depend on a linked table (an analysis
+    computed from pulled rows); their foreign keys would refuse the delete.
+    """
+    own = [entities, *(part() & entities for part in _parts_of(type(entities)).values())]
+    names = {t.full_table_name for t in own}
+    found = []
+    for table in own:
+        for child, info in table.children(as_objects=True, foreign_key_info=True):
+            if child.full_table_name in names:
+                continue
+            renamed = {c: p for c, p in info["attr_map"].items() if c != p}
+            restricted = child & (table.proj(**renamed) if renamed else table.proj())
+            count = len(restricted)
+            if count:
+                found.append((restricted, count))
+    return found
+
+
 def link(
     host: str,
     source_schema: str,
@@ -334,9 +355,15 @@ def link(
             keys = [{k: key[k] for k in primary_key} for key in self.fetch("KEY")]
             if not keys:
                 return DeleteSummary(message="the restriction matches no rows; nothing to delete")
-            question = f"Delete {len(keys)} {cls.__name__} entities (with their part rows) at the destination?"
-            if dj.config["safemode"] and dj.utils.user_choice(question, default="no") != "yes":
+            dependents = _dependents(self)
+            question = f"Delete {len(keys)} {cls.__name__} entities (with their part rows) at the destination"
+            if dependents:
+                listed = ", ".join(f"{n} of {t.full_table_name}" for t, n in dependents)
+                question += f", and the rows here that depend on them ({listed}, with what depends on those)"
+            if dj.config["safemode"] and dj.utils.user_choice(question + "?", default="no") != "yes":
                 return DeleteSummary(requested=len(keys), message="not deleted: nothing changed")
+            for dependent, _ in dependents:  # as DataJoint's delete cascades; its foreign keys would refuse ours
+                dependent.delete(safemode=False, force_parts=True)
             return state.delete(spec, keys, display_progress, timeout)
 
         destination.delete = delete  # type: ignore[attr-defined]

@@ -179,3 +179,49 @@ def test_the_facade_needs_only_select_on_the_source_and_helper_schemas(site: Sit
         with conn.cursor() as cur:
             cur.execute(f"DROP USER IF EXISTS '{reader}'@'%'")
         conn.close()
+
+
+def test_a_delete_takes_the_destination_rows_depending_on_the_entities_along(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As DataJoint's delete cascades: an analysis table at the destination references pulled rows."""
+    Recording = linked(site)
+    dest = dj.Schema(site.dest_schema)
+
+    @dest
+    class Analysis(dj.Manual):
+        definition = """
+        -> Recording
+        method : varchar(16)
+        ---
+        score : double
+        """
+
+    @dest
+    class ChannelCheck(dj.Manual):
+        definition = """
+        -> Recording.Channel
+        ---
+        ok : tinyint
+        """
+
+    Analysis.insert({"recording_id": i, "method": m, "score": i} for i in (1, 2) for m in ("a", "b"))
+    ChannelCheck.insert({"recording_id": 1, "channel": c, "ok": 1} for c in range(3))
+    flag(site, 1)
+    questions: list[str] = []
+
+    def answer(prompt: str, *args: Any, **kwargs: Any) -> str:
+        questions.append(prompt)
+        return "no" if len(questions) == 1 else "yes"
+
+    monkeypatch.setattr(dj.utils, "user_choice", answer)
+    monkeypatch.setitem(dj.config, "safemode", True)
+    assert (Recording() & Recording().source.flagged).delete().deleted == 0
+    assert "2 of" in questions[0] and "analysis" in questions[0] and "3 of" in questions[0]
+    assert len(Analysis()) == 4 and len(ChannelCheck()) == 3  # no: nothing changed, here either
+
+    summary = (Recording() & Recording().source.flagged).delete()
+    assert summary.deleted == 1, summary
+    assert Analysis().fetch("recording_id").tolist() == [2, 2] and len(ChannelCheck()) == 0
+    assert [r[0] for r in rows(site, "DEST", site.dest_schema, "recording", "recording_id")] == [2, 3]
+    assert rows(site, "SOURCE", site.helper_schema, "outbound", "recording_id")[0] == (1, "NONE", "TRUE", "TRUE")

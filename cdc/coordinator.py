@@ -31,6 +31,7 @@ from cdc.streaming import BinlogSource, StreamFailed
 from djlink.config import Settings
 from djlink.links import LinkRegistry, LinkSpec
 from djlink.topics import Admin, SchemaTopic, Topics, consumer, producer, where
+from schemas.registry import registry_at
 
 log = logging.getLogger(__name__)
 MAX_BATCH_UNITS = 1000  # source transactions per Kafka transaction
@@ -125,7 +126,10 @@ class Capture:
         p = producer(s, transactional_id=name)
         p.init_transactions(60)  # fences a crashed predecessor and aborts its open transaction
         offsets = OffsetContext(s, self.topics, name)
-        dispatcher = EventDispatcher(p, self.topics, admin, self._history, SchemaTopic(s, self.topics), offsets)
+        schema_registry = registry_at(s.schema_registry_url)
+        dispatcher = EventDispatcher(
+            p, self.topics, admin, self._history, SchemaTopic(s, self.topics), offsets, schema_registry
+        )
         checkpoint = offsets.load()
         if checkpoint is None:
             # Record where we start before anything else, so a crash from here on resumes here.

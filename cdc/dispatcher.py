@@ -23,6 +23,8 @@ from cdc.events import ChangeUnit, RowChange
 from cdc.offsets import Checkpoint, OffsetContext
 from cdc.schema_history import SchemaHistory
 from djlink.topics import Admin, SchemaTopic, Topics, now_ms, produce
+from schemas import FIXED
+from schemas.registry import Registry
 from schemas.tables import RowEncoder, TableShape, envelope_schema, key_schema
 
 VERSION = "0.1.0"
@@ -48,6 +50,7 @@ class EventDispatcher:
         history: SchemaHistory,
         schema_topic: SchemaTopic,
         offsets: OffsetContext,
+        registry: Registry | None = None,
     ) -> None:
         self._p = producer
         self._offsets = offsets
@@ -55,7 +58,7 @@ class EventDispatcher:
         self._admin = admin
         self._history = history
         self._schema_topic = schema_topic
-        self._codec = schemas.Codec()
+        self._codec = schemas.Codec(registry=registry)
         self._schemas: dict[TableShape, _Compiled] = {}
         self._by_shape: dict[int, _Compiled] = {}  # by id(): hashing a shape per row costs more than encoding it
         self._same_columns: dict[tuple[int, int], bool] = {}
@@ -162,7 +165,7 @@ class EventDispatcher:
         after = None if change.after is None else encode(change.after)
         image = after if after is not None else before
         assert image is not None
-        key = self._codec.encode(kschema, {name: image[name] for name in compiled.key_fields})
+        key = self._codec.encode(kschema, {name: image[name] for name in compiled.key_fields}, f"{topic}-key")
         value = {
             "before": before,
             "after": after,
@@ -171,7 +174,7 @@ class EventDispatcher:
             "ts_ms": now,
             "transaction": transaction,
         }
-        produce(self._p, topic, key, self._codec.encode(vschema, value))
+        produce(self._p, topic, key, self._codec.encode(vschema, value, f"{topic}-value"))
         if change.op == "d":
             produce(self._p, topic, key, None)
 
@@ -187,4 +190,5 @@ class EventDispatcher:
             "request_id": unit.request_id,
             "link_id": unit.link_id,
         }
-        produce(self._p, self._topics.transaction, unit.id, self._codec.encode(schemas.FIXED["transaction"], record))
+        transaction = self._topics.transaction
+        produce(self._p, transaction, unit.id, self._codec.encode(FIXED["transaction"], record, f"{transaction}-value"))

@@ -94,6 +94,7 @@ from djlink.config import ConfigError, Settings
 from djlink.links import LinkRegistry, LinkSpec, destination_name
 from djlink.stores import ObjectError, StoreError, Stores, copy_object
 from djlink.topics import Admin, SchemaTopic, Topics, consumer, now_ms, producer, where
+from schemas.registry import registry_at
 from schemas.tables import EnvelopeReader
 
 log = logging.getLogger(__name__)
@@ -296,7 +297,7 @@ class Applier:
         self.group = f"{self.topics.prefix}-applier"
         self._schema_topic = SchemaTopic(settings, self.topics)
         self._unknown_schemas: dict[bytes, float] = {}
-        self._codec = schemas.Codec(self._resolve_schema)
+        self._codec = schemas.Codec(self._resolve_schema, registry=registry_at(settings.schema_registry_url))
         self._store = OffsetsStore(state_db_name(), self.group)
         self._stop = threading.Event()
         self._pending: dict[str, PendingUnit] = {}

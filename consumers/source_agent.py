@@ -30,11 +30,13 @@ from djlink import keys as keycodec
 from djlink.config import Settings
 from djlink.links import LinkRegistry, LinkSpec
 from djlink.topics import Admin, SchemaTopic, Topics, consumer, now_ms, produce, producer, where
+from schemas.registry import registry_at
 from schemas.tables import EnvelopeReader
 
 log = logging.getLogger(__name__)
 HELPER_COLUMNS = ("process", "is_flagged", "is_deprecated")
 ADOPT_CHUNK_KEYS = 10_000  # keys per snapshot signal when continuing from an existing helper table
+FOLLOW_WAIT_S = 10.0  # how long the agent waits for a change topic created a moment ago to be usable
 CAPTURE_WAIT_S = 5.0  # how long a REGISTER reply waits for the capture to read the new link's signal
 
 
@@ -447,7 +449,9 @@ class AutoPull:
         self._topics = topics
         self._registry = registry
         self._c = consumer(settings, f"{topics.prefix}-agent-auto")
-        self._codec = schemas.Codec(SchemaTopic(settings, topics).resolve)
+        self._codec = schemas.Codec(
+            SchemaTopic(settings, topics).resolve, registry=registry_at(settings.schema_registry_url)
+        )
         self._envelopes = EnvelopeReader(self._codec)
         self._following: dict[str, str] = {}  # master topic -> link id
         self.missing: list[str] = []  # wanted topics not assigned yet
@@ -472,13 +476,31 @@ class AutoPull:
                 if done.offset >= 0:
                     tp.offset = done.offset
                 else:
-                    tp.offset = self._c.get_watermark_offsets(tp, timeout=10)[1]
+                    tp.offset = self._end(tp)
             self._c.incremental_assign(new)
         self._following = {t: link_id for t, link_id in wanted.items() if t not in self.missing}
 
+    def _end(self, tp: TopicPartition) -> int:
+        """The partition's end, waiting out a topic created a moment ago (its leader not elected yet)."""
+        deadline = time.monotonic() + FOLLOW_WAIT_S
+        while True:
+            try:
+                return int(self._c.get_watermark_offsets(tp, timeout=5)[1])
+            except KafkaException as exc:
+                if not exc.args[0].retriable() or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
     def _partitions(self, topic: str) -> list[int]:
-        meta = self._c.list_topics(topic, timeout=10).topics.get(topic)
-        return sorted(meta.partitions) if meta is not None and meta.partitions else []
+        """The topic's partitions; a topic just created may take a moment to be reported."""
+        deadline = time.monotonic() + FOLLOW_WAIT_S
+        while True:
+            meta = self._c.list_topics(topic, timeout=10).topics.get(topic)
+            if meta is not None and meta.error is None and meta.partitions:
+                return sorted(meta.partitions)
+            if time.monotonic() > deadline:
+                return []
+            time.sleep(0.1)
 
     def take(self) -> tuple[dict[str, list[str]], list[TopicPartition]] | None:
         """New rows approved per link and the offsets after what was read; None when nothing was read."""

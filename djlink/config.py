@@ -78,6 +78,7 @@ class Settings:
     applier_batch_units: int
     source_stores: Any  # {store: DataJoint store spec}: where the applier reads the source's objects
     destination_stores: Any  # {store: DataJoint store spec}: where it writes the destination's
+    schema_registry_url: str | None  # a Confluent-compatible registry: change events in its wire format
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -109,6 +110,7 @@ class Settings:
             applier_batch_units=_number(env, "DJLINK_APPLIER_BATCH_UNITS", "500"),
             source_stores=_stores(env, "DJLINK_SOURCE_STORES"),
             destination_stores=_stores(env, "DJLINK_DEST_STORES"),
+            schema_registry_url=env.get("DJLINK_SCHEMA_REGISTRY_URL") or None,
         )
 
     def schema_allowed(self, schema: str) -> bool:

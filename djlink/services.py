@@ -59,6 +59,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,11 +75,15 @@ HOST = "127.0.0.1"
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = PACKAGE_DIR.parent
 KAFKA_POM = PACKAGE_DIR / "kafka" / "pom.xml"
+REGISTRY_SOURCES = (PACKAGE_DIR / "registry" / "pom.xml", PACKAGE_DIR / "registry" / "application.properties")
 KAFKA_LOG4J = PACKAGE_DIR / "kafka" / "log4j2.properties"
 DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1"
 
 MARIADB_START_TIMEOUT = 60.0
 KAFKA_START_TIMEOUT = 120.0
+REGISTRY_START_TIMEOUT = 120.0
+REGISTRY = "registry"
+REGISTRY_LABEL = "schema registry"
 STOP_TIMEOUT = 30.0
 POLL_INTERVAL = 0.2
 SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes; stay clear of it
@@ -655,6 +660,83 @@ def _kafka_probe(port: int) -> Callable[[], bool]:
     return probe
 
 
+# --------------------------------------------------------------------------- schema registry
+
+
+def _registry_jar(sd: Path, say: Callable[[str], None]) -> Path:
+    """The runnable registry, built by Maven from djlink/registry when missing or out of date."""
+    build = sd / "registry-build"
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in REGISTRY_SOURCES)).hexdigest()
+    marker = build / ".sources.sha256"
+    jars = list((build / "target").glob("*-runner.jar"))
+    if marker.exists() and marker.read_text().strip() == digest and jars:
+        return jars[0]
+    mvn = _ensure_tool(sd, "mvn", "maven", say)
+    say(f"building the schema registry (Apicurio Registry, from Maven Central) in {build}")
+    shutil.rmtree(build, ignore_errors=True)
+    (build / "src" / "main" / "resources").mkdir(parents=True)
+    shutil.copy(REGISTRY_SOURCES[0], build / "pom.xml")
+    shutil.copy(REGISTRY_SOURCES[1], build / "src" / "main" / "resources" / "application.properties")
+    maven_log = sd / "registry-maven.log"
+    with open(maven_log, "wb") as out:
+        done = subprocess.run(
+            [mvn, "-q", "-B", "package", "-DskipTests", "-Dcheckstyle.skip", "-Denforcer.skip"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=build,
+            check=False,
+        )
+    jars = list((build / "target").glob("*-runner.jar"))
+    if done.returncode != 0 or not jars:
+        raise ServiceError(f"Maven could not build the schema registry (is Maven Central reachable?); see {maven_log}")
+    marker.write_text(digest + "\n")
+    return jars[0]
+
+
+def _registry_probe(port: int) -> Callable[[], bool]:
+    def probe() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{port}/health/ready", timeout=2) as answer:
+                return bool(answer.status == 200)
+        except OSError:
+            return False
+
+    return probe
+
+
+def registry_up(quiet: bool = False) -> str:
+    """Start the local Confluent-compatible schema registry unless it runs; return its URL.
+
+    Not one of the three services `up` starts: only the tests of the
+    registry mode need it (it is built once, some 40 s, and takes ~250 MB).
+    """
+
+    def say(message: str) -> None:
+        if not quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    sd = state_dir()
+    with _locked(sd):
+        marker = str(sd / "registry-build")
+        state_file = sd / REGISTRY / "registry.json"
+        pid = _running_pid(sd, REGISTRY, marker)
+        if pid is not None and state_file.exists():
+            port = int(json.loads(state_file.read_text())["port"])
+        else:
+            jar = _registry_jar(sd, say)
+            java = _ensure_tool(sd, "java", "default-jre-headless", say)
+            [port] = _free_ports(1)
+            (sd / REGISTRY).mkdir(exist_ok=True)
+            log_path = sd / REGISTRY / "registry.log"
+            say(f"starting the {REGISTRY_LABEL} on {HOST}:{port}")
+            argv = [java, "-Xmx256m", f"-Dquarkus.http.host={HOST}", f"-Dquarkus.http.port={port}", "-jar", str(jar)]
+            pid = _spawn(argv, log_path, jar.parent)
+            _pid_file(sd, REGISTRY).write_text(f"{pid}\n")
+            _write_atomic(state_file, json.dumps({"port": port}))
+            _wait_ready(REGISTRY_LABEL, _registry_probe(port), pid, marker, {log_path: 0}, REGISTRY_START_TIMEOUT)
+    return f"http://{HOST}:{port}/apis/ccompat/v7"
+
+
 # --------------------------------------------------------------------------- status
 
 
@@ -859,9 +941,13 @@ def down(purge: bool = False) -> None:
     with _locked(sd):
         markers = _markers(sd)
         pids = {name: (pid, markers[name]) for name, pid in _running(sd).items()}
+        registry = _running_pid(sd, REGISTRY, str(sd / "registry-build"))
+        if registry is not None:
+            pids[REGISTRY] = (registry, str(sd / "registry-build"))
+            _pid_file(sd, REGISTRY).unlink(missing_ok=True)
         for name in _stop(pids):
             print(
-                f"warning: {_labels()[name]} did not stop within {STOP_TIMEOUT:.0f}s; killed",
+                f"warning: {_labels().get(name, REGISTRY_LABEL)} did not stop within {STOP_TIMEOUT:.0f}s; killed",
                 file=sys.stderr,
             )
         for name in markers:
@@ -872,7 +958,7 @@ def down(purge: bool = False) -> None:
             for db in MARIADBS:
                 _socket_path(sd, db).unlink(missing_ok=True)
             for entry in sd.iterdir():
-                if entry.name in ("kafka-lib", ".lock"):
+                if entry.name in ("kafka-lib", "registry-build", ".lock"):
                     continue
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry)
@@ -896,6 +982,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     commands.add_parser("status", help="what runs where; exit 3 unless all three run")
     commands.add_parser("env", help="print export lines for the running services")
+    commands.add_parser("registry", help="start the local schema registry (for registry mode); print its URL")
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
@@ -908,6 +995,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"state dir: {state_dir()}")
             print("\n".join(lines.values()))
             return 0 if all("running" in line for line in lines.values()) else 3
+        elif args.command == "registry":
+            print(registry_up())
         elif args.command == "env":
             env = load_env()
             if env is None:

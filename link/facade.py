@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import datajoint as dj
+import pymysql
 from tqdm.auto import tqdm
 
 from djlink import keys as keycodec
@@ -271,6 +272,20 @@ def _destination_class(name: str, doc: str | None, source_class: Any, stores: di
     return type(name, (dj.Manual,), body)
 
 
+ER_DB_CREATE_EXISTS = 1007
+
+
+def _destination_schema(name: str) -> dj.Schema:
+    """The destination schema, created if missing, also when another process creates it at the same moment
+    (DataJoint's CREATE DATABASE has no IF NOT EXISTS: two notebooks linking at once would fail)."""
+    try:
+        return dj.Schema(name)
+    except pymysql.err.ProgrammingError as exc:
+        if exc.args[0] != ER_DB_CREATE_EXISTS:
+            raise
+        return dj.Schema(name)
+
+
 def _dependents(entities: Any) -> list[tuple[Any, int]]:
     """Rows of other destination tables that reference these entities or their parts: (restricted table, rows).
 
@@ -368,7 +383,7 @@ def link(
 
         destination.delete = delete  # type: ignore[attr-defined]
         destination._djlink = (state, spec)  # type: ignore[attr-defined]  # the link behind the class
-        dj.Schema(destination_schema)(destination)
+        _destination_schema(destination_schema)(destination)
         return destination
 
     return decorate

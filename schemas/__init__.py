@@ -7,6 +7,8 @@ each captured table from its columns. Values travel in Avro single-object
 encoding (0xC3 0x01, the 8-byte CRC-64-AVRO fingerprint, the body), and every
 schema a producer uses is published to the compacted `<prefix>.schemas` topic
 keyed by its fingerprint, so a subscriber decodes any topic with Kafka alone.
+With a Confluent-compatible registry configured, change events use the
+Confluent wire format instead (`schemas.registry`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any
 
 import fastavro
 import fastavro.schema
+
+from schemas.registry import WIRE_MAGIC, Registry
 
 HERE = Path(__file__).parent
 MAGIC = b"\xc3\x01"
@@ -93,28 +97,43 @@ FIXED: dict[str, Schema] = _load_fixed()
 
 
 class Codec:
-    """Writes values in single-object encoding; reads them back by fingerprint.
+    """Writes values in single-object encoding (or, given a registry and a subject, in the Confluent wire
+    format); reads both back, by fingerprint or by registry id.
 
     `resolve` is asked for a schema the codec has not seen (the schema topic
     reader); it returns the schema JSON or None.
     """
 
-    def __init__(self, resolve: Callable[[bytes], str | None] | None = None, fixed: bool = True) -> None:
+    def __init__(
+        self,
+        resolve: Callable[[bytes], str | None] | None = None,
+        fixed: bool = True,
+        registry: Registry | None = None,
+    ) -> None:
         """`fixed=False`: know no schema beforehand, not even djlink's own (a subscriber's view)."""
         self._by_fp: dict[bytes, Schema] = {s.fingerprint: s for s in FIXED.values()} if fixed else {}
+        self._by_id: dict[int, Schema] = {}
         self._resolve = resolve
+        self.registry = registry
 
     def add(self, schema: Schema) -> None:
         self._by_fp[schema.fingerprint] = schema
 
-    def encode(self, schema: Schema, record: dict[str, Any]) -> bytes:
+    def encode(self, schema: Schema, record: dict[str, Any], subject: str | None = None) -> bytes:
+        """Single-object encoding; the Confluent wire format when the codec has a registry and `subject` is given."""
         out = io.BytesIO()
-        out.write(MAGIC)
-        out.write(schema.fingerprint)
+        if self.registry is not None and subject is not None:
+            out.write(WIRE_MAGIC)
+            out.write(self.registry.id_for(subject, schema.fingerprint, schema.definition).to_bytes(4, "big"))
+        else:
+            out.write(MAGIC)
+            out.write(schema.fingerprint)
         fastavro.schemaless_writer(out, schema.parsed, record)
         return out.getvalue()
 
     def schema_of(self, data: bytes | None) -> Schema:
+        if data is not None and len(data) >= 5 and data[:1] == WIRE_MAGIC:
+            return self._registered(int.from_bytes(data[1:5], "big"))
         if data is None or len(data) < 10 or data[:2] != MAGIC:
             raise DecodeError("not an Avro single-object encoded value")
         fp = data[2:10]
@@ -129,11 +148,24 @@ class Codec:
             raise DecodeError(f"unknown schema fingerprint {fp.hex()}")
         return schema
 
+    def _registered(self, schema_id: int) -> Schema:
+        schema = self._by_id.get(schema_id)
+        if schema is None:
+            if self.registry is None:
+                raise DecodeError(f"a Confluent wire-format value (schema id {schema_id}) and no registry configured")
+            text = self.registry.text(schema_id)
+            if text is None:
+                raise DecodeError(f"schema id {schema_id} unknown to the registry {self.registry.url}")
+            definition = json.loads(text)
+            schema = self._by_id[schema_id] = make_schema(definition.get("name", "?"), definition)
+        return schema
+
     def decode(self, data: bytes | None) -> dict[str, Any]:
         schema = self.schema_of(data)
         assert data is not None
+        start = 5 if data[:1] == WIRE_MAGIC else 10
         try:
-            record: dict[str, Any] = fastavro.schemaless_reader(io.BytesIO(data[10:]), schema.parsed, None)  # type: ignore[assignment]
+            record: dict[str, Any] = fastavro.schemaless_reader(io.BytesIO(data[start:]), schema.parsed, None)  # type: ignore[assignment]
         except Exception as exc:  # fastavro raises many types on corrupt bodies
             raise DecodeError(f"corrupt Avro body for {schema.subject}: {exc}") from exc
         return record

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from decimal import Decimal
 
+import fastavro
 import pytest
 
 import schemas
@@ -165,3 +167,21 @@ def test_allow_list_is_the_source_sites_patterns() -> None:
     settings = Settings.from_env({"DJLINK_ALLOWED_SCHEMAS": "lab_*, shared"})
     assert settings.schema_allowed("lab_ephys") and settings.schema_allowed("shared")
     assert not settings.schema_allowed("private") and not Settings.from_env({}).schema_allowed("lab")
+
+
+def test_schemas_for_a_registry_define_each_named_type_once_and_drop_fastavro_keys() -> None:
+    from schemas.registry import _plain
+    from schemas.tables import Column, TableShape, envelope_schema
+
+    shape = TableShape("db", "tab", (Column("id", "int", "int(11)", False, 10, 0),), ("id",))
+    plain = _plain(envelope_schema(shape, "p").definition)
+    text = json.dumps(plain)
+    assert "__fastavro" not in text and text.count('"name": "p.db.tab.Value"') == 1
+    fields = {f["name"]: f["type"] for f in plain["fields"]}
+    assert fields["after"] == ["null", "p.db.tab.Value"]  # referenced by name after its definition in `before`
+    fastavro.parse_schema(plain)  # and still a valid schema
+
+
+def test_a_confluent_framed_value_without_a_registry_is_a_clear_decode_error() -> None:
+    with pytest.raises(schemas.DecodeError, match="no registry configured"):
+        schemas.Codec().decode(b"\x00\x00\x00\x00\x07\x02")

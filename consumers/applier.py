@@ -857,9 +857,11 @@ class Applier:
             except (ObjectError, StoreError) as exc:
                 failed[key] = f"external object: {exc}"
                 log.warning("entity %s of %s not applied: %s", key[1], link.link_id, failed[key])
+        written = 0
         for i, (event, key, after) in enumerate(applied):
             if key in failed:
                 continue
+            written += 1
             for store, tracked in objects.get(i, []):
                 plan.write("upsert", (link.destination_db, f"~external_{link.destination_store(store)}"), dict(tracked))
             plan.write("upsert", (link.destination_db, destination_name(event.collection.split(".", 1)[1])), after)
@@ -867,7 +869,7 @@ class Applier:
         for _db, table in reversed(link.data_tables()):  # parts first: they reference the master
             for key_row in removed:
                 plan.write("delete", (link.destination_db, destination_name(table)), key_row)
-        ack: dict[str, Any] = {"keys": [], "deleted": [], "deprecate": [], "skipped": [], "failed": []}
+        ack: dict[str, Any] = {"keys": [], "deleted": [], "deprecate": [], "skipped": [], "failed": [], "rows": written}
         for key, reason in failed.items():
             ack["failed"].append(f"{key[1]}: {reason}")
             del outcomes[key]

@@ -432,7 +432,9 @@ class SourceAgent:
             refused = [f"{k}: flagged at the source; now deprecated" for k in ack.get("deprecate") or []]
             refused += ack.get("skipped") or []
             failed = ack.get("failed") or []
-            self._reply(ack["request_id"], "PROGRESS", done=[*ack["keys"], *deleted], refused=refused, failed=failed)
+            done = [*ack["keys"], *deleted]
+            rows = ack.get("rows", 0)
+            self._reply(ack["request_id"], "PROGRESS", done=done, refused=refused, failed=failed, rows=rows)
 
 
 class AutoPull:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,7 @@ class _Summary:
     skipped: int = 0
     refused: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)  # '<key>: <reason>'; requesting again retries them
+    rows: int = 0  # master and part rows written at the destination
     in_flight: list[str] = field(default_factory=list)
     message: str = ""
     _words = ("done", "skipped", "request")
@@ -208,6 +210,7 @@ class _Link:
         waiting: set[str] = set()
         done_count = 0
         bar = tqdm(total=len(texts), desc=kind.lower(), unit="entity", disable=not display_progress)
+        started, rows = time.monotonic(), 0
         try:
             for reply in self.requests.ask(kind, spec, texts, timeout or self.settings.timeout_s):
                 if reply["status"] == "REFUSED":
@@ -227,6 +230,9 @@ class _Link:
                     summary.refused += late
                     summary.failed += failed
                     done_count += len(done)
+                    rows += reply.get("rows") or 0
+                    summary.rows = rows
+                    bar.set_postfix_str(f"{rows / max(time.monotonic() - started, 1e-3):,.0f} rows/s", refresh=False)
                     bar.update(len(done) + len(late) + len(failed))
                 if not waiting:
                     break

@@ -145,5 +145,23 @@ def test_pull_of_a_restriction_matching_nothing_says_so(site: Site) -> None:
     assert summary.requested == 0 and "matches no source rows" in summary.message
 
 
+def test_the_progress_bar_shows_entities_done_of_total_and_rows_per_second(
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site.start("capture", "agent")
+    site.start("applier")
+    declare_source(site)
+    site.connect_facade()
+
+    @link(site.source_host, site.source_schema, site.helper_schema, "outbound", site.dest_schema)
+    class Recording:
+        pass
+
+    summary = Recording().source.pull(display_progress=True)
+    assert (summary.pulled, summary.rows) == (3, 12), summary  # 3 masters with 3 parts each
+    bar = capsys.readouterr().err.splitlines()[-1]
+    assert "pull: 100%" in bar and "3/3" in bar and "rows/s" in bar and "entity/s" in bar, bar
+
+
 def test_keys_cross_sites_as_the_same_text() -> None:
     assert keycodec.encode({"b": b"\x00\xff", "a": 1}) == '{"a":1,"b":{"$b64":"AP8="}}'

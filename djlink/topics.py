@@ -23,6 +23,9 @@ from djlink.config import Settings
 
 _TOPIC_BAD = re.compile(r"[^A-Za-z0-9._]")
 KAFKA_LOG = logging.getLogger("djlink.kafka")  # librdkafka's own log lines, through Python logging
+# The largest message on djlink's topics: a row change (two images of a row) or a pull's list of keys.
+# Bigger values belong in an external store (blob@, attach@), which djlink copies outside Kafka.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
 class Topics:
@@ -102,7 +105,10 @@ class Admin:
                 return
             existing = set(self._admin.list_topics(timeout=10).topics)
             create = [n for n in missing if n not in existing]
-            config = {"cleanup.policy": "compact"} if compacted else {}
+            # Rows with big blobs, and pulls of many keys, exceed Kafka's default 1 MB per message.
+            config = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
+            if compacted:
+                config["cleanup.policy"] = "compact"
             if create:
                 futures = self._admin.create_topics(
                     [NewTopic(n, num_partitions=partitions, replication_factor=1, config=config) for n in create]
@@ -140,6 +146,7 @@ def producer(settings: Settings, transactional_id: str | None = None, **extra: A
         "bootstrap.servers": settings.kafka_bootstrap,
         "enable.idempotence": True,
         "linger.ms": 5,
+        "message.max.bytes": MAX_MESSAGE_BYTES + 1024 * 1024,  # room for the record batch around one message
         "partitioner": "murmur2_random",  # agree with Java clients on key -> partition
         "logger": KAFKA_LOG,
     }

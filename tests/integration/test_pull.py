@@ -13,7 +13,7 @@ from djlink import keys as keycodec
 from djlink.config import Settings
 from djlink.topics import SchemaTopic, Topics, read_to_end
 from link import LinkError, link
-from tests.conftest import Site, admin
+from tests.conftest import Site, admin, wait_for
 
 
 def declare_source(site: Site, n: int = 3) -> Any:
@@ -165,3 +165,25 @@ def test_the_progress_bar_shows_entities_done_of_total_and_rows_per_second(
 
 def test_keys_cross_sites_as_the_same_text() -> None:
     assert keycodec.encode({"b": b"\x00\xff", "a": 1}) == '{"a":1,"b":{"$b64":"AP8="}}'
+
+
+def test_a_row_bigger_than_kafkas_default_message_size_is_pulled_and_mirrored(site: Site) -> None:
+    site.start("capture", "agent")
+    site.start("applier")
+    Source = declare_source(site, 1)
+    big = np.random.default_rng(7).random(400_000)  # 3.2 MB serialized: Kafka's default limit is 1 MB
+    Source.insert1({"recording_id": 2, "subject": "big", "trace": big})
+    site.connect_facade()
+
+    @link(site.source_host, site.source_schema, site.helper_schema, "outbound", site.dest_schema)
+    class Recording:
+        pass
+
+    assert (Recording().source & {"recording_id": 2}).pull().pulled == 1
+    assert np.array_equal((Recording & {"recording_id": 2}).fetch1("trace"), big)
+    # An update carries both images: some 6.4 MB in one change event.
+    conn = admin(site.env, "SOURCE")
+    with conn.cursor() as cur:
+        cur.execute(f"UPDATE `{site.source_schema}`.recording SET subject='bigger' WHERE recording_id=2")
+    conn.close()
+    wait_for(lambda: (Recording & {"recording_id": 2}).fetch1("subject") == "bigger", 30, "the mirrored update")

@@ -237,7 +237,8 @@ def poison_and_refusal(site: Site, state_db: str, app_user: str, app_pass: str) 
     ack = schemas.FIXED["ack"]
     valid_ack = schemas.Codec().encode(ack, {"link_id": "x", "unit_id": "u", "keys": [], "ts_ms": 0})
     poison = {
-        b"poison-bytes": (b"\x00" + os.urandom(40), "not an Avro single-object encoded value"),
+        b"poison-bytes": (b"\x01" + os.urandom(40), "not an Avro single-object encoded value"),
+        b"poison-confluent": (b"\x00" + os.urandom(40), "and no registry configured"),
         b"poison-fingerprint": (schemas.MAGIC + os.urandom(8) + b"\x02\x04", "unknown schema fingerprint"),
         b"poison-body": (schemas.MAGIC + ack.fingerprint + b"\x06ab", "corrupt Avro body"),
         b"poison-not-a-change": (valid_ack, "not a change event envelope"),
@@ -275,7 +276,7 @@ def poison_and_refusal(site: Site, state_db: str, app_user: str, app_pass: str) 
     def dead_letters() -> list[dict[str, Any]]:
         return read_topic(site, topics.dead_letter)
 
-    wait_for(lambda: len(dead_letters()) >= 10, 60, "10 dead letters")
+    wait_for(lambda: len(dead_letters()) >= 11, 60, "11 dead letters")
     # Nothing of entity 3 arrived, not even its master row; it stays Activated (process PULL), a legal state.
     assert rows(site, "DEST", site.dest_schema, "recording", "recording_id") == [
         rows(site, "SOURCE", site.source_schema, "recording", "recording_id")[0]
@@ -322,7 +323,7 @@ def poison_and_refusal(site: Site, state_db: str, app_user: str, app_pass: str) 
     (lost,) = [d for d in letters if d["stage"] == "gather"]
     assert (lost["key"], lost["value"], lost["unit_id"]) == (b"stray", stray_value, stray["transaction"]["id"])
     assert "is not on the transaction topic" in lost["reason"]
-    assert len(letters) == 10
+    assert len(letters) == 11
     with dest.cursor() as cur:
         cur.execute(f"SELECT outcome FROM `{state_db}`.applied_units WHERE unit_id=%s", (refused[0]["unit_id"],))
         assert cur.fetchone() == ("dead-letter",)
@@ -330,6 +331,6 @@ def poison_and_refusal(site: Site, state_db: str, app_user: str, app_pass: str) 
     assert applier.poll() is None  # still running: nothing stopped the pipeline
     applier.terminate()
     _, err = applier.communicate(timeout=30)
-    assert err.count("dead-lettered undecodable message") == 4, err  # one line each
+    assert err.count("dead-lettered undecodable message") == len(poison), err  # one line each
     assert err.count("events dead-lettered") == 2, err  # one line per unit: the refused one and the stray
     assert "dropped 1 events of unit" in err and "finished before (applied)" in err, err

@@ -36,6 +36,16 @@ from schemas.tables import EnvelopeReader
 log = logging.getLogger(__name__)
 HELPER_COLUMNS = ("process", "is_flagged", "is_deprecated")
 ADOPT_CHUNK_KEYS = 10_000  # keys per snapshot signal when continuing from an existing helper table
+# What a topic created a moment ago answers until its leader is elected and known (not all flagged retriable).
+NEW_TOPIC_ERRORS = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._UNKNOWN_PARTITION,
+        KafkaError._TIMED_OUT,
+    }
+)
 FOLLOW_WAIT_S = 10.0  # how long the agent waits for a change topic created a moment ago to be usable
 CAPTURE_WAIT_S = 5.0  # how long a REGISTER reply waits for the capture to read the new link's signal
 
@@ -489,7 +499,9 @@ class AutoPull:
             try:
                 return int(self._c.get_watermark_offsets(tp, timeout=5)[1])
             except KafkaException as exc:
-                if not exc.args[0].retriable() or time.monotonic() > deadline:
+                error = exc.args[0]
+                settling = error.code() in NEW_TOPIC_ERRORS or error.retriable()
+                if not settling or time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
 

@@ -39,6 +39,7 @@ class _Compiled:
     value_schema: schemas.Schema
     encode: RowEncoder
     key_fields: list[str]
+    published: bool = False  # both schemas on the schema topic
 
 
 class EventDispatcher:
@@ -62,6 +63,7 @@ class EventDispatcher:
         self._schemas: dict[TableShape, _Compiled] = {}
         self._by_shape: dict[int, _Compiled] = {}  # by id(): hashing a shape per row costs more than encoding it
         self._same_columns: dict[tuple[int, int], bool] = {}
+        self._topic_of: dict[tuple[str, str], str] = {}  # (db, table) -> change topic
 
     def _compiled(self, shape: TableShape) -> _Compiled:
         """Per shape, once: its schemas (published once), its row encoder and its key fields."""
@@ -145,7 +147,10 @@ class EventDispatcher:
             source = sources[where]
             source["row"] = change.row  # encoded before the next row changes it
             transaction = {"id": unit.id, "total_order": order, "data_collection_order": counts[collection]}
-            self._row(change, self._topics.table(*where), source, transaction, now)
+            topic = self._topic_of.get(where)
+            if topic is None:
+                topic = self._topic_of[where] = self._topics.table(*where)
+            self._row(change, topic, source, transaction, now)
         self._transaction_event(unit, "END", counts)
 
     def _abort(self) -> None:
@@ -159,8 +164,10 @@ class EventDispatcher:
     ) -> None:
         compiled = self._compiled(self._shape(change))
         kschema, vschema, encode = compiled.key_schema, compiled.value_schema, compiled.encode
-        self._schema_topic.publish(self._p, kschema)
-        self._schema_topic.publish(self._p, vschema)
+        if not compiled.published:
+            self._schema_topic.publish(self._p, kschema)
+            self._schema_topic.publish(self._p, vschema)
+            compiled.published = True
         before = None if change.before is None else encode(change.before)
         after = None if change.after is None else encode(change.after)
         image = after if after is not None else before

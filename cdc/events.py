@@ -20,7 +20,7 @@ class Position:
     server_id: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: one per row on the hot path, and frozen __init__ is slower
 class RowChange:
     db: str
     table: str

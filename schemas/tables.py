@@ -219,7 +219,29 @@ def from_avro(column: Column, value: Any) -> Any:
 
 
 # Types whose driver values are already what Avro holds: no conversion per value.
-_AS_IS = {"tinyint", "smallint", "mediumint", "int", "year", "float", "double"}
+_AS_IS = {"tinyint", "smallint", "mediumint", "int", "year", "float", "double", "datetime", "date"}
+_TEXT = {"char", "varchar", "tinytext", "text", "mediumtext", "longtext", "enum"}
+_BLOB = {"varbinary", "tinyblob", "blob", "mediumblob", "longblob"}
+
+
+def _text(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes | bytearray) else value
+
+
+def _blob(value: Any) -> Any:
+    return value.encode() if isinstance(value, str) else value
+
+
+def _converter(column: Column) -> Any:
+    """`to_avro` for one column, specialised for the common types (None: the value as it is)."""
+    t = column.data_type
+    if t in _AS_IS:
+        return None
+    if t in _TEXT:
+        return _text
+    if t in _BLOB:
+        return _blob
+    return functools.partial(to_avro, column)
 
 
 class RowEncoder:
@@ -228,12 +250,14 @@ class RowEncoder:
     def __init__(self, shape: TableShape) -> None:
         self._plan: list[tuple[str, str, Any]] = []
         for c in shape.columns:
-            as_is = c.data_type in _AS_IS
-            self._plan.append((c.name, avro_name(c.name), None if as_is else functools.partial(to_avro, c)))
+            self._plan.append((c.name, avro_name(c.name), _converter(c)))
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         get = row.get
-        return {avro: (get(name) if convert is None else convert(get(name))) for name, avro, convert in self._plan}
+        return {
+            avro: get(name) if convert is None or (value := get(name)) is None else convert(value)
+            for name, avro, convert in self._plan
+        }
 
 
 def row_to_avro(shape: TableShape, row: dict[str, Any]) -> dict[str, Any]:

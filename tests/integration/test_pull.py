@@ -187,3 +187,31 @@ def test_a_row_bigger_than_kafkas_default_message_size_is_pulled_and_mirrored(si
         cur.execute(f"UPDATE `{site.source_schema}`.recording SET subject='bigger' WHERE recording_id=2")
     conn.close()
     wait_for(lambda: (Recording & {"recording_id": 2}).fetch1("subject") == "bigger", 30, "the mirrored update")
+
+
+def test_a_pull_that_times_out_says_what_is_in_flight_and_pulling_again_completes_it(site: Site) -> None:
+    site.start("capture", "agent")  # no applier yet: nothing can complete
+    declare_source(site)
+    site.connect_facade()
+
+    @link(site.source_host, site.source_schema, site.helper_schema, "outbound", site.dest_schema)
+    class Recording:
+        pass
+
+    source = Recording().source
+    assert len(source) == 3 and "recording_id" in repr(source) and "mouse-1" in repr(source)  # browsed as in DataJoint
+    wanted = source & "recording_id < 3"
+    summary = wanted.pull(timeout=3)
+    assert summary.pulled == 0 and summary.in_flight == ['{"recording_id":1}', '{"recording_id":2}'], summary
+    assert "2 still in flight (they complete in the background; pull again to wait)" in str(summary)
+
+    site.start("applier")
+    again = wanted.pull(timeout=60)
+    assert again.pulled + again.skipped == 2 and not again.in_flight, again
+    # Each entity once, as at the source.
+    assert (
+        rows(site, "DEST", site.dest_schema, "recording", "recording_id")
+        == rows(site, "SOURCE", site.source_schema, "recording", "recording_id")[:2]
+    )
+    parts = rows(site, "DEST", site.dest_schema, "recording__channel", "recording_id, channel")
+    assert parts == rows(site, "SOURCE", site.source_schema, "recording__channel", "recording_id, channel")[:6]

@@ -25,9 +25,10 @@ from cdc.schema_history import SchemaHistory
 from djlink.topics import Admin, SchemaTopic, Topics, now_ms, produce
 from schemas import FIXED
 from schemas.registry import Registry
-from schemas.tables import RowEncoder, TableShape, envelope_schema, key_schema
+from schemas.tables import RowEncoder, TableShape, envelope_schema, key_schema, row_record_name
 
 VERSION = "0.1.0"
+TRANSACTION_BLOCK = "djlink.TransactionBlock"  # full name of the envelope's `transaction` record
 log = logging.getLogger(__name__)
 ConsumedOffsets = tuple[list[TopicPartition], Any]  # offsets and the consumer's group metadata
 
@@ -39,6 +40,7 @@ class _Compiled:
     value_schema: schemas.Schema
     encode: RowEncoder
     key_fields: list[str]
+    row_name: str  # full name of the row record: `(name, row)` spares fastavro resolving the union
     published: bool = False  # both schemas on the schema topic
 
 
@@ -73,7 +75,12 @@ class EventDispatcher:
                 kschema = key_schema(shape, self._topics.prefix)
                 vschema = envelope_schema(shape, self._topics.prefix)
                 self._schemas[shape] = _Compiled(
-                    shape, kschema, vschema, RowEncoder(shape), [f["name"] for f in kschema.definition["fields"]]
+                    shape,
+                    kschema,
+                    vschema,
+                    RowEncoder(shape),
+                    [f["name"] for f in kschema.definition["fields"]],
+                    row_record_name(shape, self._topics.prefix),
                 )
             found = self._by_shape[id(shape)] = self._schemas[shape]
             found.shape = shape
@@ -173,13 +180,16 @@ class EventDispatcher:
         image = after if after is not None else before
         assert image is not None
         key = self._codec.encode(kschema, {name: image[name] for name in compiled.key_fields}, f"{topic}-key")
+        # Records in unions as (name, record): fastavro then writes them without first validating them
+        # against each branch (a third of the capture's encoding time). The bytes are the same.
+        row = compiled.row_name
         value = {
-            "before": before,
-            "after": after,
+            "before": None if before is None else (row, before),
+            "after": None if after is None else (row, after),
             "source": source,
             "op": change.op,
             "ts_ms": now,
-            "transaction": transaction,
+            "transaction": (TRANSACTION_BLOCK, transaction),
         }
         produce(self._p, topic, key, self._codec.encode(vschema, value, f"{topic}-value"))
         if change.op == "d":

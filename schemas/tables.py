@@ -120,6 +120,11 @@ def row_record(shape: TableShape, prefix: str) -> dict[str, Any]:
     }
 
 
+def row_record_name(shape: TableShape, prefix: str) -> str:
+    """The full name of the table's row record (`before`/`after`), for fastavro's tuple notation."""
+    return f"{row_record(shape, prefix)['namespace']}.Value"
+
+
 def key_record(shape: TableShape, prefix: str) -> dict[str, Any]:
     pk = [shape.column(n) for n in shape.primary_key]
     return {

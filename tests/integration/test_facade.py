@@ -13,19 +13,11 @@ import pytest
 
 from link import link
 from tests.conftest import Site, admin
-from tests.integration.test_pull import declare_source, rows
+from tests.integration.test_pull import declare_source, linked_recording, rows
 
 
 def linked(site: Site) -> Any:
-    site.start("capture", "agent")
-    site.start("applier")
-    declare_source(site)
-    site.connect_facade()
-
-    @link(site.source_host, site.source_schema, site.helper_schema, "Outbound", site.dest_schema)
-    class Recording:
-        pass
-
+    _, Recording = linked_recording(site, helper="Outbound")
     summary = Recording().source.pull()
     assert summary.pulled == 3, summary
     return Recording

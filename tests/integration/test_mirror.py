@@ -13,20 +13,12 @@ from djlink.config import Settings
 from djlink.topics import Topics, read_to_end
 from link import link
 from tests.conftest import Site, admin, wait_for
-from tests.integration.test_pull import declare_source, read_topic, rows
+from tests.integration.test_pull import declare_source, linked_recording, read_topic, rows
 
 
 def pulled_site(site: Site, state_db: str, ids: list[int]) -> Any:
     """The pipeline running, the Recording table linked, `ids` pulled (Shared)."""
-    site.start("capture", "agent")
-    site.start("applier", DJLINK_APPLIER_STATE_DB=state_db)
-    declare_source(site)
-    site.connect_facade()
-
-    @link(site.source_host, site.source_schema, site.helper_schema, "Outbound", site.dest_schema)
-    class Recording:
-        pass
-
+    _, Recording = linked_recording(site, helper="Outbound", DJLINK_APPLIER_STATE_DB=state_db)
     summary = (Recording().source & [{"recording_id": i} for i in ids]).pull()
     assert summary.pulled == len(ids), summary
     return Recording

@@ -44,6 +44,21 @@ def declare_source(site: Site, n: int = 3) -> Any:
     return Recording
 
 
+def linked_recording(site: Site, n: int = 3, helper: str = "outbound", **applier_env: str) -> tuple[Any, Any]:
+    """The pipeline running, the source declared while it runs (rows 1..n), its table linked through the
+    façade: (the source class, the linked class)."""
+    site.start("capture", "agent")
+    site.start("applier", **applier_env)
+    Source = declare_source(site, n)  # after the services started: picked up without a restart
+    site.connect_facade()
+
+    @link(site.source_host, site.source_schema, site.helper_schema, helper, site.dest_schema)
+    class Recording:
+        """The linked copy."""
+
+    return Source, Recording
+
+
 def rows(site: Site, side: str, schema: str, table: str, order: str) -> list[tuple[Any, ...]]:
     conn = admin(site.env, side)
     with conn.cursor() as cur:
@@ -62,14 +77,7 @@ def read_topic(site: Site, topic: str) -> list[dict[str, Any]]:
 
 
 def test_pull_through_kafka_leaves_exactly_the_requested_entities(site: Site) -> None:
-    site.start("capture", "agent")
-    site.start("applier")
-    Source = declare_source(site)  # after the services started: picked up without a restart
-    site.connect_facade()
-
-    @link(site.source_host, site.source_schema, site.helper_schema, "Outbound", site.dest_schema)
-    class Recording:
-        """The linked copy."""
+    Source, Recording = linked_recording(site, helper="Outbound")  # the helper table named as a class
 
     assert len(Recording().source) == 3
     summary = (Recording().source & [{"recording_id": 1}, {"recording_id": 2}]).pull()
@@ -132,14 +140,7 @@ def test_link_to_a_schema_the_source_site_does_not_allow_is_refused(site: Site) 
 
 
 def test_pull_of_a_restriction_matching_nothing_says_so(site: Site) -> None:
-    site.start("capture", "agent")
-    site.start("applier")
-    declare_source(site)
-    site.connect_facade()
-
-    @link(site.source_host, site.source_schema, site.helper_schema, "outbound", site.dest_schema)
-    class Recording:
-        pass
+    _, Recording = linked_recording(site)
 
     summary = (Recording().source & "recording_id > 100").pull()
     assert summary.requested == 0 and "matches no source rows" in summary.message
@@ -148,14 +149,7 @@ def test_pull_of_a_restriction_matching_nothing_says_so(site: Site) -> None:
 def test_the_progress_bar_shows_entities_done_of_total_and_rows_per_second(
     site: Site, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    site.start("capture", "agent")
-    site.start("applier")
-    declare_source(site)
-    site.connect_facade()
-
-    @link(site.source_host, site.source_schema, site.helper_schema, "outbound", site.dest_schema)
-    class Recording:
-        pass
+    _, Recording = linked_recording(site)
 
     summary = Recording().source.pull(display_progress=True)
     assert (summary.pulled, summary.rows) == (3, 12), summary  # 3 masters with 3 parts each

@@ -16,13 +16,21 @@ from collections.abc import Iterable
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewTopic,
+    ResourceType,
+)
 
 import schemas
 from djlink.config import Settings
 
 _TOPIC_BAD = re.compile(r"[^A-Za-z0-9._]")
 KAFKA_LOG = logging.getLogger("djlink.kafka")  # librdkafka's own log lines, through Python logging
+log = logging.getLogger(__name__)
 # The largest message on djlink's topics: a row change (two images of a row) or a pull's list of keys.
 # Bigger values belong in an external store (blob@, attach@), which djlink copies outside Kafka.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -119,8 +127,25 @@ class Admin:
                     except KafkaException as exc:
                         if "TOPIC_ALREADY_EXISTS" not in str(exc):
                             raise
+            self._raise_message_limit([n for n in missing if n in existing])
             self._known.update(missing)
             _wait_for_metadata(self._admin, create)
+
+    def _raise_message_limit(self, names: list[str]) -> None:
+        """Topics created before djlink raised the limit (or by hand) take messages up to MAX_MESSAGE_BYTES too."""
+        if not names:
+            return
+        entry = ConfigEntry("max.message.bytes", str(MAX_MESSAGE_BYTES), incremental_operation=AlterConfigOpType.SET)
+        resources = [ConfigResource(ResourceType.TOPIC, n, incremental_configs=[entry]) for n in names]
+        for resource, fut in self._admin.incremental_alter_configs(resources).items():
+            try:
+                fut.result(timeout=30)
+            except KafkaException as exc:
+                log.warning(
+                    "topic %s keeps its message size limit (%s): rows over it cannot be published",
+                    resource.name,
+                    exc.args[0].str(),
+                )
 
     def ensure_control(self, topics: Topics) -> None:
         self.check()

@@ -7,6 +7,7 @@ from typing import Any
 import datajoint as dj
 import numpy as np
 import pytest
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
 import schemas
 from djlink import keys as keycodec
@@ -162,6 +163,12 @@ def test_keys_cross_sites_as_the_same_text() -> None:
 
 
 def test_a_row_bigger_than_kafkas_default_message_size_is_pulled_and_mirrored(site: Site) -> None:
+    # The table's change topic exists already with Kafka's default limit of 1 MB per message (made by an
+    # older djlink, or by hand): djlink raises it when it takes the topic on.
+    topic = Topics(site.topic_prefix).table(site.source_schema, "recording")
+    kafka = AdminClient({"bootstrap.servers": site.env["DJLINK_KAFKA_BOOTSTRAP"]})
+    limit = {"max.message.bytes": "1048588"}
+    kafka.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1, config=limit)])[topic].result(30)
     site.start("capture", "agent")
     site.start("applier")
     Source = declare_source(site, 1)
@@ -181,6 +188,9 @@ def test_a_row_bigger_than_kafkas_default_message_size_is_pulled_and_mirrored(si
         cur.execute(f"UPDATE `{site.source_schema}`.recording SET subject='bigger' WHERE recording_id=2")
     conn.close()
     wait_for(lambda: (Recording & {"recording_id": 2}).fetch1("subject") == "bigger", 30, "the mirrored update")
+    configs = kafka.describe_configs([ConfigResource(ResourceType.TOPIC, topic)])
+    [described] = [fut.result(30) for fut in configs.values()]
+    assert int(described["max.message.bytes"].value) >= 64 * 1024 * 1024
 
 
 def test_a_pull_that_times_out_says_what_is_in_flight_and_pulling_again_completes_it(site: Site) -> None:

@@ -839,13 +839,13 @@ class Applier:
         ]
         present = self._present(link, [k[1] for k in flagged_pulls]) if flagged_pulls else set()
         outcomes = {k: decide_process(helpers.get(k), k[1] in present) for k in entities}
-        applied = [
-            (event, key, after)
-            for event, _, after in changes
-            if self._links_of.get(event.collection) is not None
-            and after is not None
-            and outcomes.get(key := (link.link_id, keycodec.encode(after, pk)), (Outcome.SKIP, ""))[0] is Outcome.APPLY
-        ]
+        applied: list[tuple[Event, EntityKey, dict[str, Any]]] = []  # the data rows of entities to apply
+        for event, _, after in changes:
+            if self._links_of.get(event.collection) is None or after is None:
+                continue
+            key = (link.link_id, keycodec.encode(after, pk))
+            if outcomes.get(key, (Outcome.SKIP, ""))[0] is Outcome.APPLY:
+                applied.append((event, key, after))
         # The objects first, entity by entity: one missing or not matching its hash keeps its entity out.
         objects: dict[int, list[tuple[str, dict[str, Any]]]] = {}
         failed: dict[EntityKey, str] = {}

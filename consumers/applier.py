@@ -327,6 +327,7 @@ class Applier:
         self._assigned: set[Partition] = set()
         self._envelopes = EnvelopeReader(self._codec)
         self._consumed: dict[Partition, int] = {}
+        self._read_ts: dict[Partition, int] = {}  # Kafka timestamp of the last message read, per partition
         self._stored: dict[Partition, int] = {}
         self._committed_to_kafka: dict[Partition, int] = {}
         self._last_progress = 0.0
@@ -518,6 +519,7 @@ class Applier:
         at = where(msg)
         topic = at[0]
         self._consumed[(topic, at[1])] = at[2] + 1
+        self._read_ts[(topic, at[1])] = kafka_ts(msg)
         value = msg.value()
         if value is None:
             return False  # tombstone
@@ -596,8 +598,9 @@ class Applier:
         all been read yet holds back every later one (a mirrored change must
         never overtake an older one). Its events come within milliseconds;
         if they have not come once an END produced ORPHAN_AFTER_MS later has
-        been read, they never will (undecodable, dead-lettered on their own),
-        and the unit is given up.
+        been read and their change topics have been read past the unit
+        (`_read_past`), they never will (undecodable, dead-lettered on their
+        own), and the unit is given up.
         """
         self._reap_orphans()
         ended = sorted((unit.end_offset[2], unit_id) for unit_id, unit in self._pending.items() if unit.end_offset)
@@ -607,7 +610,7 @@ class Applier:
             unit = self._pending[unit_id]
             assert unit.end is not None
             if not unit.complete(self._tracked):
-                if self._latest_end_ms - unit.end_ts_ms <= ORPHAN_AFTER_MS:
+                if self._latest_end_ms - unit.end_ts_ms <= ORPHAN_AFTER_MS or not self._read_past(unit):
                     self._note_waiting(unit_id, unit)
                     break
                 self._apply_batch(batch, registry)
@@ -624,6 +627,33 @@ class Applier:
                 self._apply_batch(batch, registry)
                 batch, rows = [], 0
         self._apply_batch(batch, registry)
+
+    def _read_past(self, unit: PendingUnit) -> bool:
+        """Whether every partition that could still hold the unit's missing events has been read past it.
+
+        Past: a message produced after the unit's END was read there (the
+        capture produces a unit's events before its END), or the partition is
+        read to its end. Only then are the events missing rather than late:
+        catching up a backlog reads the transaction topic far ahead of the
+        change topics, and newer ENDs alone would give up units whose events
+        are simply not read yet.
+        """
+        assert unit.end is not None
+        have = Counter(e.collection for e in unit.events.values())
+        topics = {
+            topic
+            for dc in unit.end["data_collections"] or []
+            if dc["data_collection"] in self._tracked and have[dc["data_collection"]] < dc["event_count"]
+            for topic, collection in self._by_topic.items()
+            if collection == dc["data_collection"]
+        }
+        for partition in self._assigned:
+            if partition[0] not in topics or self._read_ts.get(partition, -1) > unit.end_ts_ms:
+                continue
+            _, high = self._c.get_watermark_offsets(TopicPartition(*partition), cached=True)
+            if high < 0 or self._consumed.get(partition, 0) < high:
+                return False
+        return True
 
     def _note_waiting(self, unit_id: str, unit: PendingUnit) -> None:
         """Say so (once) when the unit every later one waits for has been incomplete for a while."""

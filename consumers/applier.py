@@ -151,6 +151,31 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def read_past(
+    partitions: list[Partition],
+    end_ts_ms: int,
+    read_ts: dict[Partition, int],
+    consumed: dict[Partition, int],
+    high: Callable[[Partition], int],
+) -> bool:
+    """Whether each partition that could still hold a unit's missing events has been read past the unit.
+
+    Past: a message produced after the unit's END (Kafka timestamp
+    `end_ts_ms`) was read there, since the capture produces a unit's events
+    before its END; or the partition is read to its end (`high`: its high
+    watermark as last fetched, negative when unknown). Only then are the
+    events missing rather than late: catching up a backlog reads the
+    transaction topic far ahead of the change topics.
+    """
+    for partition in partitions:
+        if read_ts.get(partition, -1) > end_ts_ms:
+            continue
+        end = high(partition)
+        if end < 0 or consumed.get(partition, 0) < end:
+            return False
+    return True
+
+
 class Unappliable(Exception):
     """The destination refused a unit's rows: the unit goes to the dead-letter topic."""
 
@@ -629,15 +654,7 @@ class Applier:
         self._apply_batch(batch, registry)
 
     def _read_past(self, unit: PendingUnit) -> bool:
-        """Whether every partition that could still hold the unit's missing events has been read past it.
-
-        Past: a message produced after the unit's END was read there (the
-        capture produces a unit's events before its END), or the partition is
-        read to its end. Only then are the events missing rather than late:
-        catching up a backlog reads the transaction topic far ahead of the
-        change topics, and newer ENDs alone would give up units whose events
-        are simply not read yet.
-        """
+        """Whether the change topics have been read past the unit (see `read_past`)."""
         assert unit.end is not None
         have = Counter(e.collection for e in unit.events.values())
         topics = {
@@ -647,13 +664,12 @@ class Applier:
             for topic, collection in self._by_topic.items()
             if collection == dc["data_collection"]
         }
-        for partition in self._assigned:
-            if partition[0] not in topics or self._read_ts.get(partition, -1) > unit.end_ts_ms:
-                continue
-            _, high = self._c.get_watermark_offsets(TopicPartition(*partition), cached=True)
-            if high < 0 or self._consumed.get(partition, 0) < high:
-                return False
-        return True
+
+        def high(partition: Partition) -> int:
+            return int(self._c.get_watermark_offsets(TopicPartition(*partition), cached=True)[1])
+
+        partitions = [p for p in self._assigned if p[0] in topics]
+        return read_past(partitions, unit.end_ts_ms, self._read_ts, self._consumed, high)
 
     def _note_waiting(self, unit_id: str, unit: PendingUnit) -> None:
         """Say so (once) when the unit every later one waits for has been incomplete for a while."""

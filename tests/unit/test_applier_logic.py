@@ -10,7 +10,7 @@ import pymysql
 import pytest
 
 import schemas
-from consumers.applier import Applier, Event, PendingUnit, describe, is_transient
+from consumers.applier import Applier, Event, PendingUnit, describe, is_transient, read_past
 from consumers.offsets_store import UnitOffsets, changed, cutoff, safe_offsets, state_db_name
 from djlink.config import ConfigError, Settings
 
@@ -224,3 +224,17 @@ def test_retrying_stops_when_the_applier_is_told_to_stop() -> None:
     applier._stop.set()
     with pytest.raises(pymysql.err.OperationalError):
         applier._transact(lambda cur: cur.execute("INSERT"))
+
+
+def test_missing_events_are_given_up_only_once_their_partitions_are_read_past_the_unit() -> None:
+    a, b = ("db.t", 0), ("db.t", 1)
+    ends = {a: 100, b: 50}  # high watermarks
+    # Catching up a backlog: nothing read after the unit's END (ts 1000) on b, and b not read to its end.
+    assert not read_past([a, b], 1000, {a: 1001, b: 990}, {a: 10, b: 20}, ends.__getitem__)
+    # b read past the unit (a message produced after its END), or b read to its end: the events are missing.
+    assert read_past([a, b], 1000, {a: 1001, b: 1002}, {a: 10, b: 20}, ends.__getitem__)
+    assert read_past([a, b], 1000, {a: 1001, b: 990}, {a: 10, b: 50}, ends.__getitem__)
+    # A partition never read, its watermark unknown: not past.
+    assert not read_past([a], 1000, {}, {}, lambda p: -1001)
+    # A message with the END's own timestamp is not past it (events and END may share a millisecond).
+    assert not read_past([b], 1000, {b: 1000}, {b: 20}, ends.__getitem__)

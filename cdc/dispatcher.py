@@ -65,7 +65,8 @@ class EventDispatcher:
         self._schemas: dict[TableShape, _Compiled] = {}
         self._by_shape: dict[int, _Compiled] = {}  # by id(): hashing a shape per row costs more than encoding it
         self._same_columns: dict[tuple[int, int], bool] = {}
-        self._topic_of: dict[tuple[str, str], str] = {}  # (db, table) -> change topic
+        # (db, table) -> its change topic, and the registry subjects of its keys and values (None: no registry)
+        self._topic_of: dict[tuple[str, str], tuple[str, str | None, str | None]] = {}
 
     def _compiled(self, shape: TableShape) -> _Compiled:
         """Per shape, once: its schemas (published once), its row encoder and its key fields."""
@@ -154,10 +155,12 @@ class EventDispatcher:
             source = sources[where]
             source["row"] = change.row  # encoded before the next row changes it
             transaction = {"id": unit.id, "total_order": order, "data_collection_order": counts[collection]}
-            topic = self._topic_of.get(where)
-            if topic is None:
-                topic = self._topic_of[where] = self._topics.table(*where)
-            self._row(change, topic, source, transaction, now)
+            names = self._topic_of.get(where)
+            if names is None:
+                topic = self._topics.table(*where)
+                subjects = (f"{topic}-key", f"{topic}-value") if self._codec.registry else (None, None)
+                names = self._topic_of[where] = (topic, *subjects)
+            self._row(change, names, source, transaction, now)
         self._transaction_event(unit, "END", counts)
 
     def _abort(self) -> None:
@@ -167,8 +170,14 @@ class EventDispatcher:
             log.exception("could not abort the Kafka transaction")
 
     def _row(
-        self, change: RowChange, topic: str, source: dict[str, Any], transaction: dict[str, Any], now: int
+        self,
+        change: RowChange,
+        names: tuple[str, str | None, str | None],
+        source: dict[str, Any],
+        transaction: dict[str, Any],
+        now: int,
     ) -> None:
+        topic, key_subject, value_subject = names
         compiled = self._compiled(self._shape(change))
         kschema, vschema, encode = compiled.key_schema, compiled.value_schema, compiled.encode
         if not compiled.published:
@@ -179,7 +188,7 @@ class EventDispatcher:
         after = None if change.after is None else encode(change.after)
         image = after if after is not None else before
         assert image is not None
-        key = self._codec.encode(kschema, {name: image[name] for name in compiled.key_fields}, f"{topic}-key")
+        key = self._codec.encode(kschema, {name: image[name] for name in compiled.key_fields}, key_subject)
         # Records in unions as (name, record): fastavro then writes them without first validating them
         # against each branch (a third of the capture's encoding time). The bytes are the same.
         row = compiled.row_name
@@ -191,7 +200,7 @@ class EventDispatcher:
             "ts_ms": now,
             "transaction": (TRANSACTION_BLOCK, transaction),
         }
-        produce(self._p, topic, key, self._codec.encode(vschema, value, f"{topic}-value"))
+        produce(self._p, topic, key, self._codec.encode(vschema, value, value_subject))
         if change.op == "d":
             produce(self._p, topic, key, None)
 
@@ -207,5 +216,5 @@ class EventDispatcher:
             "request_id": unit.request_id,
             "link_id": unit.link_id,
         }
-        transaction = self._topics.transaction
-        produce(self._p, transaction, unit.id, self._codec.encode(FIXED["transaction"], record, f"{transaction}-value"))
+        subject = f"{self._topics.transaction}-value" if self._codec.registry else None
+        produce(self._p, self._topics.transaction, unit.id, self._codec.encode(FIXED["transaction"], record, subject))

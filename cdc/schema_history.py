@@ -10,6 +10,7 @@ from typing import Any
 
 import pymysql
 
+from djlink.links import EXTERNAL_PREFIX
 from schemas.tables import Column, TableShape
 
 
@@ -59,9 +60,9 @@ class SchemaHistory:
                 "SELECT table_name, column_name, referenced_table_name FROM information_schema.key_column_usage "
                 f"WHERE table_schema=%s AND table_name IN ({', '.join(['%s'] * len(tables))}) "
                 "AND referenced_table_schema=%s AND referenced_table_name LIKE %s ORDER BY table_name, column_name",
-                (db, *tables, db, "~external\\_%"),
+                (db, *tables, db, EXTERNAL_PREFIX.replace("_", "\\_") + "%"),
             )
-            return [(r[0], r[1], r[2][len("~external_") :]) for r in cur.fetchall()]
+            return [(r[0], r[1], r[2][len(EXTERNAL_PREFIX) :]) for r in cur.fetchall()]
 
     def _read(self, db: str, table: str) -> TableShape:
         with self._cursor() as cur:

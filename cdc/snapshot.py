@@ -18,7 +18,7 @@ import pymysql.cursors
 from cdc.events import ChangeUnit, Position, RowChange
 from cdc.schema_history import SchemaHistory
 from djlink import keys as keycodec
-from djlink.links import LinkSpec
+from djlink.links import LinkSpec, external_table
 from schemas.tables import select_expression
 
 
@@ -98,8 +98,8 @@ class SnapshotSource:
             changes: list[RowChange] = []
             # The tracking rows of the objects the entities reference, then the helper rows, then the data,
             # all in this one read: the applier copies those objects and acts on the helper state of then.
-            for db, table in link.external_tables():
-                store = table[len("~external_") :]
+            for store in link.external_stores():
+                db, table = link.source_db, external_table(store)
                 refs = [(t, c) for t, c, st in link.externals if st == store]
                 union = " UNION ".join(f"SELECT {quote(c)} FROM {quote(db)}.{quote(t)} WHERE {where}" for t, c in refs)
                 columns = ", ".join(select_expression(c) for c in self._history.shape(db, table).columns)

@@ -91,7 +91,7 @@ from consumers.offsets_store import (
 )
 from djlink import keys as keycodec
 from djlink.config import ConfigError, Settings
-from djlink.links import LinkRegistry, LinkSpec, destination_name
+from djlink.links import LinkRegistry, LinkSpec, destination_name, external_table
 from djlink.stores import ObjectError, StoreError, Stores, copy_object
 from djlink.topics import Admin, SchemaTopic, Topics, consumer, now_ms, producer, where
 from schemas.registry import registry_at
@@ -428,9 +428,10 @@ class Applier:
                 self._links_of[f"{db}.{table}"] = link
             self._by_topic[self.topics.table(link.helper_db, link.helper_table)] = link.helper_collection
             self._helper_of[link.helper_collection] = link
-            for db, table in link.external_tables():
-                self._by_topic[self.topics.table(db, table)] = f"{db}.{table}"
-                self._store_of[f"{db}.{table}"] = table[len("~external_") :]
+            for store in link.external_stores():
+                collection = f"{link.source_db}.{external_table(store)}"
+                self._by_topic[self.topics.table(link.source_db, external_table(store))] = collection
+                self._store_of[collection] = store
             for table, column, store in link.externals:
                 self._in_store.setdefault(f"{link.source_db}.{table}", []).append((column, store))
         self._tracked = set(self._links_of) | set(self._helper_of) | set(self._store_of)
@@ -843,7 +844,7 @@ class Applier:
             if tracked is None:
                 tracked = self._transact(partial(self._store.load_tracked, db=db, store=store, digest=key[2]))
             if tracked is None:
-                raise ObjectError(f"no `~external_{store}` row captured for {column} of {collection}")
+                raise ObjectError(f"no `{external_table(store)}` row captured for {column} of {collection}")
             destination = link.destination_store(store)
             done = (destination, link.destination_db, key[2])
             if done not in self._copied:
@@ -861,9 +862,13 @@ class Applier:
 
     def _write_objects(self, plan: Plan, link: LinkSpec, collection: str, row: dict[str, Any]) -> None:
         """Copy the objects `row` references, and write their tracking rows at the destination (before it)."""
-        for store, tracked in self._objects_of(plan, link, collection, row):
-            target = (link.destination_db, f"~external_{link.destination_store(store)}")
-            plan.write("upsert", target, dict(tracked))
+        self._write_tracked(plan, link, self._objects_of(plan, link, collection, row))
+
+    @staticmethod
+    def _write_tracked(plan: Plan, link: LinkSpec, objects: list[tuple[str, dict[str, Any]]]) -> None:
+        """Write the tracking rows of copied objects, in the destination schema's table of the mapped store."""
+        for store, tracked in objects:
+            plan.write("upsert", (link.destination_db, external_table(link.destination_store(store))), dict(tracked))
 
     def _plan_processing(
         self,
@@ -908,8 +913,7 @@ class Applier:
             if key in failed:
                 continue
             written += 1
-            for store, tracked in objects.get(i, []):
-                plan.write("upsert", (link.destination_db, f"~external_{link.destination_store(store)}"), dict(tracked))
+            self._write_tracked(plan, link, objects.get(i, []))
             plan.write("upsert", (link.destination_db, destination_name(event.collection.split(".", 1)[1])), after)
         removed = [keycodec.decode(k[1]) for k, (o, _) in outcomes.items() if o is Outcome.REMOVE]
         for _db, table in reversed(link.data_tables()):  # parts first: they reference the master

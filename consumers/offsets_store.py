@@ -380,12 +380,12 @@ class OffsetsStore:
 
     def save_tracked(self, cur: Any, rows: Mapping[tuple[str, str, bytes], Mapping[str, Any] | None]) -> None:
         """Keep the `~external` rows captured ((source db, store, hash) -> row; None: deleted at the source)."""
-        gone = [k for k, row in rows.items() if row is None]
-        for db, store, digest in gone:
-            cur.execute(
+        gone = [(self.group, *k) for k, row in rows.items() if row is None]
+        if gone:
+            cur.executemany(
                 f"DELETE FROM {self._objects} "
                 "WHERE `consumer_group`=%s AND `source_db`=%s AND `store`=%s AND `hash`=%s",
-                (self.group, db, store, digest),
+                gone,
             )
         kept = [(k, row) for k, row in rows.items() if row is not None]
         if kept:

@@ -126,14 +126,6 @@ class SourceAgent:
         (an auto-pulled row would never arrive). Having read the signal, it
         captures the link's tables from then on.
         """
-        signal = {
-            "signal_id": rid,
-            "kind": "SNAPSHOT_KEYS",
-            "request_id": rid,
-            "link": link.to_avro(),
-            "keys": [],
-            "ts_ms": now_ms(),
-        }
         delivered: list[int] = []
 
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
@@ -143,7 +135,7 @@ class SourceAgent:
         self._p.produce(
             self.topics.signals,
             key=link.link_id,
-            value=self._codec.encode(schemas.FIXED["signal"], signal),
+            value=self._signal(rid, rid, link, []),
             on_delivery=on_delivery,
         )
         self._p.flush(30)
@@ -296,15 +288,20 @@ class SourceAgent:
             return
         log.info("link %s: continuing from its existing helper table (%d entities)", link.link_id, len(keys))
         for start in range(0, len(keys), ADOPT_CHUNK_KEYS):
-            signal = {
-                "signal_id": f"{rid}:adopt:{start}",
-                "kind": "SNAPSHOT_KEYS",
-                "request_id": rid,
-                "link": link.to_avro(),
-                "keys": keys[start : start + ADOPT_CHUNK_KEYS],
-                "ts_ms": now_ms(),
-            }
-            produce(self._p, self.topics.signals, link.link_id, self._codec.encode(schemas.FIXED["signal"], signal))
+            chunk = keys[start : start + ADOPT_CHUNK_KEYS]
+            produce(self._p, self.topics.signals, link.link_id, self._signal(f"{rid}:adopt:{start}", rid, link, chunk))
+
+    def _signal(self, signal_id: str, request_id: str, link: LinkSpec, keys: list[str]) -> bytes:
+        """A snapshot signal to the capture: read these entities of `link` (none: just learn the link)."""
+        signal = {
+            "signal_id": signal_id,
+            "kind": "SNAPSHOT_KEYS",
+            "request_id": request_id,
+            "link": link.to_avro(),
+            "keys": keys,
+            "ts_ms": now_ms(),
+        }
+        return self._codec.encode(schemas.FIXED["signal"], signal)
 
     def _ensure_helper_table(self, link: LinkSpec) -> None:
         """Create the helper table as datajoint-link declares it, with its foreign key to the source."""
@@ -390,15 +387,7 @@ class SourceAgent:
         self._reply(rid, "ACCEPTED", activated=len(waited), skipped=len(done), refused=refused, done=done)
         to_read = waited + moves[Action.REFUSE_AND_PROCESS]
         if to_read:
-            signal = {
-                "signal_id": rid,
-                "kind": "SNAPSHOT_KEYS",
-                "request_id": rid,
-                "link": link.to_avro(),
-                "keys": to_read,
-                "ts_ms": now_ms(),
-            }
-            produce(self._p, self.topics.signals, link.link_id, self._codec.encode(schemas.FIXED["signal"], signal))
+            produce(self._p, self.topics.signals, link.link_id, self._signal(rid, rid, link, to_read))
 
     @staticmethod
     def _helper(link: LinkSpec) -> str:

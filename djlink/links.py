@@ -18,6 +18,13 @@ import schemas
 from djlink.config import Settings
 from djlink.topics import Topics
 
+EXTERNAL_PREFIX = "~external_"  # DataJoint 0.14's tracking table of store <store> is `~external_<store>`
+
+
+def external_table(store: str) -> str:
+    """The tracking table of an external store, in the schema whose rows reference it."""
+    return f"{EXTERNAL_PREFIX}{store}"
+
 
 def destination_name(source_table: str) -> str:
     """The destination table of a source table: DataJoint's tier prefix dropped (the copy is Manual)."""
@@ -91,9 +98,13 @@ class LinkSpec:
         """'db.table' of the helper table."""
         return f"{self.helper_db}.{self.helper_table}"
 
+    def external_stores(self) -> list[str]:
+        """The source stores the master and its parts reference."""
+        return sorted({store for _, _, store in self.externals})
+
     def external_tables(self) -> list[tuple[str, str]]:
         """(db, table) of the `~external_<store>` tables the master and its parts reference."""
-        return [(self.source_db, f"~external_{store}") for store in sorted({st for _, _, st in self.externals})]
+        return [(self.source_db, external_table(store)) for store in self.external_stores()]
 
     def destination_store(self, store: str) -> str:
         """The destination store of a source store: as the link's `stores` mapping says, else the same name."""

@@ -25,6 +25,7 @@ import cdc.decoders  # noqa: F401 - corrects the library's TIME(fsp) decoder
 from cdc.events import ChangeUnit, Position, PositionMarker, RowChange
 from cdc.offsets import Checkpoint, format_gtid_position, parse_gtid_position
 from cdc.placement import coordinate
+from cdc.rows import RowReader, library_rows
 from cdc.schema_history import shape_from_table_map
 from djlink.config import Database
 from schemas.tables import TableShape
@@ -65,7 +66,8 @@ class BinlogSource(threading.Thread):
         self._stream: BinLogStreamReader | None = None
         self._stopping = threading.Event()
         self._last_marker = time.monotonic()
-        self._shapes: dict[int, TableShape] = {}  # by binlog table id
+        # By binlog table id: the table's shape and its compiled row reader (None: the library decodes).
+        self._tables: dict[int, tuple[TableShape, RowReader | None]] = {}
         # Binlog coordinates up to which every transaction has been handed over (put on the queue or
         # skipped); written by this thread only, after the put, so a reader who sees it sees the units.
         self.reached: tuple[int, int] = (-1, 0)
@@ -136,19 +138,19 @@ class BinlogSource(threading.Thread):
             elif isinstance(ev, WriteRowsEvent | UpdateRowsEvent | DeleteRowsEvent):
                 if unit is None or not self._is_captured(ev.schema, ev.table):
                     continue
-                shape = self._shapes.get(ev.table_id)
-                if shape is None:
+                table_map = self._tables.get(ev.table_id)
+                if table_map is None:
                     shape = shape_from_table_map(ev.schema, ev.table, ev.columns, ev.primary_key)
-                    self._shapes[ev.table_id] = shape
+                    table_map = self._tables[ev.table_id] = (shape, RowReader.compile(ev.columns))
+                shape, reader = table_map
+                images = reader.rows(ev) if reader is not None else None
+                if images is None:
+                    images = library_rows(ev)
                 db, table = ev.schema, ev.table
-                for i, row in enumerate(ev.rows):
-                    if isinstance(ev, WriteRowsEvent):
-                        change = RowChange(db, table, "c", None, row["values"], i, shape)
-                    elif isinstance(ev, UpdateRowsEvent):
-                        change = RowChange(db, table, "u", row["before_values"], row["after_values"], i, shape)
-                    else:
-                        change = RowChange(db, table, "d", row["values"], None, i, shape)
-                    unit.changes.append(change)
+                op = "u" if isinstance(ev, UpdateRowsEvent) else "d" if isinstance(ev, DeleteRowsEvent) else "c"
+                changes = unit.changes
+                for i, (before, after) in enumerate(images):
+                    changes.append(RowChange(db, table, op, before, after, i, shape))
             elif isinstance(ev, XidEvent) or (isinstance(ev, QueryEvent) and ev.query.upper() == "COMMIT"):
                 self._commit(stream, unit, domain, ev.packet.log_pos)
                 unit = None
@@ -156,7 +158,7 @@ class BinlogSource(threading.Thread):
                 schema = ev.schema.decode() if isinstance(ev.schema, bytes) else ev.schema
                 # A DDL statement: table maps parsed before it no longer describe the tables.
                 stream.table_map.clear()
-                self._shapes.clear()
+                self._tables.clear()
                 self._on_ddl(schema, ev.query)
                 self._commit(stream, unit, domain, ev.packet.log_pos)
                 unit = None

@@ -91,3 +91,43 @@ def cleanup(
                     for fut in admin.delete_topics(names, operation_timeout=30).values():
                         with suppress(Exception):
                             fut.result(30)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (all its threads); 0 when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def service_pids() -> dict[str, int]:
+    """The local services' processes (source and destination MariaDB, Kafka), by name; {} for external ones."""
+    if os.environ.get("DJLINK_TEST_EXTERNAL") == "1":
+        return {}
+    found = {}
+    for name in (services.SOURCE.name, services.DEST.name, services.KAFKA):
+        with suppress(OSError, ValueError):
+            found[name] = int((services.state_dir() / name / "pid").read_text().strip())
+    return found
+
+
+class CpuMeter:
+    """CPU seconds each named process uses between `start()` and `stop()`: where a run's time goes."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.used: dict[str, float] = {}
+        self._before: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    def stop(self) -> None:
+        self.used = {name: cpu_seconds(pid) - self._before[name] for name, pid in self.pids.items()}
+
+    def report(self, wall: float) -> str:
+        total = sum(self.used.values())
+        parts = ", ".join(f"{name} {s:.1f}" for name, s in sorted(self.used.items(), key=lambda x: -x[1]))
+        return f"CPU seconds during the {wall:.1f} s: {parts}; total {total:.1f} ({total / wall:.2f} CPUs busy)"

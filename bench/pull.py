@@ -41,8 +41,20 @@ from typing import Any
 import datajoint as dj
 import numpy as np
 
-from bench.common import ROOT, cleanup, connect, facade, say, services_env, source_host, start_pipeline
+from bench.common import (
+    ROOT,
+    CpuMeter,
+    cleanup,
+    connect,
+    facade,
+    say,
+    service_pids,
+    services_env,
+    source_host,
+    start_pipeline,
+)
 
+ROLES = ("capture", "agent", "applier")
 DL_VENV = ROOT / "bench" / ".venv-datajoint-link"
 DL_REQUIREMENTS = ["datajoint-link==0.11", "datajoint>=0.14.3,<0.15", "pymysql<1.2"]
 
@@ -117,11 +129,8 @@ def djlink_pull(env: dict[str, str], names: dict[str, str], prefix: str, args: a
     """Seconds djlink's façade takes to pull all of W through the pipeline (processes started first)."""
     pipeline = {"DJLINK_TOPIC_PREFIX": prefix, "DJLINK_ALLOWED_SCHEMAS": names["source"]}
     pipeline["DJLINK_CAPTURE_SERVER_ID"] = str(7000 + uuid.uuid4().int % 100000)
-    processes = [
-        start_pipeline(env, ["capture"], pipeline),
-        start_pipeline(env, ["agent"], pipeline),
-        start_pipeline(env, ["applier"], pipeline | {"DJLINK_APPLIER_STATE_DB": f"{names['source']}_applier"}),
-    ]
+    applier_state = {"DJLINK_APPLIER_STATE_DB": f"{names['source']}_applier"}
+    processes = [start_pipeline(env, [role], pipeline | (applier_state if role == "applier" else {})) for role in ROLES]
     try:
         link = facade(env, pipeline)
 
@@ -130,9 +139,14 @@ def djlink_pull(env: dict[str, str], names: dict[str, str], prefix: str, args: a
             """djlink's copy."""
 
         table: Any = Recording
+        pids = service_pids() | {role: proc.pid for role, proc in zip(ROLES, processes, strict=True)}
+        meter = CpuMeter(pids | {"façade (this process)": os.getpid()})
+        meter.start()
         started = time.perf_counter()
         summary = table().source.pull(display_progress=args.progress, timeout=args.timeout)
         seconds = time.perf_counter() - started
+        meter.stop()
+        say("  " + meter.report(seconds))
         if summary.pulled != args.entities:
             raise SystemExit(f"djlink pulled {summary.pulled} of {args.entities} entities: {summary}")
         return seconds

@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pymysql
@@ -36,6 +36,7 @@ from schemas.registry import registry_at
 log = logging.getLogger(__name__)
 MAX_BATCH_UNITS = 1000  # source transactions per Kafka transaction
 MAX_BATCH_EVENTS = 20000
+MAX_HELD_CHUNKS = 2  # snapshot chunks read ahead of their place in the stream
 
 
 class Capture:
@@ -157,13 +158,15 @@ class Capture:
         signals.assign([TopicPartition(self.topics.signals, 0, committed if committed >= 0 else OFFSET_BEGINNING)])
         codec = schemas.Codec()
         held: deque[Held] = deque()  # snapshot chunks read, waiting for their place in the stream
+        reading: Iterator[tuple[ChangeUnit, bool]] | None = None  # the chunks of the signal being served
+        consumed: Any = None  # that signal's offsets: they commit with its last chunk
         if on_ready:
             on_ready()
         try:
             while not stop.is_set():
                 if registry.refresh(0):
                     self._capture(registry.links)
-                msg = signals.poll(0) if not held else None
+                msg = signals.poll(0) if not held and reading is None else None
                 if msg is not None and msg.error() is None and msg.value():
                     signal = codec.decode(msg.value())
                     link = LinkSpec.from_avro(signal["link"])
@@ -172,13 +175,18 @@ class Capture:
                     # The signal's offset commits with its last chunk: a crash re-reads the whole signal.
                     topic, partition, offset = where(msg)
                     consumed = ([TopicPartition(topic, partition, offset + 1)], signals.consumer_group_metadata())
-                    for unit in snapshots.read(link, signal["keys"], signal["request_id"]):
-                        held.append(Held(unit, coordinate(unit.position.file, unit.position.pos)))
-                    if held:
-                        held[-1].consumed = consumed
+                    if signal["keys"]:
+                        reading = snapshots.read(link, signal["keys"], signal["request_id"])
                     else:  # nothing to read: commit the signal's offsets alone
                         dispatcher.publish([], consumed=consumed)
-                if s.snapshot_mode == "initial" and not held and units.qsize() < 100:  # streaming goes first
+                if reading is not None and len(held) < MAX_HELD_CHUNKS:
+                    # One chunk per turn: it is published as soon as the stream reaches it, while the next is read.
+                    unit, last = next(reading)
+                    at = coordinate(unit.position.file, unit.position.pos)
+                    held.append(Held(unit, at, consumed if last else None))
+                    if last:
+                        reading = None
+                if s.snapshot_mode == "initial" and not held and reading is None and units.qsize() < 100:
                     self._initial_snapshot_step(registry, snapshots, dispatcher)
                 reached = binlog.reached  # before taking: every unit up to here is in the queue
                 batch, checkpoint, drained = self._take(units)

@@ -40,14 +40,16 @@ class SnapshotSource:
         self._server_id = server_id
         self._chunk_size = chunk_size
 
-    def read(self, link: LinkSpec, key_texts: Sequence[str], request_id: str) -> Iterator[ChangeUnit]:
+    def read(self, link: LinkSpec, key_texts: Sequence[str], request_id: str) -> Iterator[tuple[ChangeUnit, bool]]:
+        """The entities' chunks, each read when asked for (so each is published before the next is read),
+        with whether it is the last."""
         master = self._history.shape(link.source_db, link.source_table)
         pk = link.primary_key or master.primary_key
         conn = self._connect(cursorclass=pymysql.cursors.DictCursor)
         try:
             for start in range(0, len(key_texts), self._chunk_size):
                 chunk = [keycodec.decode(k) for k in key_texts[start : start + self._chunk_size]]
-                yield self._read_chunk(conn, link, pk, chunk, request_id)
+                yield self._read_chunk(conn, link, pk, chunk, request_id), start + self._chunk_size >= len(key_texts)
         finally:
             conn.close()
 

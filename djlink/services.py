@@ -592,11 +592,16 @@ def _kafka_properties(sd: Path, broker_port: int, controller_port: int) -> str:
 
 
 def _java_argv(java: str, sd: Path, lib: Path, heap: str, main: list[str]) -> list[str]:
+    """The JVM options of kafka-server-start.sh (its heap fixed, G1 starting marking at 35 %): with a 512 MB
+    heap that could grow, G1's concurrent marking took more CPU than the broker's request handlers."""
     return [
         java,
         f"-Xmx{heap}",
+        f"-Xms{heap}",
         "-XX:+UseG1GC",
         "-XX:MaxGCPauseMillis=20",
+        "-XX:InitiatingHeapOccupancyPercent=35",
+        "-XX:+ExplicitGCInvokesConcurrent",
         "-Djava.awt.headless=true",
         f"-Dlog4j2.configurationFile={KAFKA_LOG4J}",
         f"-Dkafka.logs.dir={sd / KAFKA / 'logs'}",
@@ -861,7 +866,7 @@ def _start_kafka(sd: Path, state: dict[str, Any], say: Callable[[str], None]) ->
     _format_kafka(java, sd, lib, state["kafka_cluster_id"])
     say(f"starting {KAFKA_LABEL} on {HOST}:{ports[KAFKA]}")
     pid = _spawn(
-        _java_argv(java, sd, lib, "512m", ["kafka.Kafka", str(props)]),
+        _java_argv(java, sd, lib, "1g", ["kafka.Kafka", str(props)]),
         sd / KAFKA / "stdout.log",
         sd / KAFKA,
     )

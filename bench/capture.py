@@ -561,15 +561,15 @@ def count_reconnects(log: str, before: float) -> int:
     return count
 
 
-def print_hot_spots(path: str, limit: int = 25) -> None:
+def print_hot_spots(path: str, limit: int = 25, roots: str = "cdc|djlink|schemas") -> None:
     """The profile's top functions by cumulative time in djlink's code, then by own time anywhere."""
     if not Path(path).exists():
         say(f"no profile at {path}")
         return
     stats = pstats.Stats(path)
     stats.sort_stats("cumulative")
-    say(f"\nprofile {path}: top {limit} by cumulative time in cdc/, djlink/, schemas/")
-    stats.print_stats(r"/(cdc|djlink|schemas)/", limit)
+    say(f"\nprofile {path}: top {limit} by cumulative time in {', '.join(r + '/' for r in roots.split('|'))}")
+    stats.print_stats(rf"/({roots})/", limit)
     stats.sort_stats("tottime")
     say(f"profile {path}: top {limit} by own time, anywhere")
     stats.print_stats(limit)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -33,11 +34,20 @@ def connect(env: dict[str, str], side: str = "SOURCE", **extra: Any) -> Any:
     return services.admin_connection(env, side, **extra)
 
 
-def start_pipeline(env: dict[str, str], roles: list[str], overrides: dict[str, str], timeout: float = 120) -> Any:
-    """`djlink run` with these roles in a subprocess, once it says it is ready; its log goes to a temp file."""
+def start_pipeline(
+    env: dict[str, str], roles: list[str], overrides: dict[str, str], timeout: float = 120, profile: str | None = None
+) -> Any:
+    """`djlink run` with these roles in a subprocess, once it says it is ready; its log goes to a temp file.
+
+    `profile`: run the (single) role under bench/profile_capture.py, writing that cProfile file on SIGTERM."""
     log = open(f"/tmp/bench-{'-'.join(roles)}-{os.getpid()}.log", "w")
+    full = {**os.environ, **env, "PYTHONPATH": str(ROOT), **overrides}
+    command = None
+    if profile:
+        command = [sys.executable, str(ROOT / "bench" / "profile_capture.py"), profile]
+        full["BENCH_PROFILE_ROLE"] = roles[0]
     try:
-        return start_roles(roles, {**os.environ, **env, "PYTHONPATH": str(ROOT), **overrides}, ROOT, log, timeout)
+        return start_roles(roles, full, ROOT, log, timeout, command)
     except NotReady:
         raise SystemExit(f"`djlink run {' '.join(roles)}` did not become ready; see {log.name}") from None
 

@@ -15,6 +15,8 @@ with the time it waited for the other thread. `wall` shows blocking waits
 (Kafka commits, socket reads) instead. `off` profiles nothing and only
 reports each thread's CPU seconds, undistorted by the profiler's overhead.
 
+BENCH_PROFILE_ROLE=agent|applier profiles that role instead (`bench/pull.py --profile`).
+
 BENCH_FREEZE_SCHEMA=1 makes the capture's binlog reader use
 python-mysql-replication's `freeze_schema=True` (an experiment: how much
 caching TABLE_MAP parsing would gain; not safe across ALTER TABLE as is).
@@ -106,7 +108,8 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        run_roles([Role.capture], Settings.from_env(), stop, lambda: print(READY, flush=True))
+        role = Role(os.environ.get("BENCH_PROFILE_ROLE", "capture"))
+        run_roles([role], Settings.from_env(), stop, lambda: print(READY, flush=True))
     finally:
         # The binlog thread ends once the capture shut its socket down; give it a moment to record its profile.
         deadline = time.monotonic() + 5

@@ -41,6 +41,7 @@ from typing import Any
 import datajoint as dj
 import numpy as np
 
+from bench.capture import print_hot_spots
 from bench.common import (
     ROOT,
     CpuMeter,
@@ -55,6 +56,7 @@ from bench.common import (
 )
 
 ROLES = ("capture", "agent", "applier")
+PROFILE = "/tmp/bench-pull.prof"
 DL_VENV = ROOT / "bench" / ".venv-datajoint-link"
 DL_REQUIREMENTS = ["datajoint-link==0.11", "datajoint>=0.14.3,<0.15", "pymysql<1.2"]
 
@@ -71,6 +73,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--progress", action="store_true", help="show the façade's progress bar")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds the pull may take (default 1800)")
     parser.add_argument("--keep", action="store_true", help="keep the schemas and topics")
+    parser.add_argument(
+        "--profile",
+        choices=ROLES,
+        help=f"run this role under cProfile (every thread's CPU time), write {PROFILE} and print its hot spots",
+    )
     return parser.parse_args(argv)
 
 
@@ -130,7 +137,15 @@ def djlink_pull(env: dict[str, str], names: dict[str, str], prefix: str, args: a
     pipeline = {"DJLINK_TOPIC_PREFIX": prefix, "DJLINK_ALLOWED_SCHEMAS": names["source"]}
     pipeline["DJLINK_CAPTURE_SERVER_ID"] = str(7000 + uuid.uuid4().int % 100000)
     applier_state = {"DJLINK_APPLIER_STATE_DB": f"{names['source']}_applier"}
-    processes = [start_pipeline(env, [role], pipeline | (applier_state if role == "applier" else {})) for role in ROLES]
+    processes = [
+        start_pipeline(
+            env,
+            [role],
+            pipeline | (applier_state if role == "applier" else {}),
+            profile=PROFILE if role == args.profile else None,
+        )
+        for role in ROLES
+    ]
     try:
         link = facade(env, pipeline)
 
@@ -232,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         ours = args.entities / ours_s
         say(f"djlink pull through Kafka: {ours:,.0f} entities/s ({ours_s:.2f} s)")
 
+        if args.profile:
+            print_hot_spots(PROFILE, roots="cdc|consumers|djlink|schemas")
         if m:
             theirs_s = datajoint_link_pull(env, names, m)
             theirs = m / theirs_s

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import json
 import uuid
 from collections.abc import Mapping, Sequence
@@ -35,9 +36,32 @@ def plain(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _plain(v) for k, v in values.items()}
 
 
+@functools.lru_cache(maxsize=4096)
+def _quoted(name: str) -> str:
+    return json.dumps(name)
+
+
 def encode(key: Mapping[str, Any], attributes: Sequence[str] | None = None) -> str:
-    """The canonical string of a key (only `attributes`, when given)."""
-    names = attributes if attributes is not None else sorted(key)
+    """The canonical string of a key (only `attributes`, when given).
+
+    Keys of ints and strings (nearly all: the applier encodes one per row) are
+    written directly, as `json.dumps` would write them; others go through it.
+    """
+    names = sorted(attributes if attributes is not None else key)
+    parts = []
+    for n in names:
+        value = key[n]
+        kind = type(value)
+        if kind is int:
+            parts.append(f"{_quoted(n)}:{value}")
+        elif kind is str:
+            parts.append(f"{_quoted(n)}:{json.dumps(value)}")
+        else:
+            return _encode(key, names)
+    return "{" + ",".join(parts) + "}"
+
+
+def _encode(key: Mapping[str, Any], names: Sequence[str]) -> str:
     return json.dumps({n: _plain(key[n]) for n in names}, sort_keys=True, separators=(",", ":"))
 
 

@@ -23,12 +23,20 @@ class NotReady(Exception):
 
 
 def start_roles(
-    roles: list[str], env: Mapping[str, str], cwd: Path, stderr: IO[Any] | int = subprocess.PIPE, timeout: float = 90
+    roles: list[str],
+    env: Mapping[str, str],
+    cwd: Path,
+    stderr: IO[Any] | int = subprocess.PIPE,
+    timeout: float = 90,
+    command: list[str] | None = None,
 ) -> subprocess.Popen[str]:
-    """`djlink run` for `roles` in a child process, returned once it printed READY; NotReady otherwise."""
+    """`djlink run` for `roles` in a child process, returned once it printed READY; NotReady otherwise.
+
+    `command` runs instead of `djlink run --role ...` (a profiler wrapper that prints READY too)."""
     args = [sys.executable, "-m", "djlink", "run"]
     for role in roles:
         args += ["--role", role]
+    args = command or args
     proc = subprocess.Popen(args, env=dict(env), stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=cwd)
     lines: queue.Queue[str | None] = queue.Queue()
 

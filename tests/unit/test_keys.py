@@ -1,0 +1,47 @@
+"""Canonical key strings: the direct path for ints and strings writes exactly what json.dumps writes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import numpy as np
+import pytest
+
+from djlink import keys
+
+
+def reference(key: dict[str, Any], attributes: list[str] | None = None) -> str:
+    """The canonical form as defined: JSON of the plain values, keys sorted, no spaces."""
+    names = attributes if attributes is not None else sorted(key)
+    return json.dumps({n: keys._plain(key[n]) for n in names}, sort_keys=True, separators=(",", ":"))
+
+
+KEYS = [
+    {"id": 1},
+    {"b": -(2**63), "a": 2**64 - 1},
+    {"subject": "mouse 🐭", "session": 3},
+    {"name": 'quote " back \\ slash \n tab \t é', "z": 0},
+    {"é": "x", "e": "y"},
+    {"flag": True, "id": 2},  # bool is no int here: json writes true
+    {"id": np.int64(7), "s": "x"},
+    {"when": dt.datetime(2024, 2, 29, 23, 59, 59, 123456), "id": 1},
+    {"u": uuid.UUID(int=5), "blob": b"\x00\xff"},
+    {"d": Decimal("1.50"), "f": 0.1},
+    {},
+]
+
+
+@pytest.mark.parametrize("key", KEYS, ids=[str(i) for i in range(len(KEYS))])
+def test_encode_writes_what_json_dumps_writes(key: dict[str, Any]) -> None:
+    assert keys.encode(key) == reference(key)
+    names = list(reversed(list(key)))
+    assert keys.encode({**key, "extra": 1}, names) == reference(key, names)
+
+
+def test_encode_round_trips_through_decode() -> None:
+    key = {"subject": "m🐭", "session": 3, "blob": b"\x01"}
+    assert keys.decode(keys.encode(key)) == key

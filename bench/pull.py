@@ -41,6 +41,7 @@ from typing import Any
 import datajoint as dj
 import numpy as np
 
+from bench import floor
 from bench.capture import print_hot_spots
 from bench.common import (
     ROOT,
@@ -73,6 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--progress", action="store_true", help="show the façade's progress bar")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds the pull may take (default 1800)")
     parser.add_argument("--keep", action="store_true", help="keep the schemas and topics")
+    parser.add_argument("--no-floor", action="store_true", help="skip the no-logic pipeline (bench/floor.py)")
     parser.add_argument(
         "--profile",
         choices=ROLES,
@@ -217,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         "helper": f"{base}_helper",
         "copy": f"{base}_copy",
         "dl_helper": f"{base}_dlhelper",
+        "floor": f"{base}_floor",
         "dest": f"{base}_dst",
         "dl_dest": f"{base}_dldst",
     }
@@ -243,6 +246,27 @@ def main(argv: list[str] | None = None) -> int:
         limit = args.entities / limit_s
         say(f"INSERT ... SELECT on the source server: {limit:,.0f} entities/s ({limit_s:.2f} s)")
 
+        floor_rate = None
+        if not args.no_floor:
+            meter = CpuMeter(service_pids())
+            meter.start()
+            floor_result = floor.run(env, names["source"], names["floor"], args.entities)
+            meter.stop()
+            floor_s = floor_result["seconds"]
+            floor_rate = args.entities / floor_s
+            say(
+                f"floor, a no-logic pipeline (SELECT, Avro rows, Kafka, INSERT; bench/floor.py): "
+                f"{floor_rate:,.0f} entities/s ({floor_s:.2f} s)"
+            )
+            say(f"  {meter.report(floor_s)}; + its two processes {floor_result['cpu_seconds']:.1f} (with start-up)")
+            floor_cpu = sum(meter.used.values()) + floor_result["cpu_seconds"]
+            cpus = os.cpu_count() or 1
+            bound = args.entities / (floor_cpu / cpus)
+            say(
+                f"  with all {cpus} CPUs busy all the time, the floor's work ({floor_cpu:.1f} CPU-s) allows at most "
+                f"{bound:,.0f} entities/s = {bound / limit:.2f} x INSERT ... SELECT"
+            )
+
         ours_s = djlink_pull(env, names, prefix, args)
         ours = args.entities / ours_s
         say(f"djlink pull through Kafka: {ours:,.0f} entities/s ({ours_s:.2f} s)")
@@ -254,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             theirs = m / theirs_s
             say(f"datajoint-link 0.11: {theirs:,.1f} entities/s ({m:,} entities in {theirs_s:.2f} s)")
         say(f"ratio djlink / INSERT ... SELECT: {ours / limit:.2f} (target >= 0.75)")
+        if floor_rate:
+            say(f"ratio floor / INSERT ... SELECT: {floor_rate / limit:.2f}; djlink / floor: {ours / floor_rate:.2f}")
         if m:
             say(f"ratio djlink / datajoint-link: {ours / theirs:,.0f}x")
     return 0

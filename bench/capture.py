@@ -366,7 +366,7 @@ def raw_decode(
             "host": env["DJLINK_SOURCE_HOST"],
             "port": int(env["DJLINK_SOURCE_PORT"]),
             "user": env["DJLINK_SOURCE_USER"],
-            "passwd": env["DJLINK_SOURCE_PASSWORD"],
+            "password": env["DJLINK_SOURCE_PASSWORD"],
         },
         server_id=7000 + uuid.uuid4().int % 100_000,
         is_mariadb=True,

@@ -97,7 +97,7 @@ class BinlogSource(threading.Thread):
                 "host": self._db.host,
                 "port": self._db.port,
                 "user": self._db.user,
-                "passwd": self._db.password,
+                "password": self._db.password,
             },
             server_id=self._server_id,
             blocking=True,

@@ -166,7 +166,7 @@ def read_range(
             "host": env["DJLINK_SOURCE_HOST"],
             "port": int(env["DJLINK_SOURCE_PORT"]),
             "user": env["DJLINK_SOURCE_USER"],
-            "passwd": env["DJLINK_SOURCE_PASSWORD"],
+            "password": env["DJLINK_SOURCE_PASSWORD"],
         },
         server_id=9000 + uuid.uuid4().int % 100_000,
         is_mariadb=True,

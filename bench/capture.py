@@ -62,6 +62,7 @@ from bench.common import ROOT, cleanup, connect, say, services_env
 from cdc.rows import RowReader, library_rows
 from djlink.config import Settings
 from djlink.links import LinkSpec
+from djlink.services import binlog_settings
 from djlink.topics import Admin, Topics, produce, producer
 
 TABLE = "recording"
@@ -362,12 +363,7 @@ def raw_decode(
     pending = {d: s for d, s in gtid_pos(end).items() if gtid_pos(start).get(d) != s}
     t0, cpu0 = time.perf_counter(), time.process_time()
     stream = BinLogStreamReader(
-        connection_settings={
-            "host": env["DJLINK_SOURCE_HOST"],
-            "port": int(env["DJLINK_SOURCE_PORT"]),
-            "user": env["DJLINK_SOURCE_USER"],
-            "password": env["DJLINK_SOURCE_PASSWORD"],
-        },
+        connection_settings=binlog_settings(env),
         server_id=7000 + uuid.uuid4().int % 100_000,
         is_mariadb=True,
         auto_position=start,

@@ -24,6 +24,8 @@ from typing import Any
 from pymysqlreplication.constants import FIELD_TYPE
 from pymysqlreplication.row_event import DeleteRowsEvent, RowsEvent, UpdateRowsEvent
 
+from cdc.decoders import time2
+
 # A column reader: (event body, offset) -> (value, offset after it).
 Reader = Callable[[bytes, int], tuple[Any, int]]
 Row = dict[str, Any]
@@ -114,23 +116,11 @@ def _timestamp2(fsp: int) -> Reader:
 
 
 def _time2(fsp: int) -> Reader:
-    """TIME(fsp) as my_time_packed_from_binary reads it (see cdc.decoders.read_time2)."""
     n = (fsp + 1) // 2
     width = 3 + n
 
     def read(b: bytes, p: int) -> tuple[Any, int]:
-        raw = int.from_bytes(b[p : p + width], "big")
-        if n == 3:
-            packed = raw - 0x800000000000
-        else:
-            intpart, frac = (raw >> (8 * n)) - 0x800000, raw & ((1 << (8 * n)) - 1)
-            if intpart < 0 and frac:
-                intpart, frac = intpart + 1, frac - (1 << (8 * n))
-            packed = (intpart << 24) + frac * (0, 10_000, 100)[n]
-        sign, packed = (-1, -packed) if packed < 0 else (1, packed)
-        hms, us = packed >> 24, packed & 0xFFFFFF
-        value = dt.timedelta(hours=hms >> 12, minutes=(hms >> 6) & 63, seconds=hms & 63, microseconds=us)
-        return sign * value, p + width
+        return time2(int.from_bytes(b[p : p + width], "big"), n), p + width
 
     return read
 

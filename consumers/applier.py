@@ -204,15 +204,19 @@ class PendingUnit:
     end_offset: Offset | None = None
     end_ts_ms: int = 0  # the END's Kafka timestamp
     events: dict[Offset, Event] = field(default_factory=dict)
+    have: Counter[str] = field(default_factory=Counter)  # events per collection, kept with `events`
+
+    def add(self, at: Offset, event: Event) -> None:
+        if at not in self.events:
+            self.have[event.collection] += 1
+        self.events[at] = event
 
     def complete(self, tracked: set[str]) -> bool:
         if self.end is None:
             return False
         for dc in self.end["data_collections"] or []:
-            if dc["data_collection"] in tracked:
-                have = sum(1 for e in self.events.values() if e.collection == dc["data_collection"])
-                if have < dc["event_count"]:
-                    return False
+            if dc["data_collection"] in tracked and self.have[dc["data_collection"]] < dc["event_count"]:
+                return False
         return True
 
     def offsets(self) -> list[Offset]:
@@ -582,8 +586,8 @@ class Applier:
         if not block or not block.get("id"):
             self._reject(msg, f"{vschema.subject}: change event without a transaction block")
             return False
-        self._pending.setdefault(block["id"], PendingUnit()).events[at] = Event(
-            collection, envelope, convert, msg.key(), value, kafka_ts(msg)
+        self._pending.setdefault(block["id"], PendingUnit()).add(
+            at, Event(collection, envelope, convert, msg.key(), value, kafka_ts(msg))
         )
         return False
 
@@ -657,7 +661,7 @@ class Applier:
     def _read_past(self, unit: PendingUnit) -> bool:
         """Whether the change topics have been read past the unit (see `read_past`)."""
         assert unit.end is not None
-        have = Counter(e.collection for e in unit.events.values())
+        have = unit.have
         topics = {
             topic
             for dc in unit.end["data_collections"] or []
@@ -678,7 +682,7 @@ class Applier:
             self._waiting_for = (unit_id, time.monotonic(), False)
         elif not self._waiting_for[2] and time.monotonic() - self._waiting_for[1] > WAITING_WARN_S:
             assert unit.end is not None
-            have = Counter(e.collection for e in unit.events.values())
+            have = unit.have
             missing = {
                 dc["data_collection"]: f"{have[dc['data_collection']]}/{dc['event_count']}"
                 for dc in unit.end["data_collections"] or []

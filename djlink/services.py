@@ -773,6 +773,16 @@ def admin_connection(env: Mapping[str, str], side: str, **extra: Any) -> Any:
     )
 
 
+def binlog_settings(env: Mapping[str, str]) -> dict[str, Any]:
+    """python-mysql-replication's `connection_settings` for the source server in `env`."""
+    return {
+        "host": env["DJLINK_SOURCE_HOST"],
+        "port": int(env["DJLINK_SOURCE_PORT"]),
+        "user": env["DJLINK_SOURCE_USER"],
+        "password": env["DJLINK_SOURCE_PASSWORD"],
+    }
+
+
 def load_env() -> dict[str, str] | None:
     """Where the services are (the ``services.json`` keys), or None unless all three run and listen."""
     sd = state_dir()

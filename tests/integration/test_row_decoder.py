@@ -24,6 +24,7 @@ from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, Write
 
 import cdc.decoders  # noqa: F401 - the library's TIME(fsp) fix, as the capture runs it
 from cdc.rows import Row, RowReader, library_rows
+from djlink.services import binlog_settings
 from tests.conftest import admin
 
 ROWS = 150
@@ -162,12 +163,7 @@ def read_range(
     """(table, before, after) for every row change of `db` between two GTID positions."""
     last = {d: s for d, s in (p.split("-", 1) for p in end.split(",") if p)}
     stream = BinLogStreamReader(
-        connection_settings={
-            "host": env["DJLINK_SOURCE_HOST"],
-            "port": int(env["DJLINK_SOURCE_PORT"]),
-            "user": env["DJLINK_SOURCE_USER"],
-            "password": env["DJLINK_SOURCE_PASSWORD"],
-        },
+        connection_settings=binlog_settings(env),
         server_id=9000 + uuid.uuid4().int % 100_000,
         is_mariadb=True,
         auto_position=start,

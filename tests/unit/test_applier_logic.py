@@ -111,8 +111,12 @@ def test_pending_unit_is_complete_when_its_end_counts_are_met() -> None:
     pending.end_offset = (T, 0, 4)
     assert not pending.complete({"db.master"})
     assert pending.complete({"db.other"})  # counts of tables not applied do not matter
-    pending.events[(R, 0, 2)] = Event("db.master", {}, {}, b"k", b"v", 0)
+    pending.add((R, 0, 2), Event("db.master", {}, {}, b"k", b"v", 0))
     assert pending.complete({"db.master"})
+    pending.end["data_collections"][0]["event_count"] = 2
+    pending.add((R, 0, 2), Event("db.master", {}, {}, b"k", b"v", 0))  # read again (a rewind): counts once
+    assert not pending.complete({"db.master"})
+    pending.end["data_collections"][0]["event_count"] = 1
     assert pending.where(finished=True) == UnitOffsets(4, ((R, 0, 2), (T, 0, 4)), True)
 
 

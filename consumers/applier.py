@@ -565,7 +565,7 @@ class Applier:
             if record["status"] != "END":
                 return False
             self._latest_end_ms = max(self._latest_end_ms, kafka_ts(msg))
-            unit = self._pending.setdefault(record["id"], PendingUnit())
+            unit = self._unit(record["id"])
             unit.end, unit.end_offset, unit.end_ts_ms = record, at, kafka_ts(msg)
             # Links are published before their first event; a unit of a table not known yet means
             # the links topic is behind this consumer, not that the unit is someone else's. (Helper
@@ -576,8 +576,7 @@ class Applier:
         if collection is None:
             return False
         try:
-            vschema = self._codec.schema_of(value)
-            envelope = self._codec.decode(value)
+            vschema, envelope = self._codec.decode_with_schema(value)
             convert = self._envelopes.converters(vschema)
         except schemas.DecodeError as exc:
             self._reject(msg, str(exc))
@@ -586,10 +585,15 @@ class Applier:
         if not block or not block.get("id"):
             self._reject(msg, f"{vschema.subject}: change event without a transaction block")
             return False
-        self._pending.setdefault(block["id"], PendingUnit()).add(
-            at, Event(collection, envelope, convert, msg.key(), value, kafka_ts(msg))
-        )
+        self._unit(block["id"]).add(at, Event(collection, envelope, convert, msg.key(), value, kafka_ts(msg)))
         return False
+
+    def _unit(self, unit_id: str) -> PendingUnit:
+        """The unit being gathered under this id, new if none (not setdefault: a PendingUnit per event)."""
+        unit = self._pending.get(unit_id)
+        if unit is None:
+            unit = self._pending[unit_id] = PendingUnit()
+        return unit
 
     def _reject(self, msg: Message, reason: str) -> None:
         """Dead-letter one undecodable message."""

@@ -161,6 +161,10 @@ class Codec:
         return schema
 
     def decode(self, data: bytes | None) -> dict[str, Any]:
+        return self.decode_with_schema(data)[1]
+
+    def decode_with_schema(self, data: bytes | None) -> tuple[Schema, dict[str, Any]]:
+        """The writer's schema and the decoded value."""
         schema = self.schema_of(data)
         assert data is not None
         start = 5 if data[:1] == WIRE_MAGIC else 10
@@ -168,4 +172,4 @@ class Codec:
             record: dict[str, Any] = fastavro.schemaless_reader(io.BytesIO(data[start:]), schema.parsed, None)  # type: ignore[assignment]
         except Exception as exc:  # fastavro raises many types on corrupt bodies
             raise DecodeError(f"corrupt Avro body for {schema.subject}: {exc}") from exc
-        return record
+        return schema, record

@@ -281,7 +281,8 @@ def _non_null(t: Any) -> Any:
 
 
 def sql_converters(value_record: dict[str, Any]) -> dict[str, Any]:
-    """Per field of a row record, a function turning the Avro value into a PyMySQL parameter.
+    """Per field of a row record whose Avro value is not already a PyMySQL parameter, the function that
+    turns it into one (fields not named pass as they are).
 
     Read from the schema itself (its logical types), so a consumer needs
     nothing but the schema topic to write rows back into MariaDB.
@@ -293,8 +294,6 @@ def sql_converters(value_record: dict[str, Any]) -> dict[str, Any]:
             result[f["name"]] = lambda v: None if v is None else v.astimezone(UTC).replace(tzinfo=None)
         elif isinstance(t, dict) and t.get("djlink.type") == "time-micros-signed":
             result[f["name"]] = lambda v: None if v is None else dt.timedelta(microseconds=v)
-        else:
-            result[f["name"]] = lambda v: v
     return result
 
 
@@ -324,4 +323,10 @@ class EnvelopeReader:
     def image(envelope: dict[str, Any], convert: dict[str, Any], side: str) -> dict[str, Any] | None:
         """The `before` or `after` row of a decoded envelope as PyMySQL parameters (None when absent)."""
         row = envelope[side]
-        return None if row is None else {k: convert[k](v) for k, v in row.items()}
+        if row is None:
+            return None
+        out = dict(row)
+        for name, to_sql in convert.items():
+            if name in out:
+                out[name] = to_sql(out[name])
+        return out

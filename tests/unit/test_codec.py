@@ -16,6 +16,7 @@ from djlink.links import LinkSpec, destination_name
 from djlink.topics import Topics
 from schemas.tables import (
     Column,
+    EnvelopeReader,
     TableShape,
     envelope_schema,
     key_schema,
@@ -92,7 +93,8 @@ def test_sql_converters_read_everything_from_the_schema_alone() -> None:
     codec = schemas.Codec()
     codec.add(schema)
     decoded = codec.decode(codec.encode(schema, envelope(row_to_avro(SHAPE, ROW))))
-    assert {k: convert[k](v) for k, v in decoded["after"].items()} == ROW
+    assert EnvelopeReader.image(decoded, convert, "after") == ROW
+    assert convert and set(convert) < set(decoded["after"]), "only fields that need a conversion have one"
 
 
 def test_binlog_values_become_what_a_snapshot_read_gives() -> None:

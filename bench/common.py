@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import datajoint as dj
-from confluent_kafka.admin import AdminClient
 
 from djlink import services
 from djlink.process import NotReady, start_roles
+from djlink.topics import delete_prefixed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,12 +95,7 @@ def cleanup(
                             cur.execute(f"DROP DATABASE IF EXISTS `{db}`")
                     conn.close()
             with suppress(Exception):
-                admin = AdminClient({"bootstrap.servers": env["DJLINK_KAFKA_BOOTSTRAP"]})
-                names = [t for t in admin.list_topics(timeout=10).topics if t.startswith(f"{prefix}.")]
-                if names:
-                    for fut in admin.delete_topics(names, operation_timeout=30).values():
-                        with suppress(Exception):
-                            fut.result(30)
+                delete_prefixed(env["DJLINK_KAFKA_BOOTSTRAP"], prefix)
 
 
 def cpu_seconds(pid: int) -> float:

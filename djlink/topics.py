@@ -156,6 +156,16 @@ class Admin:
             self.ensure(names, compacted=compacted)
 
 
+def delete_prefixed(bootstrap: str, prefix: str, timeout_s: float = 30) -> int:
+    """Delete every topic named `<prefix>.*` (a test's or a benchmark's); return how many there were."""
+    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": KAFKA_LOG})  # type: ignore[dict-item]
+    names = [t for t in admin.list_topics(timeout=timeout_s).topics if t.startswith(f"{prefix}.")]
+    if names:
+        for future in admin.delete_topics(names, operation_timeout=timeout_s).values():
+            future.result(timeout_s)
+    return len(names)
+
+
 def _wait_for_metadata(admin: AdminClient, names: list[str], timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
     pending = set(names)

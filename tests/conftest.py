@@ -27,6 +27,7 @@ import pytest
 from djlink import services
 from djlink.process import NotReady, start_roles
 from djlink.services import ENV_KEYS
+from djlink.topics import delete_prefixed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -179,6 +180,9 @@ def open_site(services_env: dict[str, str]) -> Iterator[Site]:
         with conn.cursor() as cur:
             cur.execute(f"DROP DATABASE IF EXISTS `{s.dest_schema}`")
         conn.close()
+        # Left behind, thousands of test topics slow a long-lived development broker down.
+        with contextlib.suppress(Exception):
+            delete_prefixed(services_env["DJLINK_KAFKA_BOOTSTRAP"], s.topic_prefix)
 
 
 @pytest.fixture

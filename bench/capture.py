@@ -59,7 +59,7 @@ from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, Write
 
 import schemas
 from bench.common import ROOT, cleanup, connect, say, services_env
-from cdc.rows import RowReader, library_rows
+from cdc.rows import RowReader, decode_rows
 from djlink.config import Settings
 from djlink.links import LinkSpec
 from djlink.services import binlog_settings
@@ -385,9 +385,7 @@ def raw_decode(
                     if ev.schema == db and ev.table == TABLE and compiled:
                         if ev.table_id not in readers:
                             readers[ev.table_id] = RowReader.compile(ev.columns)
-                        reader = readers[ev.table_id]
-                        images = reader.rows(ev) if reader is not None else None
-                        for before, after in images if images is not None else library_rows(ev):
+                        for before, after in decode_rows(ev, readers[ev.table_id]):
                             values = after if after is not None else before
                             if values is not None and values["recording_id"] is not None:
                                 in_transaction += 1

@@ -281,6 +281,13 @@ class RowReader:
         return result
 
 
+def decode_rows(event: Any, reader: RowReader | None) -> list[tuple[Row | None, Row | None]]:
+    """(before, after) per row: by the table's compiled reader, or by the library where it has none or the
+    row image is partial."""
+    images = reader.rows(event) if reader is not None else None
+    return images if images is not None else library_rows(event)
+
+
 def library_rows(event: Any) -> list[tuple[Row | None, Row | None]]:
     """(before, after) per row as python-mysql-replication decodes them: the fallback."""
     if isinstance(event, UpdateRowsEvent):

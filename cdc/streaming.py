@@ -25,7 +25,7 @@ import cdc.decoders  # noqa: F401 - corrects the library's TIME(fsp) decoder
 from cdc.events import ChangeUnit, Position, PositionMarker, RowChange
 from cdc.offsets import Checkpoint, format_gtid_position, parse_gtid_position
 from cdc.placement import coordinate
-from cdc.rows import RowReader, library_rows
+from cdc.rows import RowReader, decode_rows
 from cdc.schema_history import shape_from_table_map
 from djlink.config import Database
 from schemas.tables import TableShape
@@ -143,13 +143,10 @@ class BinlogSource(threading.Thread):
                     shape = shape_from_table_map(ev.schema, ev.table, ev.columns, ev.primary_key)
                     table_map = self._tables[ev.table_id] = (shape, RowReader.compile(ev.columns))
                 shape, reader = table_map
-                images = reader.rows(ev) if reader is not None else None
-                if images is None:
-                    images = library_rows(ev)
                 db, table = ev.schema, ev.table
                 op = "u" if isinstance(ev, UpdateRowsEvent) else "d" if isinstance(ev, DeleteRowsEvent) else "c"
                 changes = unit.changes
-                for i, (before, after) in enumerate(images):
+                for i, (before, after) in enumerate(decode_rows(ev, reader)):
                     changes.append(RowChange(db, table, op, before, after, i, shape))
             elif isinstance(ev, XidEvent) or (isinstance(ev, QueryEvent) and ev.query.upper() == "COMMIT"):
                 self._commit(stream, unit, domain, ev.packet.log_pos)

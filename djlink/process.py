@@ -33,10 +33,7 @@ def start_roles(
     """`djlink run` for `roles` in a child process, returned once it printed READY; NotReady otherwise.
 
     `command` runs instead of `djlink run --role ...` (a profiler wrapper that prints READY too)."""
-    args = [sys.executable, "-m", "djlink", "run"]
-    for role in roles:
-        args += ["--role", role]
-    args = command or args
+    args = command or [sys.executable, "-m", "djlink", "run", *(arg for role in roles for arg in ("--role", role))]
     proc = subprocess.Popen(args, env=dict(env), stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=cwd)
     lines: queue.Queue[str | None] = queue.Queue()
 

@@ -14,7 +14,6 @@ import random
 import struct
 import uuid
 from collections.abc import Callable, Iterator
-from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -26,6 +25,7 @@ import cdc.decoders  # noqa: F401 - the library's TIME(fsp) fix, as the capture 
 from cdc.rows import Row, RowReader, library_rows
 from djlink.services import binlog_settings
 from tests.conftest import admin
+from tests.integration.test_types import identical as same_bits
 
 ROWS = 150
 RNG = random.Random(20261127)
@@ -143,18 +143,10 @@ def gtid_pos(conn: Any) -> str:
         return str(cur.fetchone()[0])
 
 
-def identical(a: Any, b: Any) -> bool:
-    """Same type and bits; the library's one quirk excepted: an empty binary value is '' (Python decodes
-    b'' to '' without looking the 'binary' codec up), where the compiled reader gives b''."""
-    if a == "" and b == b"":
-        return True
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, float):
-        return struct.pack("<d", a) == struct.pack("<d", b)
-    if isinstance(a, Decimal):
-        return bool(a.as_tuple() == b.as_tuple())
-    return bool(a == b)
+def identical(library: Any, ours: Any) -> bool:
+    """As `test_types.identical` (type and bits); the library's one quirk excepted: an empty binary value is
+    '' (Python decodes b'' to '' without looking the 'binary' codec up), where the compiled reader gives b''."""
+    return (library == "" and ours == b"") or same_bits(ours, library)
 
 
 def read_range(

@@ -1,0 +1,124 @@
+"""The local launcher's failures a user can hit, each one clear line; no servers are started here.
+
+apt-get is replaced by a script on PATH that fails as an unreachable mirror makes it fail; everything
+else (the CLI, the state dir, the lock, the port choice, the log reading) is the launcher's own code.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from djlink import services
+
+
+@pytest.fixture
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty state dir of its own, so that nothing here touches the running services."""
+    sd = tmp_path / "state"
+    monkeypatch.setenv("DJLINK_STATE_DIR", str(sd))
+    return sd
+
+
+@pytest.fixture
+def unreachable_apt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An apt-get that fails as it does when no package mirror answers; returns its call log."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "apt-calls"
+    script = bin_dir / "apt-get"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" >> {calls}\n'
+        'echo "W: Failed to fetch http://deb.debian.org/debian/dists/bookworm/InRelease  Could not resolve"\n'
+        'echo "E: Some index files failed to download."\n'
+        "exit 100\n"
+    )
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{Path('/usr/bin')}:{Path('/bin')}")
+    monkeypatch.setattr(services.os, "geteuid", lambda: 0)  # as root: the launcher tries to install
+    return calls
+
+
+def missing(*names: str) -> object:
+    real = services._find_exe
+    return lambda name: None if name in names else real(name)
+
+
+def test_missing_mariadb_with_apt_unreachable_is_one_line_and_nothing_starts(
+    state: Path, unreachable_apt: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(services, "_find_exe", missing("mariadbd"))
+    assert services.main(["up", "--quiet"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1, err
+    assert err.startswith("error: apt-get update failed (is the package mirror reachable?); see ")
+    assert err.strip().endswith(str(state / "apt.log"))
+    assert "Could not resolve" in (state / "apt.log").read_text()  # the details are where the line says
+    assert unreachable_apt.read_text().splitlines() == ["update"]  # no install tried after the update failed
+    assert services._running(state) == {}
+    assert not (state / "services.json").exists()
+
+
+def test_missing_java_without_root_says_which_package_to_install(state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(services, "_find_exe", missing("java"))
+    monkeypatch.setattr(services.os, "geteuid", lambda: 1000)
+    state.mkdir()
+    with pytest.raises(services.ServiceError) as caught:
+        services._start_kafka(state, {"ports": {}}, lambda message: None)
+    assert str(caught.value) == "java not found; install it with: apt-get install -y default-jre-headless"
+    assert "\n" not in str(caught.value)
+
+
+def test_missing_java_as_root_with_apt_unreachable_says_so(
+    state: Path, unreachable_apt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(services, "_find_exe", missing("java"))
+    said: list[str] = []
+    state.mkdir()
+    with pytest.raises(services.ServiceError, match=r"^apt-get update failed \(is the package mirror reachable\?\)"):
+        services._start_kafka(state, {"ports": {}}, said.append)
+    assert said == ["java not found: running apt-get update && apt-get install -y default-jre-headless"]
+
+
+def test_a_port_taken_while_its_service_was_stopped_is_replaced_and_a_running_ones_kept() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind((services.HOST, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        stopped = {"ports": {"source": port, "dest": port, "kafka": port, "kafka_controller": port}}
+        services._assign_ports(stopped, running={})
+        new = stopped["ports"]
+        assert port not in new.values()
+        assert len(set(new.values())) == 4  # four distinct free ports
+        assert all(services._port_free(p) for p in new.values())
+
+        # A service that runs holds its own port: it is kept, as is a free one of a stopped service.
+        free = new["dest"]
+        running = {"ports": {"source": port, "dest": free, "kafka": port, "kafka_controller": port}}
+        services._assign_ports(running, running={"source": 1, "kafka": 2})
+        assert running["ports"] == {"source": port, "dest": free, "kafka": port, "kafka_controller": port}
+
+
+def test_a_server_that_dies_at_start_is_explained_by_the_error_line_of_its_log(tmp_path: Path) -> None:
+    log = tmp_path / "error.log"
+    log.write_text("[ERROR] an old error from an earlier start\n")
+    offsets = services._log_sizes((log,))
+    marker = f"djlink-test-{tmp_path.name}"
+    # What mariadbd writes when its port was taken between choosing and binding it, then it exits.
+    script = (
+        'echo "2026-11-27  6:00:00 0 [Note] Starting MariaDB"; '
+        "echo \"2026-11-27  6:00:00 0 [ERROR] Can't start server: Bind on TCP/IP port. Got error: 98: "
+        'Address already in use"; '
+        'echo "2026-11-27  6:00:00 0 [ERROR] Aborting"; exit 1'
+    )
+    pid = services._spawn(["/bin/sh", "-c", script, marker], log, tmp_path)
+    with pytest.raises(services.ServiceError) as caught:
+        services._wait_ready("source MariaDB", lambda: False, pid, marker, offsets, timeout=30)
+    assert str(caught.value) == (
+        "source MariaDB exited during start (2026-11-27  6:00:00 0 [ERROR] Can't start server: Bind on TCP/IP "
+        f"port. Got error: 98: Address already in use); see {log}"
+    )

@@ -13,7 +13,8 @@ and its content hash is the MD5 DataJoint computed when it stored it: of the
 bytes (blob), of the attachment name, a NUL and the bytes (attach), of the
 bytes in `contents_hash` (filepath, whose `hash` is that of its path). The
 applier copies an object and checks that hash BEFORE the row referencing it
-commits (`copy_object`).
+commits (`copy_object`), streaming it: objects of any size pass through a
+1 MiB buffer.
 
 Store specs are DataJoint's (`dj.config['stores'][name]`): protocol `file`
 (location) or `s3` (endpoint, bucket, access_key, secret_key, location,
@@ -22,17 +23,19 @@ secure); S3 goes through DataJoint's own minio-based client.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 from datajoint.external import subfold
 
 DEFAULT_SUBFOLDING = (2, 2)  # DataJoint 0.14's default
+CHUNK = 1 << 20  # bytes of an object held in memory at a time while it is copied
 
 
 class StoreError(Exception):
@@ -61,22 +64,39 @@ def relative_path(row: Mapping[str, Any], database: str, subfolding: Any = DEFAU
     return str(path.with_suffix("." + row["attachment_name"]) if kind(row) == "attach" else path)
 
 
+class Check:
+    """The size and content hash of an object, computed as its bytes pass, against its tracking row."""
+
+    def __init__(self, row: Mapping[str, Any]) -> None:
+        self.row = row
+        self.size = 0
+        what = kind(row)
+        # DataJoint skips the checksum of files over its size limit (contents_hash NULL): the size must do.
+        self._expected = row.get("contents_hash") if what == "filepath" else row["hash"]
+        self._digest = hashlib.md5(row["attachment_name"].encode() + b"\0") if what == "attach" else hashlib.md5()
+
+    def update(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self._expected is not None:
+            self._digest.update(chunk)
+
+    def mismatch(self) -> str | None:
+        """Why the bytes seen are not the object of the tracking row; None when they are."""
+        if self.row.get("size") is not None and int(self.row["size"]) != self.size:
+            return f"size {self.size} bytes, tracked as {self.row['size']}"
+        if self._expected is not None and self._digest.digest() != bytes(self._expected):
+            return (
+                f"content hash {uuid.UUID(bytes=self._digest.digest())}, "
+                f"tracked as {uuid.UUID(bytes=bytes(self._expected))}"
+            )
+        return None
+
+
 def mismatch(row: Mapping[str, Any], content: bytes) -> str | None:
     """Why `content` is not the object of the tracking row `row`; None when it is."""
-    if row.get("size") is not None and int(row["size"]) != len(content):
-        return f"size {len(content)} bytes, tracked as {row['size']}"
-    what = kind(row)
-    if what == "filepath":
-        expected = row.get("contents_hash")
-        if expected is None:  # DataJoint skips the checksum of files over its size limit: the size must do
-            return None
-    else:
-        expected = row["hash"]
-    digest = hashlib.md5(row["attachment_name"].encode() + b"\0") if what == "attach" else hashlib.md5()
-    digest.update(content)
-    if digest.digest() != bytes(expected):
-        return f"content hash {uuid.UUID(bytes=digest.digest())}, tracked as {uuid.UUID(bytes=bytes(expected))}"
-    return None
+    check = Check(row)
+    check.update(content)
+    return check.mismatch()
 
 
 class Store:
@@ -114,37 +134,61 @@ class Store:
             return str(Path(self.spec["location"], relative))
         return str(PurePosixPath(str(self.spec["location"]).lstrip("/"), relative))
 
-    def get(self, relative: str) -> bytes:
+    def chunks(self, relative: str) -> Iterator[bytes]:
+        """The object's bytes, CHUNK at a time: an object of any size passes through a bounded buffer."""
         path = self._full(relative)
         if self.protocol == "file":
             try:
-                return Path(path).read_bytes()
+                f = open(path, "rb")  # closed below, also when the caller stops early
             except FileNotFoundError:
                 raise ObjectError(f"missing in store '{self.name}': {path}") from None
-        from datajoint.errors import MissingExternalFile
-
-        try:
-            data: bytes = self._folder().get(path)
-        except MissingExternalFile:
-            raise ObjectError(f"missing in store '{self.name}': {path}") from None
-        return data
-
-    def put(self, relative: str, content: bytes) -> None:
-        """Write an object whole: a reader never sees part of it (a temporary file renamed, or one S3 PUT)."""
-        path = self._full(relative)
-        if self.protocol == "s3":
-            self._folder().put(path, content)
+            with f:
+                while chunk := f.read(CHUNK):
+                    yield chunk
             return
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        from minio.error import S3Error
+
+        folder = self._folder()
+        try:
+            response = folder.client.get_object(folder.bucket, path)
+        except S3Error as exc:
+            if exc.code == "NoSuchKey":
+                raise ObjectError(f"missing in store '{self.name}': {path}") from None
+            raise StoreError(f"store '{self.name}': cannot read {path}: {exc}") from None
+        try:
+            yield from response.stream(CHUNK)
+        finally:
+            response.close()
+            response.release_conn()
+
+    def get(self, relative: str) -> bytes:
+        return b"".join(self.chunks(relative))
+
+    @contextlib.contextmanager
+    def writer(self, relative: str) -> Iterator[BinaryIO]:
+        """A file to write an object into. The object appears in the store whole, and only if the block ends
+        without an exception: a temporary file renamed (file), or one upload of a spooled file (s3)."""
+        path = self._full(relative)
+        if self.protocol == "file":
+            target = Path(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        else:
+            fd, tmp = tempfile.mkstemp(prefix="djlink-object-")  # on local disk, not in memory
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(content)
-            os.replace(tmp, target)
-        except BaseException:
+                yield f
+            if self.protocol == "file":
+                os.replace(tmp, path)
+            else:
+                self._folder().fput(tmp, path)
+        finally:
             Path(tmp).unlink(missing_ok=True)
-            raise
+
+    def put(self, relative: str, content: bytes) -> None:
+        """Write an object whole: a reader never sees part of it."""
+        with self.writer(relative) as f:
+            f.write(content)
 
 
 class Stores:
@@ -166,15 +210,18 @@ class Stores:
 
 
 def copy_object(row: Mapping[str, Any], source: Store, source_db: str, destination: Store, destination_db: str) -> int:
-    """Copy the object of tracking row `row` between stores, verified by its content hash before it is written.
+    """Copy the object of tracking row `row` between stores, verified by its content hash before it appears.
 
-    Returns the bytes copied. Raises ObjectError (missing or not matching: nothing written) or StoreError.
+    The bytes stream through: memory stays at CHUNK whatever the object's size. Returns the bytes copied.
+    Raises ObjectError (missing or not matching: nothing written) or StoreError.
     """
-    content = source.get(relative_path(row, source_db, source.subfolding))
-    reason = mismatch(row, content)
-    if reason is not None:
-        raise ObjectError(
-            f"{kind(row)} {relative_path(row, source_db, source.subfolding)} in store '{source.name}': {reason}"
-        )
-    destination.put(relative_path(row, destination_db, destination.subfolding), content)
-    return len(content)
+    source_path = relative_path(row, source_db, source.subfolding)
+    check = Check(row)
+    with destination.writer(relative_path(row, destination_db, destination.subfolding)) as out:
+        for chunk in source.chunks(source_path):
+            check.update(chunk)
+            out.write(chunk)
+        reason = check.mismatch()
+        if reason is not None:  # raised inside the writer: the object never appears
+            raise ObjectError(f"{kind(row)} {source_path} in store '{source.name}': {reason}")
+    return check.size

@@ -14,7 +14,9 @@ from typing import Any
 
 import datajoint as dj
 import pytest
+from datajoint.hash import uuid_from_buffer
 
+from djlink.stores import CHUNK, ObjectError, Store, copy_object, relative_path
 from link import link
 from tests.conftest import Site, wait_for
 from tests.integration.test_pull import rows
@@ -185,6 +187,32 @@ def s3_store(stores: dict[str, dict[str, Any]]) -> Iterator[dict[str, Any]]:
         yield spec
     finally:
         server.stop()
+
+
+def test_objects_stream_out_of_s3_and_one_not_matching_its_hash_never_appears(
+    s3_store: dict[str, Any], tmp_path: Path
+) -> None:
+    cloud = Store("cloud", s3_store)
+    copies = Store("copies", {**s3_store, "location": "copies"})
+    local = Store("local", {"protocol": "file", "location": str(tmp_path / "local")})
+    content = os.urandom(3 * CHUNK + 5)  # more than one chunk of the response stream
+    row = {"hash": uuid_from_buffer(content).bytes, "size": len(content)}
+    with pytest.raises(ObjectError, match="missing in store 'cloud'"):
+        copy_object(row, cloud, "src", copies, "dst")
+
+    cloud.put(relative_path(row, "src"), content)
+    assert copy_object(row, cloud, "src", copies, "dst") == len(content)  # S3 to S3
+    assert copies.get(relative_path(row, "dst")) == content
+    assert copy_object(row, cloud, "src", local, "dst") == len(content)  # S3 to a file store
+    assert local.get(relative_path(row, "dst")) == content
+
+    wrong = {**row, "hash": uuid_from_buffer(b"something else").bytes}
+    cloud.put(relative_path(wrong, "src"), content)  # at the path of a hash its bytes do not have
+    for destination in (copies, local):
+        with pytest.raises(ObjectError, match="content hash"):
+            copy_object(wrong, cloud, "src", destination, "dst")
+        with pytest.raises(ObjectError, match="missing"):
+            destination.get(relative_path(wrong, "dst"))
 
 
 def test_filepaths_and_an_s3_destination_and_a_mirrored_part_with_a_new_object(

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import filecmp
+import hashlib
+import tracemalloc
 from pathlib import Path
 
 import pytest
 from datajoint.hash import uuid_from_buffer
 
-from djlink.stores import ObjectError, Store, StoreError, Stores, copy_object, kind, mismatch, relative_path
+from djlink.stores import CHUNK, ObjectError, Store, StoreError, Stores, copy_object, kind, mismatch, relative_path
 
 
 def test_paths_are_datajoints() -> None:
@@ -44,10 +47,43 @@ def test_copy_writes_only_verified_objects(tmp_path: Path) -> None:
     source.put(relative_path(row, "src"), b"PAYLOAD")
     with pytest.raises(ObjectError, match="content hash"):
         copy_object(row, source, "src", target, "dst")
-    assert not list((tmp_path).rglob("dst"))
+    assert not [p for p in (tmp_path / "b").rglob("*") if p.is_file()]  # not even a temporary file
     source.put(relative_path(row, "src"), content)
     assert copy_object(row, source, "src", target, "dst") == len(content)
     assert target.get(relative_path(row, "dst")) == content
+
+
+def test_a_large_object_streams_through_a_bounded_buffer_and_a_bad_one_leaves_no_file(tmp_path: Path) -> None:
+    source = Store("raw", {"protocol": "file", "location": str(tmp_path / "a")})
+    target = Store("archive", {"protocol": "file", "location": str(tmp_path / "b")})
+    size = 64 * CHUNK + 123
+    path = tmp_path / "a" / "raw" / "big.dat"
+    path.parent.mkdir(parents=True)
+    digest = hashlib.md5()
+    with open(path, "wb") as f:
+        for i in range(65):
+            block = bytes([i]) * min(CHUNK, size - i * CHUNK)
+            digest.update(block)
+            f.write(block)
+    row = {"hash": b"\0" * 16, "filepath": "raw/big.dat", "contents_hash": digest.digest(), "size": size}
+
+    tracemalloc.start()
+    try:
+        assert copy_object(row, source, "src", target, "dst") == size
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * CHUNK, f"copying {size} bytes held {peak} bytes"
+    assert filecmp.cmp(path, tmp_path / "b" / "raw" / "big.dat", shallow=False)
+
+    # The last byte differs: found only at the end of the stream, and still nothing appears.
+    with open(path, "r+b") as f:
+        f.seek(size - 1)
+        f.write(b"X")
+    (tmp_path / "b" / "raw" / "big.dat").unlink()
+    with pytest.raises(ObjectError, match="content hash"):
+        copy_object(row, source, "src", target, "dst")
+    assert not [p for p in (tmp_path / "b").rglob("*") if p.is_file()]
 
 
 def test_store_settings_errors_say_what_to_fix() -> None:

@@ -2,6 +2,8 @@
 
 djlink run --role capture --role agent     # source site
 djlink run --role applier                  # destination site
+djlink status                              # where the capture has committed up to
+djlink dead-letters [--json]               # what the applier gave up, why, and what to do
 djlink services up|down|status|env         # local MariaDB x2 + Kafka for development
 djlink demo                                # the README's end-to-end example
 """
@@ -164,6 +166,31 @@ def status() -> None:
         when = dt.datetime.fromtimestamp(checkpoint.ts_ms / 1000, dt.UTC).isoformat(timespec="seconds")
     print(f"capture {topics.prefix}-capture: committed up to GTID {checkpoint.gtid_position or '(start)'}")
     print(f"  binlog {checkpoint.file or '-'}:{checkpoint.pos}, source commit time {when}")
+
+
+@app.command("dead-letters")
+def dead_letters(
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per record, original key and value in base64"),
+) -> None:
+    """List what the applier dead-lettered (one line per unit or message: when, stage, what, why) and what to do.
+
+    Exit code 0 when there is none, 4 when there is some.
+    """
+    from djlink import deadletters
+    from djlink.topics import Admin
+
+    with user_errors():
+        settings = Settings.from_env()
+        Admin(settings).check()
+        topic, records = deadletters.read(settings)
+    lines = (
+        (deadletters.as_json(r) for r in records)
+        if as_json
+        else deadletters.report(deadletters.summarize(records), topic)
+    )
+    for line in lines:
+        print(line)
+    raise typer.Exit(4 if records else 0)
 
 
 @app.command()

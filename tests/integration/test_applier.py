@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import random
+import subprocess
 import sys
 import time
 import uuid
@@ -329,6 +332,35 @@ def poison_and_refusal(site: Site, state_db: str, app_user: str, app_pass: str) 
         assert cur.fetchone() == ("dead-letter",)
     dest.close()
     assert applier.poll() is None  # still running: nothing stopped the pipeline
+
+    # `djlink dead-letters` tells them apart: each undecodable message, the refused unit, the stray; and what to do.
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "djlink", "dead-letters", *args]
+        return subprocess.run(command, env=site.pipeline_env(), capture_output=True, text=True, timeout=60)
+
+    listed = cli()
+    assert listed.returncode == 4, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert lines[0] == f"7 dead-lettered unit(s) or message(s) on {topics.dead_letter}:"
+    decode_lines = [ln for ln in lines if "  decode  " in ln]
+    assert sorted(ln.split("  decode  ", 1)[1].split(":", 1)[0] for ln in decode_lines) == sorted(
+        f"{master_topic}[0]@{d['offset']}" for d in decode
+    )
+    helper_topic = topics.table(site.helper_schema, "outbound")
+    part_topic = topics.table(site.source_schema, "recording__channel")
+    (apply_line,) = [ln for ln in lines if "  apply   " in ln]
+    counts = ", ".join(f"{t} {n}" for t, n in sorted([(helper_topic, 1), (master_topic, 1), (part_topic, 3)]))
+    assert f"unit {refused[0]['unit_id']} (5 events: {counts}): " in apply_line, apply_line
+    assert "(1146)" in apply_line
+    (gather_line,) = [ln for ln in lines if "  gather  " in ln]
+    assert f"unit {stray['transaction']['id']} (1 event: {master_topic} 1): " in gather_line
+    assert [ln.split(":", 1)[0] for ln in lines[8:]] == ["apply", "decode", "gather"]
+    assert "pull its entities again" in lines[8]
+    as_json = [json.loads(ln) for ln in cli("--json").stdout.splitlines()]
+    assert sorted((d["offset"], base64.b64decode(d["value"])) for d in as_json) == sorted(
+        (d["offset"], d["value"]) for d in letters
+    )
+
     applier.terminate()
     _, err = applier.communicate(timeout=30)
     assert err.count("dead-lettered undecodable message") == len(poison), err  # one line each

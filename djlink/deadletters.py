@@ -22,11 +22,21 @@ from djlink.config import Settings
 from djlink.topics import Topics, read_to_end
 
 ADVICE = {
-    "decode": "not a readable djlink event: see who produced it to that topic (its bytes are in --json)",
-    "apply": "the destination refused the unit: fix the cause in the reason, then pull its entities again "
-    "(a change of a shared entity: pull it again to bring it up to date)",
-    "gather": "the unit's events were incomplete: pull its entities again",
+    "decode": "decode: not a readable djlink event; see who produced it to that topic (its bytes: --json)",
+    "snapshot": "snapshot: the read of a pull or delete; its entities stayed as they were; "
+    "once the cause in the reason is fixed, pull (or delete) them again",
+    "transaction": "transaction: a source transaction; the changes it carried for shared entities are missing at the "
+    "destination; to bring those entities up to date, delete them there and pull them again "
+    "(DataJoint's delete also takes the rows that depend on them)",
 }
+
+
+def kind(unit_id: str | None) -> str:
+    """'decode' (a message without a unit), 'transaction' (a source transaction, GTID `d-s-n`) or 'snapshot'."""
+    if unit_id is None:
+        return "decode"
+    parts = unit_id.split("-")
+    return "transaction" if len(parts) == 3 and all(p.isdigit() for p in parts) else "snapshot"
 
 
 @dataclass
@@ -47,7 +57,7 @@ class Entry:
         else:
             events = sum(self.tables.values())
             counts = ", ".join(f"{t} {n}" for t, n in sorted(self.tables.items()))
-            what = f"unit {self.unit_id} ({events} event{'s' if events != 1 else ''}: {counts})"
+            what = f"{kind(self.unit_id)} {self.unit_id} ({events} event{'s' if events != 1 else ''}: {counts})"
         return f"{when}  {self.stage:<6}  {what}: {self.reason}"
 
 
@@ -74,14 +84,13 @@ def summarize(records: Iterable[dict[str, Any]]) -> list[Entry]:
 
 
 def report(entries: list[Entry], topic: str) -> Iterator[str]:
-    """The report's lines: a count, one line per entry, then what to do for each stage present."""
+    """The report's lines: a count, one line per entry, then what to do for each kind present."""
     if not entries:
         yield f"no dead letters on {topic}"
         return
     yield f"{len(entries)} dead-lettered unit(s) or message(s) on {topic}:"
     yield from (e.line() for e in entries)
-    for stage in sorted({e.stage for e in entries}):
-        yield f"{stage}: {ADVICE.get(stage, '')}"
+    yield from (ADVICE[k] for k in sorted({kind(e.unit_id) for e in entries}))
 
 
 def as_json(record: dict[str, Any]) -> str:

@@ -350,12 +350,12 @@ def poison_and_refusal(site: Site, state_db: str, app_user: str, app_pass: str) 
     part_topic = topics.table(site.source_schema, "recording__channel")
     (apply_line,) = [ln for ln in lines if "  apply   " in ln]
     counts = ", ".join(f"{t} {n}" for t, n in sorted([(helper_topic, 1), (master_topic, 1), (part_topic, 3)]))
-    assert f"unit {refused[0]['unit_id']} (5 events: {counts}): " in apply_line, apply_line
+    assert f"snapshot {refused[0]['unit_id']} (5 events: {counts}): " in apply_line, apply_line
     assert "(1146)" in apply_line
     (gather_line,) = [ln for ln in lines if "  gather  " in ln]
-    assert f"unit {stray['transaction']['id']} (1 event: {master_topic} 1): " in gather_line
-    assert [ln.split(":", 1)[0] for ln in lines[8:]] == ["apply", "decode", "gather"]
-    assert "pull its entities again" in lines[8]
+    assert f"snapshot {stray['transaction']['id']} (1 event: {master_topic} 1): " in gather_line
+    assert [ln.split(":", 1)[0] for ln in lines[8:]] == ["decode", "snapshot"]
+    assert "pull (or delete) them again" in lines[9]
     as_json = [json.loads(ln) for ln in cli("--json").stdout.splitlines()]
     assert sorted((d["offset"], base64.b64decode(d["value"])) for d in as_json) == sorted(
         (d["offset"], d["value"]) for d in letters

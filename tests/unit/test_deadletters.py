@@ -38,13 +38,19 @@ def test_one_line_per_unit_and_per_undecodable_message_oldest_first_repeats_coun
         "3 dead-lettered unit(s) or message(s) on p.dead-letter:",
         "2027-01-15T08:00:00+00:00  decode  p.lab.recording[0]@2: not an Avro single-object encoded value",
         "2027-01-15T08:00:00+00:00  decode  p.lab.recording[0]@5: unknown schema fingerprint",
-        "2027-01-15T08:00:00+00:00  apply   unit 0-1-42 (3 events: p.lab.recording 1, p.lab.recording__channel 2): "
-        + refused,
+        "2027-01-15T08:00:00+00:00  apply   transaction 0-1-42 "
+        f"(3 events: p.lab.recording 1, p.lab.recording__channel 2): {refused}",
         lines[4],
         lines[5],
     ]
-    assert lines[4].startswith("apply: the destination refused the unit: fix the cause")
-    assert lines[5].startswith("decode: not a readable djlink event")
+    assert lines[4].startswith("decode: not a readable djlink event")
+    assert lines[5].startswith("transaction: a source transaction; the changes it carried for shared entities")
+    snapshot = record("p.lab.recording", 9, "gather", "no END", "snap-7f3a:2", 1_800_000_001_000)
+    assert list(report(summarize([snapshot]), "p.dead-letter"))[1:] == [
+        "2027-01-15T08:00:01+00:00  gather  snapshot snap-7f3a:2 (1 event: p.lab.recording 1): no END",
+        "snapshot: the read of a pull or delete; its entities stayed as they were; once the cause in the reason "
+        "is fixed, pull (or delete) them again",
+    ]
     assert list(report([], "p.dead-letter")) == ["no dead letters on p.dead-letter"]
 
 

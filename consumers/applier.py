@@ -92,7 +92,7 @@ from consumers.offsets_store import (
 from djlink import keys as keycodec
 from djlink.config import ConfigError, Settings
 from djlink.links import LinkRegistry, LinkSpec, destination_name, external_table
-from djlink.stores import ObjectError, StoreError, Stores, copy_object
+from djlink.stores import ObjectError, StoreError, Stores, copy_object, holds
 from djlink.topics import Admin, SchemaTopic, Topics, consumer, now_ms, producer, where
 from schemas.registry import registry_at
 from schemas.tables import EnvelopeReader
@@ -339,7 +339,9 @@ class Applier:
         self._in_store: dict[str, list[tuple[str, str]]] = {}  # 'db.table' -> (column, store) of in-store attributes
         self._source_stores = Stores(settings.source_stores, "DJLINK_SOURCE_STORES")
         self._destination_stores = Stores(settings.destination_stores, "DJLINK_DEST_STORES")
-        self._copied: set[tuple[str, str, bytes]] = set()  # (destination store, db, hash) copied by this process
+        # (destination store, db, hash, contents hash) of objects this process copied and verified: copied again
+        # only when the destination no longer has them (cleaned up there after a delete, say).
+        self._copied: set[tuple[str, str, bytes, bytes]] = set()
         self._tracked_overlay: dict[TrackedKey, dict[str, Any] | None] = {}  # of the batch being planned
         self.objects_copied = 0
         self._entities: dict[EntityKey, EntityState] = {}
@@ -854,15 +856,10 @@ class Applier:
             if tracked is None:
                 raise ObjectError(f"no `{external_table(store)}` row captured for {column} of {collection}")
             destination = link.destination_store(store)
-            done = (destination, link.destination_db, key[2])
-            if done not in self._copied:
-                copy_object(
-                    tracked,
-                    self._source_stores[store],
-                    db,
-                    self._destination_stores[destination],
-                    link.destination_db,
-                )
+            target = self._destination_stores[destination]
+            done = (destination, link.destination_db, key[2], bytes(tracked.get("contents_hash") or b""))
+            if done not in self._copied or not holds(target, tracked, link.destination_db):
+                copy_object(tracked, self._source_stores[store], db, target, link.destination_db)
                 self._copied.add(done)
                 self.objects_copied += 1
             found.append((store, tracked))

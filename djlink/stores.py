@@ -164,6 +164,22 @@ class Store:
     def get(self, relative: str) -> bytes:
         return b"".join(self.chunks(relative))
 
+    def size(self, relative: str) -> int | None:
+        """The size of an object in bytes; None when the store does not have it."""
+        path = self._full(relative)
+        if self.protocol == "file":
+            try:
+                return os.stat(path).st_size
+            except FileNotFoundError:
+                return None
+        from minio.error import S3Error
+
+        try:
+            stat = self._folder().stat(path)
+        except S3Error as exc:
+            raise StoreError(f"store '{self.name}': cannot look up {path}: {exc}") from None
+        return None if stat is None else int(stat.size)
+
     @contextlib.contextmanager
     def writer(self, relative: str) -> Iterator[BinaryIO]:
         """A file to write an object into. The object appears in the store whole, and only if the block ends
@@ -207,6 +223,12 @@ class Stores:
                 )
             self._stores[name] = Store(name, self._specs[name])
         return self._stores[name]
+
+
+def holds(store: Store, row: Mapping[str, Any], database: str) -> bool:
+    """Whether `store` has the object of tracking row `row` in schema `database`, at its tracked size."""
+    size = store.size(relative_path(row, database, store.subfolding))
+    return size is not None and (row.get("size") is None or int(row["size"]) == size)
 
 
 def copy_object(row: Mapping[str, Any], source: Store, source_db: str, destination: Store, destination_db: str) -> int:

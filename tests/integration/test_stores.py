@@ -16,7 +16,7 @@ import datajoint as dj
 import pytest
 from datajoint.hash import uuid_from_buffer
 
-from djlink.stores import CHUNK, ObjectError, Store, copy_object, relative_path
+from djlink.stores import CHUNK, ObjectError, Store, copy_object, holds, relative_path
 from link import link
 from tests.conftest import Site, wait_for
 from tests.integration.test_pull import rows
@@ -132,6 +132,18 @@ def test_scenario_4_pulls_attachments_and_blobs_of_master_and_parts_byte_identic
     copied = [p for p in Path(stores["archive"]["location"]).rglob("*") if p.is_file()]
     assert len(copied) == 6 and all(site.dest_schema in p.parts for p in copied)
 
+    # Deleted at the destination, its objects cleaned up there by DataJoint, then pulled again by the same
+    # applier: its objects are copied again, not assumed still there.
+    deleted = (Recording & {"recording_id": 1}).delete()
+    assert deleted.deleted == 1, deleted
+    dj.Schema(site.dest_schema, connection=dj.conn()).external["archive"].delete(delete_external_files=True)
+    assert len([p for p in Path(stores["archive"]["location"]).rglob("*") if p.is_file()]) == 3
+    again = (Recording().source & {"recording_id": 1}).pull()
+    assert (again.pulled, again.failed) == (1, []), again
+    movie = (Recording & {"recording_id": 1}).fetch1("movie", download_path=download / "again")
+    assert Path(movie).read_bytes() == contents[("movie", 1)]
+    assert len([p for p in Path(stores["archive"]["location"]).rglob("*") if p.is_file()]) == 6
+
 
 def test_an_object_not_matching_its_hash_fails_its_entity_alone_and_leaves_nothing(
     site: Site, stores: dict[str, dict[str, Any]], tmp_path: Path
@@ -205,6 +217,8 @@ def test_objects_stream_out_of_s3_and_one_not_matching_its_hash_never_appears(
     assert copies.get(relative_path(row, "dst")) == content
     assert copy_object(row, cloud, "src", local, "dst") == len(content)  # S3 to a file store
     assert local.get(relative_path(row, "dst")) == content
+    assert holds(copies, row, "dst") and holds(local, row, "dst")  # the applier copies again when they do not
+    assert not holds(copies, row, "elsewhere") and not holds(copies, {**row, "size": 1}, "dst")
 
     wrong = {**row, "hash": uuid_from_buffer(b"something else").bytes}
     cloud.put(relative_path(wrong, "src"), content)  # at the path of a hash its bytes do not have

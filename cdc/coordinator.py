@@ -63,7 +63,9 @@ class Capture:
         self._captured = captured
 
     def _on_ddl(self, db: str, query: str) -> None:
-        self._history.forget(db)
+        # Not only `db`: that is the session's default database, and DataJoint alters `db`.`table` from a
+        # session with none. DDL is rare; every shape is read again when next needed.
+        self._history.forget()
 
     @staticmethod
     def _take(units: queue.Queue[Any]) -> tuple[list[ChangeUnit], Checkpoint | None, bool]:

@@ -33,6 +33,25 @@ log = logging.getLogger(__name__)
 ConsumedOffsets = tuple[list[TopicPartition], Any]  # offsets and the consumer's group metadata
 
 
+MAX_SHAPE_PAIRS = 10_000  # (binlog shape, current shape) decisions kept
+
+
+def same_version(described: TableShape, current: TableShape) -> bool:
+    """Whether a binlog event's shape is the table's current one: the same column names, and the same
+    decimal precision and scale (the binlog's table map does not say nullability, nor every type detail)."""
+    if len(described.columns) != len(current.columns):
+        return False
+    for a, b in zip(described.columns, current.columns, strict=True):
+        if a.name != b.name:
+            return False
+        if a.data_type == "decimal" and (a.numeric_precision, a.numeric_scale) != (
+            b.numeric_precision,
+            b.numeric_scale,
+        ):
+            return False
+    return True
+
+
 @dataclass
 class _Compiled:
     shape: TableShape
@@ -64,7 +83,7 @@ class EventDispatcher:
         self._codec = schemas.Codec(registry=registry)
         self._schemas: dict[TableShape, _Compiled] = {}
         self._by_shape: dict[int, _Compiled] = {}  # by id(): hashing a shape per row costs more than encoding it
-        self._same_columns: dict[tuple[int, int], bool] = {}
+        self._same_columns: dict[tuple[int, int], tuple[TableShape, TableShape, bool]] = {}
         # (db, table) -> its change topic, and the registry subjects of its keys and values (None: no registry)
         self._topic_of: dict[tuple[str, str], tuple[str, str | None, str | None]] = {}
 
@@ -124,9 +143,13 @@ class EventDispatcher:
         if described is None or described is shape:
             return shape
         key = (id(described), id(shape))
-        if key not in self._same_columns:
-            self._same_columns[key] = [c.name for c in described.columns] == [c.name for c in shape.columns]
-        return shape if self._same_columns[key] else described
+        known = self._same_columns.get(key)
+        if known is None:
+            if len(self._same_columns) >= MAX_SHAPE_PAIRS:  # table ids churn (FLUSH TABLES): start over
+                self._same_columns.clear()
+            # The pair is kept with the answer, so that neither id can be reused by another shape meanwhile.
+            known = self._same_columns[key] = (described, shape, same_version(described, shape))
+        return shape if known[2] else described
 
     def _unit(self, unit: ChangeUnit) -> None:
         counts: Counter[str] = Counter()
@@ -177,18 +200,42 @@ class EventDispatcher:
         transaction: dict[str, Any],
         now: int,
     ) -> None:
-        topic, key_subject, value_subject = names
-        compiled = self._compiled(self._shape(change))
-        kschema, vschema, encode = compiled.key_schema, compiled.value_schema, compiled.encode
+        topic = names[0]
+        shape = self._shape(change)
+        try:
+            compiled, key, value = self._encoded(shape, change, names, source, transaction, now)
+        except (ValueError, TypeError, OverflowError):
+            if change.binlog_shape is None or change.binlog_shape is shape:
+                raise
+            # Logged before a change of column types that kept their names (a narrower decimal, NOT NULL):
+            # the row has the shape its binlog event describes.
+            compiled, key, value = self._encoded(change.binlog_shape, change, names, source, transaction, now)
         if not compiled.published:
-            self._schema_topic.publish(self._p, kschema)
-            self._schema_topic.publish(self._p, vschema)
+            self._schema_topic.publish(self._p, compiled.key_schema)
+            self._schema_topic.publish(self._p, compiled.value_schema)
             compiled.published = True
+        produce(self._p, topic, key, value)
+        if change.op == "d":
+            produce(self._p, topic, key, None)
+
+    def _encoded(
+        self,
+        shape: TableShape,
+        change: RowChange,
+        names: tuple[str, str | None, str | None],
+        source: dict[str, Any],
+        transaction: dict[str, Any],
+        now: int,
+    ) -> tuple[_Compiled, bytes, bytes]:
+        """The event's key and value, encoded with the schemas of `shape`."""
+        _, key_subject, value_subject = names
+        compiled = self._compiled(shape)
+        encode = compiled.encode
         before = None if change.before is None else encode(change.before)
         after = None if change.after is None else encode(change.after)
         image = after if after is not None else before
         assert image is not None
-        key = self._codec.encode(kschema, {name: image[name] for name in compiled.key_fields}, key_subject)
+        key = self._codec.encode(compiled.key_schema, {n: image[n] for n in compiled.key_fields}, key_subject)
         # Records in unions as (name, record): fastavro then writes them without first validating them
         # against each branch (a third of the capture's encoding time). The bytes are the same.
         row = compiled.row_name
@@ -200,9 +247,7 @@ class EventDispatcher:
             "ts_ms": now,
             "transaction": (TRANSACTION_BLOCK, transaction),
         }
-        produce(self._p, topic, key, self._codec.encode(vschema, value, value_subject))
-        if change.op == "d":
-            produce(self._p, topic, key, None)
+        return compiled, key, self._codec.encode(compiled.value_schema, value, value_subject)
 
     def _transaction_event(self, unit: ChangeUnit, status: str, counts: Counter[str] | None) -> None:
         record = {

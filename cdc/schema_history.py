@@ -36,9 +36,17 @@ class SchemaHistory:
             self._shapes[key] = self._read(db, table)
         return self._shapes[key]
 
-    def forget(self, db: str, table: str | None = None) -> None:
+    def fresh(self, db: str, table: str) -> TableShape:
+        """The shape as the server has it now (read again, and cached): for reads that must match the table."""
+        shape = self._read(db, table)
+        if self._shapes.get((db, table)) != shape:
+            self._shapes[(db, table)] = shape
+        return self._shapes[(db, table)]
+
+    def forget(self, db: str | None = None, table: str | None = None) -> None:
+        """Drop cached shapes: of one table, of one schema, or (db None) all of them."""
         for key in list(self._shapes):
-            if key[0] == db and (table is None or key[1] == table):
+            if db is None or (key[0] == db and (table is None or key[1] == table)):
                 del self._shapes[key]
 
     def part_tables(self, db: str, master: str) -> list[str]:

@@ -100,17 +100,19 @@ class SnapshotSource:
             changes: list[RowChange] = []
             # The tracking rows of the objects the entities reference, then the helper rows, then the data,
             # all in this one read: the applier copies those objects and acts on the helper state of then.
+            # Each table's columns are read afresh: an ALTER the binlog reader has not reached yet may have
+            # changed them (and one after this snapshot began makes the SELECT fail with 1412, not lie).
             for store in link.external_stores():
                 db, table = link.source_db, external_table(store)
                 refs = [(t, c) for t, c, st in link.externals if st == store]
                 union = " UNION ".join(f"SELECT {quote(c)} FROM {quote(db)}.{quote(t)} WHERE {where}" for t, c in refs)
-                columns = ", ".join(select_expression(c) for c in self._history.shape(db, table).columns)
+                columns = ", ".join(select_expression(c) for c in self._history.fresh(db, table).columns)
                 cur.execute(
                     f"SELECT {columns} FROM {quote(db)}.{quote(table)} WHERE hash IN ({union})", params * len(refs)
                 )
                 changes.extend(RowChange(db, table, "r", None, row) for row in cur.fetchall())
             for db, table in [(link.helper_db, link.helper_table), *link.data_tables()]:
-                columns = ", ".join(select_expression(c) for c in self._history.shape(db, table).columns)
+                columns = ", ".join(select_expression(c) for c in self._history.fresh(db, table).columns)
                 cur.execute(f"SELECT {columns} FROM {quote(db)}.{quote(table)} WHERE {where}", params)
                 changes.extend(RowChange(db, table, "r", None, row) for row in cur.fetchall())
             conn.commit()

@@ -37,6 +37,13 @@ MARKER_INTERVAL_S = 1.0
 HEARTBEAT_S = 0.05
 
 
+FL_STANDALONE = 1  # MariaDB GTID event flag: the group is one statement without BEGIN/COMMIT (DDL)
+
+
+class UnsupportedTransaction(Exception):
+    """The binlog holds a transaction the capture cannot publish faithfully; the message says which and why."""
+
+
 class StreamFailed:
     """Put on the queue when the binlog thread dies, so the coordinator stops loudly."""
 
@@ -86,6 +93,8 @@ class BinlogSource(threading.Thread):
     def run(self) -> None:
         try:
             self._read()
+        except UnsupportedTransaction as exc:  # the user's to fix: the message says how, no traceback
+            self._out.put(StreamFailed(exc))
         except BaseException as exc:  # reported to the coordinator
             if not self._stopping.is_set():
                 log.exception("binlog source failed")
@@ -121,6 +130,7 @@ class BinlogSource(threading.Thread):
         )
         unit: ChangeUnit | None = None
         domain = 0
+        standalone = True  # the current event group has no BEGIN/COMMIT (DDL); set by each GTID event
         for ev in stream:
             if self._stopping.is_set():
                 return
@@ -129,6 +139,15 @@ class BinlogSource(threading.Thread):
                 if unit is None:
                     self.reached = coordinate(ev.ident.rstrip("\x00"), ev.packet.log_pos)
             elif isinstance(ev, MariadbGtidEvent):
+                if unit is not None and unit.changes:
+                    # Its group never ended: an XA transaction, whose XA PREPARE event the library cannot read.
+                    raise UnsupportedTransaction(
+                        f"source transaction {unit.id} changed captured tables but did not end with a COMMIT "
+                        "(an XA transaction?): djlink cannot capture XA transactions; commit changes of linked "
+                        f"tables in ordinary transactions, then restart the capture with DJLINK_CAPTURE_START_GTID "
+                        f"after {unit.id} once its rows are dealt with"
+                    )
+                standalone = bool(ev.flags & FL_STANDALONE)
                 domain = ev.domain_id
                 unit = ChangeUnit(
                     ev.gtid,
@@ -151,7 +170,14 @@ class BinlogSource(threading.Thread):
             elif isinstance(ev, XidEvent) or (isinstance(ev, QueryEvent) and ev.query.upper() == "COMMIT"):
                 self._commit(stream, unit, domain, ev.packet.log_pos)
                 unit = None
-            elif isinstance(ev, QueryEvent) and ev.query.upper() != "BEGIN":
+            elif isinstance(ev, QueryEvent) and not standalone:
+                # Inside a transaction: BEGIN, SAVEPOINT, RELEASE SAVEPOINT, ROLLBACK TO ... are statements of
+                # the transaction, not DDL (DDL commits implicitly and comes as a standalone group). A
+                # ROLLBACK ends it: what is logged before it changed non-transactional tables and stays.
+                if ev.query.upper() == "ROLLBACK":
+                    self._commit(stream, unit, domain, ev.packet.log_pos)
+                    unit = None
+            elif isinstance(ev, QueryEvent):
                 schema = ev.schema.decode() if isinstance(ev.schema, bytes) else ev.schema
                 # A DDL statement: table maps parsed before it no longer describe the tables.
                 stream.table_map.clear()

@@ -38,10 +38,11 @@ class Role(StrEnum):
 def expected_error(exc: BaseException) -> str | None:
     """A one-line message for failures a user can cause and fix; None for bugs."""
     from cdc.preconditions import PreconditionError
+    from cdc.streaming import UnsupportedTransaction
     from djlink.services import ServiceError
     from djlink.topics import KafkaUnavailable
 
-    if isinstance(exc, PreconditionError | ConfigError | ServiceError | KafkaUnavailable):
+    if isinstance(exc, PreconditionError | ConfigError | ServiceError | KafkaUnavailable | UnsupportedTransaction):
         return str(exc)
     if isinstance(exc, pymysql.err.OperationalError):
         code = exc.args[0] if exc.args else 0

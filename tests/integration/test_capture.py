@@ -11,6 +11,7 @@ import sys
 import threading
 import urllib.request
 from collections import defaultdict
+from decimal import Decimal
 from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
@@ -401,3 +402,121 @@ def test_initial_snapshot_publishes_every_row_once_and_resumes_after_kill_9(site
     conn.close()
     update = wait_for(lambda: [e for e in read_topic(site, topic) if e["op"] == "u"], 60, "the update")
     assert update[0]["after"] == {"id": 5, "seq": 100}
+
+
+def test_savepoints_inside_a_transaction_keep_it_one_unit_and_lose_no_row(site: Site) -> None:
+    """MariaDB logs SAVEPOINT (and ROLLBACK TO, RELEASE) as statements inside the transaction even with ROW
+    binlogging, as nested transactions of ORMs do; they are not DDL and must not cut the transaction."""
+    create_table(site, site.source_schema, "nested")
+    site.start("capture", "agent")
+    register(site, "nested")
+    conn = admin(site.env, "SOURCE")
+    conn.autocommit(False)
+    table = f"`{site.source_schema}`.`nested`"
+    with conn.cursor() as cur:
+        cur.execute(f"INSERT INTO {table} VALUES (1, 1)")
+        cur.execute("SAVEPOINT first")
+        cur.execute(f"INSERT INTO {table} VALUES (2, 2)")
+        cur.execute("RELEASE SAVEPOINT first")
+        cur.execute("SAVEPOINT second")
+        cur.execute(f"INSERT INTO {table} VALUES (3, 3)")
+        cur.execute("ROLLBACK TO SAVEPOINT second")
+        cur.execute(f"INSERT INTO {table} VALUES (4, 4)")
+    conn.commit()
+    with conn.cursor() as cur:  # and the next transaction is a unit of its own
+        cur.execute(f"UPDATE {table} SET seq = 5 WHERE id = 1")
+    conn.commit()
+    conn.close()
+    topic = Topics(site.topic_prefix).table(site.source_schema, "nested")
+    events = wait_for(lambda: (e := read_topic(site, topic)) and len(e) >= 4 and e, 30, "the two transactions")
+    assert [(e["op"], e["after"]["id"]) for e in events] == [("c", 1), ("c", 2), ("c", 4), ("u", 1)]
+    units = [e["transaction"]["id"] for e in events]
+    assert units[0] == units[1] == units[2] != units[3]
+    ends = {t["id"]: t["event_count"] for t in read_topic(site, Topics(site.topic_prefix).transaction)}
+    assert (ends[units[0]], ends[units[3]]) == (3, 1)
+
+
+def test_an_xa_transaction_on_a_captured_table_stops_the_capture_with_one_clear_line(site: Site) -> None:
+    """Its rows are logged before an XA PREPARE event the binlog library cannot read: refusing beats losing."""
+    create_table(site, site.source_schema, "xa")
+    capture = site.start("capture", "agent")
+    register(site, "xa")
+    conn = admin(site.env, "SOURCE")
+    with conn.cursor() as cur:
+        cur.execute("XA START 'djlink-test'")
+        cur.execute(f"INSERT INTO `{site.source_schema}`.`xa` VALUES (1, 1)")
+        cur.execute("XA END 'djlink-test'")
+        cur.execute("XA PREPARE 'djlink-test'")
+        cur.execute("XA COMMIT 'djlink-test'")
+        cur.execute(
+            f"INSERT INTO `{site.source_schema}`.`xa` VALUES (2, 2)"
+        )  # the next transaction ends the XA's group
+    conn.close()
+    assert capture.wait(30) == 1
+    assert capture.stderr is not None
+    err = capture.stderr.read()
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "cannot capture XA transactions" in lines[0], err
+    assert "Traceback" not in err, err
+
+
+def test_a_pull_after_an_alter_by_a_session_without_a_default_database_reads_the_new_columns(site: Site) -> None:
+    """DataJoint alters tables as `db`.`table` from a connection with no database selected: the binlog's
+    statement then names no schema, and the snapshot reads must still see the table's new shape."""
+    create_table(site, site.source_schema, "shifting")
+    site.start("capture", "agent")
+    spec = register(site, "shifting")
+    table = f"`{site.source_schema}`.`shifting`"
+    conn = admin(site.env, "SOURCE")  # no default database
+    with conn.cursor() as cur:
+        cur.execute(f"INSERT INTO {table} VALUES (1, 1), (2, 2)")
+    requests = Requests(Settings.from_env(site.pipeline_env()))
+    topic = Topics(site.topic_prefix).table(site.source_schema, "shifting")
+
+    def pull_and_read(key: int) -> dict[str, Any]:
+        replies = requests.ask("PULL", spec, [keycodec.encode({"id": key})], 60)
+        try:
+            assert next(replies)["status"] == "ACCEPTED"
+        finally:
+            replies.close()
+        reads = wait_for(
+            lambda: [e for e in read_topic(site, topic) if e["op"] == "r" and e["after"]["id"] == key],
+            30,
+            f"the snapshot read of {key}",
+        )
+        return dict(reads[0]["after"])
+
+    assert pull_and_read(1) == {"id": 1, "seq": 1}
+    with conn.cursor() as cur:
+        cur.execute(f"ALTER TABLE {table} ADD COLUMN note varchar(8) NOT NULL DEFAULT 'new'")
+    conn.close()
+    assert pull_and_read(2) == {"id": 2, "seq": 2, "note": "new"}
+
+
+def test_rows_logged_before_a_change_of_column_types_replay_with_the_types_they_had(site: Site) -> None:
+    """Same column names, other types: a narrower decimal scale, a column made NOT NULL. Rows logged before the
+    ALTER and replayed after it cannot be encoded with today's table; they keep the shape the binlog gives."""
+    conn = admin(site.env, "SOURCE")
+    table = f"`{site.source_schema}`.`retyped`"
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE `{site.source_schema}`")
+        cur.execute(f"CREATE TABLE {table} (id int NOT NULL PRIMARY KEY, amount decimal(8,4), note varchar(8) NULL)")
+    site.start("agent")
+    register(site, "retyped")
+    capture = site.start("capture")
+    capture.terminate()  # it has checkpointed where it started; what follows is replayed on restart
+    capture.wait(20)
+    with conn.cursor() as cur:
+        cur.execute(f"INSERT INTO {table} VALUES (1, 12.3456, NULL)")
+        cur.execute(f"UPDATE {table} SET note = '' WHERE note IS NULL")
+        cur.execute(f"ALTER TABLE {table} MODIFY amount decimal(8,2), MODIFY note varchar(8) NOT NULL")
+        cur.execute(f"INSERT INTO {table} VALUES (2, 7.5, 'two')")
+    conn.close()
+    site.start("capture")
+    topic = Topics(site.topic_prefix).table(site.source_schema, "retyped")
+    events = wait_for(lambda: (e := read_topic(site, topic)) and len(e) >= 3 and e, 60, "the replayed rows")
+    assert [(e["op"], e["after"]) for e in events] == [
+        ("c", {"id": 1, "amount": Decimal("12.3456"), "note": None}),
+        ("u", {"id": 1, "amount": Decimal("12.3456"), "note": ""}),
+        ("c", {"id": 2, "amount": Decimal("7.50"), "note": "two"}),
+    ]

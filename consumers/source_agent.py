@@ -344,6 +344,23 @@ class SourceAgent:
                     result[keycodec.encode(row, pk)] = row
         return result
 
+    def _source_keys(self, link: LinkSpec, key_texts: Sequence[str]) -> set[str]:
+        """Which of the entities have their master row at the source; locked (shared) until the commit, so
+        that it stays there until the helper rows referencing it are written."""
+        pk = list(link.primary_key)
+        found: set[str] = set()
+        table = f"{quote(link.source_db)}.{quote(link.source_table)}"
+        columns = ", ".join(quote(c) for c in pk)
+        with self._db.cursor() as cur:
+            for start in range(0, len(key_texts), 1000):
+                chunk = [keycodec.decode(k) for k in key_texts[start : start + 1000]]
+                cur.execute(
+                    f"SELECT {columns} FROM {table} WHERE {in_clause(pk, len(chunk))} LOCK IN SHARE MODE",
+                    [k[c] for k in chunk for c in pk],
+                )
+                found.update(keycodec.encode(row, pk) for row in cur.fetchall())
+        return found
+
     def _request(self, rid: str, link: LinkSpec, kind: str, key_texts: list[str]) -> None:
         """A pull or a delete: move each entity's helper row as the seed would, then have them processed.
 
@@ -362,6 +379,14 @@ class SourceAgent:
             moves[decision.action].append(k)
             if decision.action in (Action.REFUSE, Action.REFUSE_AND_PROCESS):
                 refused.append(f"{k}: {decision.reason}")
+        if moves[Action.ACTIVATE]:
+            # Only rows still at the source: one deleted since it was chosen (by a restriction, or by an
+            # auto-pull policy reading its insert) is refused alone, not the whole request with it.
+            present = self._source_keys(link, moves[Action.ACTIVATE])
+            for k in moves[Action.ACTIVATE]:
+                if k not in present:
+                    refused.append(f"{k}: not in {link.source_db}.{link.source_table} (deleted since it was chosen?)")
+            moves[Action.ACTIVATE] = [k for k in moves[Action.ACTIVATE] if k in present]
         if moves[Action.ACTIVATE]:
             cols = pk + list(HELPER_COLUMNS)
             sql = (

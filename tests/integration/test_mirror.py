@@ -132,7 +132,7 @@ def test_a_flag_reaches_the_destination_and_unflagging_is_a_transition(site: Sit
 
 
 def test_an_auto_pull_policy_shares_new_matching_rows_without_a_pull(site: Site, state_db: str) -> None:
-    site.start("capture", "agent")
+    source_site = site.start("capture", "agent")
     site.start("applier", DJLINK_APPLIER_STATE_DB=state_db)
     Source = declare_source(site)  # rows 1..3
     Source.insert1({"recording_id": 4, "subject": "auto", "trace": b"before the policy"})
@@ -164,3 +164,14 @@ def test_an_auto_pull_policy_shares_new_matching_rows_without_a_pull(site: Site,
     assert [r[0] for r in shared()] == [10, 12]
     summary = (Recording().source & {"recording_id": 11}).pull()
     assert summary.pulled == 1
+
+    # A matching row deleted before the agent got to it cannot be shared; it must not hold up the others.
+    source_site.terminate()
+    source_site.wait(20)
+    for i in (20, 21):
+        Source.insert1({"recording_id": i, "subject": "auto", "trace": bytes([i]) * 10})
+    (Source & {"recording_id": 20}).delete_quick()
+    source_site = site.start("capture", "agent")
+    wait_for(lambda: [r[0] for r in shared() if r[1] == "NONE"] == [10, 11, 12, 21], 60, "row 21 shared")
+    assert [r[0] for r in shared()] == [10, 11, 12, 21]
+    assert source_site.poll() is None, "the source site stopped"

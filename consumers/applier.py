@@ -517,6 +517,7 @@ class Applier:
         self._subscribe(registry.links)
         if on_ready:
             on_ready()
+        clean = False
         try:
             while not stop.is_set():
                 late = len(self._subscribed) < len(self._wanted) and time.monotonic() > self._retry_assign_at
@@ -534,12 +535,17 @@ class Applier:
                 self._send_flags()
                 self._store_progress()
                 self._prune()
+            clean = True
         finally:
-            try:
-                self._dead_letters.confirm(10)
-                self._store_progress(force=True)
-            except Exception as exc:
-                log.warning("could not store the final offsets: %s", describe(exc))
+            # Only after a clean stop: leaving on an error, units taken out of the gathering may not have been
+            # applied, and storing offsets past them would lose them. A restart re-reads from the last stored
+            # offsets; what was applied is recognised (claims, source positions) and not applied twice.
+            if clean:
+                try:
+                    self._dead_letters.confirm(10)
+                    self._store_progress(force=True)
+                except Exception as exc:
+                    log.warning("could not store the final offsets: %s", describe(exc))
             self._c.close()
             registry.close()
             self._p.flush(10)

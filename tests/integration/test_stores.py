@@ -307,3 +307,36 @@ def test_filepaths_and_an_s3_destination_and_a_mirrored_part_with_a_new_object(
     assert Path(image).read_bytes() == new_image.read_bytes()
     # Objects of session 2 (not pulled) never left the source.
     assert len(Session.Frame & {"session_id": 2}) == 0
+
+
+def test_an_applier_that_fails_on_a_broken_destination_store_loses_nothing_once_restarted(
+    site: Site, stores: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """An unexpected failure (here the destination store's folder is a file) stops the applier; it must not
+    store offsets past the unit it was applying, so that after a restart the unit is applied."""
+    site.start("capture", "agent")
+    applier_env = {
+        "DJLINK_SOURCE_STORES": json.dumps({"raw": stores["raw"]}),
+        "DJLINK_DEST_STORES": json.dumps({"archive": stores["archive"]}),
+    }
+    applier = site.start("applier", **applier_env)
+    Source, _ = declare_scenario_4(site, tmp_path / "files")
+    site.connect_facade()
+    Recording = linked(site)
+    assert (Recording().source & {"recording_id": 1}).pull().pulled == 1
+
+    # The destination schema's folder in the store becomes a file: copying a new object fails with OSError.
+    folder = Path(stores["archive"]["location"]) / site.dest_schema
+    folder.rename(tmp_path / "saved")
+    folder.write_text("not a folder")
+    image = tmp_path / "files" / "image-1-1.png"
+    image.write_bytes(os.urandom(99))
+    Source.Scan.insert1({"recording_id": 1, "scan": 1, "image": image})  # mirrored: entity 1 is shared
+    assert applier.wait(60) != 0
+
+    folder.unlink()
+    (tmp_path / "saved").rename(folder)
+    site.start("applier", **applier_env)
+    wait_for(lambda: len(Recording.Scan & {"recording_id": 1}) == 2, 60, "the mirrored scan after the restart")
+    fetched = (Recording.Scan & {"recording_id": 1, "scan": 1}).fetch1("image", download_path=tmp_path / "dl")
+    assert Path(fetched).read_bytes() == image.read_bytes()

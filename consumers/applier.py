@@ -686,7 +686,15 @@ class Applier:
             return int(self._c.get_watermark_offsets(TopicPartition(*partition), cached=True)[1])
 
         partitions = [p for p in self._assigned if p[0] in topics]
-        return read_past(partitions, unit.end_ts_ms, self._read_ts, self._consumed, high)
+        # The consumer's position, not the last message read + 1: a transactional partition ends with a commit
+        # marker that is never delivered, and the position moves past it.
+        positions = {
+            (tp.topic, tp.partition): tp.offset
+            for tp in self._c.position([TopicPartition(*p) for p in partitions])
+            if tp.offset >= 0
+        }
+        consumed = {p: max(self._consumed.get(p, 0), positions.get(p, 0)) for p in partitions}
+        return read_past(partitions, unit.end_ts_ms, self._read_ts, consumed, high)
 
     def _note_waiting(self, unit_id: str, unit: PendingUnit) -> None:
         """Say so (once) when the unit every later one waits for has been incomplete for a while."""

@@ -366,3 +366,54 @@ def poison_and_refusal(site: Site, state_db: str, app_user: str, app_pass: str) 
     assert err.count("dead-lettered undecodable message") == len(poison), err  # one line each
     assert err.count("events dead-lettered") == 2, err  # one line per unit: the refused one and the stray
     assert "dropped 1 events of unit" in err and "finished before (applied)" in err, err
+
+
+def test_a_unit_missing_an_event_on_a_quiet_transactional_partition_is_given_up_not_waited_for(
+    site: Site, state_db: str
+) -> None:
+    """A unit whose only event on a table was undecodable waits for it until a newer END and its partition
+    read past it. The capture writes transactionally: the partition then ends with a commit marker, which no
+    consumer receives, so 'read to its end' must count the marker; otherwise every later unit waits."""
+    site.start("capture", "agent")
+    site.start("applier", DJLINK_APPLIER_STATE_DB=state_db)
+    Source = declare_source(site, 1)
+    site.connect_facade()
+
+    @link(site.source_host, site.source_schema, site.helper_schema, "outbound", site.dest_schema)
+    class Recording:
+        pass
+
+    assert (Recording().source & {"recording_id": 1}).pull(timeout=60).pulled == 1
+    settings = Settings.from_env(site.pipeline_env())
+    topics = Topics(site.topic_prefix)
+    part_topic = topics.table(site.source_schema, "recording__channel")
+    # One transaction, as the capture writes them: an undecodable part event and the END of its unit, from two
+    # minutes ago; nothing is written to the part table's topic after it.
+    back = int(time.time() * 1000) - 120_000
+    end = {
+        "status": "END",
+        "id": "0-1-999999999",
+        "event_count": 1,
+        "data_collections": [{"data_collection": f"{site.source_schema}.recording__channel", "event_count": 1}],
+        "ts_ms": back,
+        "request_id": None,
+        "link_id": None,
+    }
+    p = producer(settings, f"{site.tag}-test-tx")
+    p.init_transactions(30)
+    p.begin_transaction()
+    p.produce(part_topic, key=b"poison", value=b"\x01not avro", timestamp=back - 1)
+    p.produce(
+        topics.transaction,
+        key=b"0-1-999999999",
+        value=schemas.Codec().encode(schemas.FIXED["transaction"], end),
+        timestamp=back,
+    )
+    p.commit_transaction(30)
+
+    # A later pull (of a master without parts: nothing new on the part topic) must not wait behind it.
+    Source.insert1({"recording_id": 9, "subject": "no parts", "trace": b"x"})
+    summary = (Recording().source & {"recording_id": 9}).pull(timeout=40)
+    assert summary.pulled == 1, summary
+    decode = [d for d in read_topic(site, topics.dead_letter) if d["stage"] == "decode"]
+    assert [(d["topic"], d["key"]) for d in decode] == [(part_topic, b"poison")]

@@ -91,6 +91,8 @@ class EventDispatcher:
         """Per shape, once: its schemas (published once), its row encoder and its key fields."""
         found = self._by_shape.get(id(shape))
         if found is None or found.shape is not shape:
+            if len(self._by_shape) >= MAX_SHAPE_PAIRS:  # new shape objects come with every table reopen
+                self._by_shape.clear()
             if shape not in self._schemas:  # equal shapes read twice share their schemas
                 kschema = key_schema(shape, self._topics.prefix)
                 vschema = envelope_schema(shape, self._topics.prefix)

@@ -35,6 +35,7 @@ MARKER_INTERVAL_S = 1.0
 # The server sends a heartbeat with its binlog coordinates after this long without events: how soon a
 # snapshot chunk read while the source is idle is placed in the stream (see cdc.placement).
 HEARTBEAT_S = 0.05
+READ_TIMEOUT_S = 30
 
 
 FL_STANDALONE = 1  # MariaDB GTID event flag: the group is one statement without BEGIN/COMMIT (DDL)
@@ -107,6 +108,10 @@ class BinlogSource(threading.Thread):
                 "port": self._db.port,
                 "user": self._db.user,
                 "password": self._db.password,
+                # The server sends a heartbeat every HEARTBEAT_S when idle: silence this long is a dead
+                # connection (the library reconnects), not a quiet source. Without it, a half-open
+                # connection stalls the capture until TCP keepalive gives up, hours later.
+                "read_timeout": READ_TIMEOUT_S,
             },
             server_id=self._server_id,
             blocking=True,
@@ -134,7 +139,13 @@ class BinlogSource(threading.Thread):
         for ev in stream:
             if self._stopping.is_set():
                 return
-            if isinstance(ev, HeartbeatLogEvent):
+            if isinstance(ev, RotateEvent):
+                # A new binlog file (also after a server restart, which numbers its tables anew): table ids
+                # may now name other tables, and a long-lived reader would collect every id MariaDB ever gave
+                # (it gives a new one whenever a table is reopened, e.g. after FLUSH TABLES).
+                stream.table_map.clear()
+                self._tables.clear()
+            elif isinstance(ev, HeartbeatLogEvent):
                 # Sent only when the server has nothing more to send: everything up to here is handed over.
                 if unit is None:
                     self.reached = coordinate(ev.ident.rstrip("\x00"), ev.packet.log_pos)

@@ -435,6 +435,17 @@ def test_savepoints_inside_a_transaction_keep_it_one_unit_and_lose_no_row(site: 
     ends = {t["id"]: t["event_count"] for t in read_topic(site, Topics(site.topic_prefix).transaction)}
     assert (ends[units[0]], ends[units[3]]) == (3, 1)
 
+    # Reopened tables get new binlog table ids, a new binlog file clears the maps: rows still decode.
+    conn = admin(site.env, "SOURCE")
+    with conn.cursor() as cur:
+        cur.execute("FLUSH TABLES")
+        cur.execute(f"INSERT INTO {table} VALUES (7, 7)")
+        cur.execute("FLUSH BINARY LOGS")
+        cur.execute(f"UPDATE {table} SET seq = 8 WHERE id = 7")
+    conn.close()
+    events = wait_for(lambda: (e := read_topic(site, topic)) and len(e) >= 6 and e, 30, "the rows after the flushes")
+    assert [(e["op"], e["after"]) for e in events[4:]] == [("c", {"id": 7, "seq": 7}), ("u", {"id": 7, "seq": 8})]
+
 
 def test_an_xa_transaction_on_a_captured_table_stops_the_capture_with_one_clear_line(site: Site) -> None:
     """Its rows are logged before an XA PREPARE event the binlog library cannot read: refusing beats losing."""

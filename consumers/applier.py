@@ -981,10 +981,16 @@ class Applier:
         if not plans and not offsets:
             return
         claims = [p.unit_id for p in plans if p.gtid is None]
+        attempted: set[str] = set()  # units written by an earlier attempt of this call
 
         def work(cur: Any) -> tuple[dict[str, Finished], list[Plan]]:
-            before = self._store.finished_among(cur, claims) if claims else {}
-            live = [p for p in plans if p.unit_id not in before]
+            finished = self._store.finished_among(cur, claims) if claims else {}
+            # Finished by an earlier attempt whose COMMIT happened but whose answer was lost: ours, and what
+            # they did must still reach memory (entity states, flags, acks), though not be written again.
+            ours = {u for u in finished if u in attempted}
+            before = {u: f for u, f in finished.items() if u not in attempted}
+            live = [p for p in plans if p.unit_id not in finished]
+            attempted.update(p.unit_id for p in live)
             self._store.claim_many(cur, [(p.unit_id, p.link_id, p.ack) for p in live if p.gtid is None])
             try:
                 for kind, (db, table), rows in merged_writes(live):
@@ -1003,7 +1009,7 @@ class Applier:
             self._store.save_positions(cur, {p.gtid[0]: p.unit_id for p in live if p.gtid is not None})
             self._store.save_tracked(cur, {k: row for p in live for k, row in p.tracked.items()})
             self._store.save_offsets(cur, offsets)
-            return before, live
+            return before, [p for p in plans if p.unit_id in ours or p.unit_id not in finished]  # in order
 
         before, live = self._transact(work)
         self._stored.update(offsets)
@@ -1084,6 +1090,9 @@ class Applier:
         A unit finished before (read again) is dropped instead: its events were applied or dead-lettered then.
         """
         outcome = self._transact(partial(self._store.outcome, unit_id=unit_id))
+        gtid = parse_gtid(unit_id)
+        if outcome is None and gtid is not None and gtid[1] <= self._positions.get(gtid[0], -1):
+            outcome = "applied: a later source transaction of its domain was"  # read again after a restart
         if outcome is not None:
             log.info("dropped %d events of unit %s, finished before (%s)", len(unit.events), unit_id, outcome)
             return

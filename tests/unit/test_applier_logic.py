@@ -242,3 +242,76 @@ def test_missing_events_are_given_up_only_once_their_partitions_are_read_past_th
     assert not read_past([a], 1000, {}, {}, lambda p: -1001)
     # A message with the END's own timestamp is not past it (events and END may share a millisecond).
     assert not read_past([b], 1000, {b: 1000}, {b: 20}, ends.__getitem__)
+
+
+class LostCommitStore:
+    """The applier's state tables in memory, as far as `Applier._commit` uses them; what a transaction wrote
+    becomes visible when the connection commits."""
+
+    def __init__(self) -> None:
+        self.claimed: dict[str, bytes | None] = {}
+        self.staged: dict[str, bytes | None] = {}
+
+    def finished_among(self, cur: Any, unit_ids: list[str]) -> dict[str, Any]:
+        from consumers.offsets_store import Finished
+
+        return {u: Finished("applied", self.claimed[u]) for u in unit_ids if u in self.claimed}
+
+    def claim_many(self, cur: Any, units: list[tuple[str, str | None, bytes | None]]) -> None:
+        self.staged.update({u: ack for u, _, ack in units})
+
+    def save_entities(self, cur: Any, states: Any, flags: Any) -> None:
+        pass
+
+    save_positions = save_tracked = save_offsets = lambda self, cur, rows: None
+
+
+class LostCommitConnection:
+    """A destination connection whose first COMMIT succeeds but whose answer never arrives."""
+
+    def __init__(self, store: LostCommitStore) -> None:
+        self.store, self.commits = store, 0
+
+    def ping(self, reconnect: bool) -> None:
+        pass
+
+    def cursor(self) -> Any:
+        import contextlib
+
+        return contextlib.nullcontext(object())
+
+    def commit(self) -> None:
+        self.commits += 1
+        self.store.claimed.update(self.store.staged)
+        self.store.staged = {}
+        if self.commits == 1:
+            raise pymysql.err.OperationalError(2013, "Lost connection to server during query")
+
+    def rollback(self) -> None:
+        self.store.staged = {}
+
+
+def test_a_commit_whose_answer_was_lost_still_updates_what_the_applier_remembers() -> None:
+    """The retry finds the units claimed: by this very commit, so their entity states, flags and acks must
+    reach memory; otherwise the applier would carry on from states the database no longer has."""
+    from consumers.applier import Plan
+    from consumers.entity import EntityState
+
+    applier = Applier.__new__(Applier)
+    store = LostCommitStore()
+    applier._store = store  # type: ignore[assignment]
+    applier._db, applier._stop = LostCommitConnection(store), threading.Event()
+    applier._stored, applier._entities, applier._flag_outbox, applier._positions, applier._outbox = {}, {}, {}, {}, {}
+    applier.units_applied = applier.units_mirrored = applier.units_skipped = 0
+    key = ("link-1", '{"id":1}')
+    plan = Plan("snapshot:1", PendingUnit(), "link-1", None, ack=b"ack")
+    plan.states[key] = EntityState(process="PULL", is_flagged=True, at_destination=True)
+    plan.flags[key] = 1234
+
+    applier._commit([plan], {})
+
+    assert store.claimed == {"snapshot:1": b"ack"}
+    assert applier._entities[key].at_destination
+    assert applier._flag_outbox == {key: 1234}
+    assert applier._outbox == {"snapshot:1": ("link-1", b"ack")}
+    assert (applier.units_applied, applier.units_skipped) == (1, 0)

@@ -103,6 +103,7 @@ T = TypeVar("T")
 PROGRESS_EVERY_S = 1.0  # store offsets that moved without applying anything at most this often
 # Events whose END has not come although an END produced this much later has: their END is lost (strays).
 ORPHAN_AFTER_MS = 30_000
+MAX_COPIED_REMEMBERED = 100_000  # objects known copied (skipped while the destination has them)
 TRANSACTION_FIELDS = frozenset({"status", "id", "data_collections", "request_id", "link_id"})
 ER_NO_SUCH_TABLE = 1146
 # Per processing outcome: whether the entity's rows are at the destination afterwards, and where the ack lists it.
@@ -873,6 +874,8 @@ class Applier:
             target = self._destination_stores[destination]
             done = (destination, link.destination_db, key[2], bytes(tracked.get("contents_hash") or b""))
             if done not in self._copied or not holds(target, tracked, link.destination_db):
+                if len(self._copied) >= MAX_COPIED_REMEMBERED:  # a filepath rewritten again and again
+                    self._copied.clear()
                 copy_object(tracked, self._source_stores[store], db, target, link.destination_db)
                 self._copied.add(done)
                 self.objects_copied += 1
@@ -908,6 +911,8 @@ class Applier:
             k for k in entities if (h := helpers.get(k)) and h["process"] == "PULL" and h["is_flagged"] == "TRUE"
         ]
         present = self._present(link, [k[1] for k in flagged_pulls]) if flagged_pulls else set()
+        # Applied by an earlier unit of this batch, not committed yet: the query cannot see it, the state can.
+        present |= {k[1] for k in flagged_pulls if state(k).at_destination}
         outcomes = {k: decide_process(helpers.get(k), k[1] in present) for k in entities}
         applied: list[tuple[Event, EntityKey, dict[str, Any]]] = []  # the data rows of entities to apply
         for event, _, after in changes:

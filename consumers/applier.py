@@ -1198,7 +1198,7 @@ class Applier:
         first = cutoff(units)
         # Finished units wholly behind the first unfinished one are behind every future cut: forget them.
         for unit_id, unit in list(self._finished.items()):
-            if first is None or (unit.end is not None and unit.end < first):
+            if first is None or unit.end is None or unit.end < first:
                 del self._finished[unit_id]
         return safe_offsets(self._consumed, units)
 

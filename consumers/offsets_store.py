@@ -115,8 +115,10 @@ def safe_offsets(consumed: Mapping[Partition, int], units: Iterable[UnitOffsets]
         return dict(consumed)
     floor: dict[Partition, int] = {}
     for unit in units:
-        if unit.finished and unit.end is not None and unit.end < first:
-            continue  # in the finished prefix
+        if unit.finished and (unit.end is None or unit.end < first):
+            # In the finished prefix; or a finished unit without an END (a stray given up): nothing of it is
+            # on the transaction topic to be met again without its events, so it holds no partition back.
+            continue
         for topic, partition, offset in unit.offsets:
             key = (topic, partition)
             floor[key] = min(offset, floor.get(key, offset))

@@ -51,6 +51,13 @@ def test_units_finished_before_the_first_unfinished_one_do_not_hold() -> None:
     assert safe_offsets({(T, 0): 11, (R, 0): 7}, [done, gathering]) == {(T, 0): 10, (R, 0): 6}
 
 
+def test_a_stray_given_up_holds_no_partition_back() -> None:
+    # Events of a unit whose END never came (R:4), given up; V waits at R:6 with its END at 10.
+    stray = unit(None, (R, 4), finished=True)
+    waiting = unit(10, (R, 6))
+    assert safe_offsets({(T, 0): 11, (R, 0): 8}, [stray, waiting]) == {(T, 0): 10, (R, 0): 6}
+
+
 def test_a_unit_without_its_end_yet_comes_after_every_unit_with_one() -> None:
     done = unit(12, (R, 3), finished=True)
     early = unit(None, (R, 9))

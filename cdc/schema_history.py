@@ -30,24 +30,29 @@ class SchemaHistory:
         self._conn.ping(reconnect=True)
         return self._conn.cursor()
 
+    # The binlog reader's thread forgets shapes (on DDL) while the coordinator's reads them: each method
+    # reads the cache once and returns what it holds itself, never the cache again.
+
     def shape(self, db: str, table: str) -> TableShape:
-        key = (db, table)
-        if key not in self._shapes:
-            self._shapes[key] = self._read(db, table)
-        return self._shapes[key]
+        shape = self._shapes.get((db, table))
+        if shape is None:
+            shape = self._shapes[(db, table)] = self._read(db, table)
+        return shape
 
     def fresh(self, db: str, table: str) -> TableShape:
         """The shape as the server has it now (read again, and cached): for reads that must match the table."""
         shape = self._read(db, table)
-        if self._shapes.get((db, table)) != shape:
-            self._shapes[(db, table)] = shape
-        return self._shapes[(db, table)]
+        cached = self._shapes.get((db, table))
+        if cached is not None and cached == shape:
+            return cached  # the same object as before: what was compiled for it stays valid
+        self._shapes[(db, table)] = shape
+        return shape
 
     def forget(self, db: str | None = None, table: str | None = None) -> None:
         """Drop cached shapes: of one table, of one schema, or (db None) all of them."""
         for key in list(self._shapes):
             if db is None or (key[0] == db and (table is None or key[1] == table)):
-                del self._shapes[key]
+                self._shapes.pop(key, None)
 
     def part_tables(self, db: str, master: str) -> list[str]:
         """DataJoint part tables of a master: `<master>__<part>` in the same schema."""

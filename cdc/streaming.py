@@ -39,6 +39,7 @@ READ_TIMEOUT_S = 30
 
 
 FL_STANDALONE = 1  # MariaDB GTID event flag: the group is one statement without BEGIN/COMMIT (DDL)
+FL_PREPARED_XA = 64  # MariaDB GTID event flag: XA START ... XA PREPARE (its XA COMMIT comes later, apart)
 
 
 class UnsupportedTransaction(Exception):
@@ -136,6 +137,7 @@ class BinlogSource(threading.Thread):
         unit: ChangeUnit | None = None
         domain = 0
         standalone = True  # the current event group has no BEGIN/COMMIT (DDL); set by each GTID event
+        prepared_xa = False  # the current event group is the first half of an XA transaction
         for ev in stream:
             if self._stopping.is_set():
                 return
@@ -145,20 +147,26 @@ class BinlogSource(threading.Thread):
                 # (it gives a new one whenever a table is reopened, e.g. after FLUSH TABLES).
                 stream.table_map.clear()
                 self._tables.clear()
+                # Also what the server sends first after the library reconnects: a transaction cut off by the
+                # lost connection is sent again whole, from the last position handed over.
+                unit = None
             elif isinstance(ev, HeartbeatLogEvent):
                 # Sent only when the server has nothing more to send: everything up to here is handed over.
                 if unit is None:
                     self.reached = coordinate(ev.ident.rstrip("\x00"), ev.packet.log_pos)
             elif isinstance(ev, MariadbGtidEvent):
                 if unit is not None and unit.changes:
-                    # Its group never ended: an XA transaction, whose XA PREPARE event the library cannot read.
-                    raise UnsupportedTransaction(
-                        f"source transaction {unit.id} changed captured tables but did not end with a COMMIT "
-                        "(an XA transaction?): djlink cannot capture XA transactions; commit changes of linked "
-                        f"tables in ordinary transactions, then restart the capture with DJLINK_CAPTURE_START_GTID "
-                        f"after {unit.id} once its rows are dealt with"
-                    )
+                    if prepared_xa:  # its group ends with an XA PREPARE event, which the library cannot read
+                        raise UnsupportedTransaction(
+                            f"source transaction {unit.id} is an XA transaction that changed captured tables: "
+                            "djlink cannot capture XA transactions (XA PREPARE, then XA COMMIT later); change "
+                            "linked tables in ordinary transactions (or XA ... ONE PHASE), then restart the "
+                            f"capture with DJLINK_CAPTURE_START_GTID after {unit.id} once its rows are dealt with"
+                        )
+                    # Not seen before: stop, and be restarted from the last checkpoint rather than lose it.
+                    raise RuntimeError(f"binlog transaction {unit.id} ended without COMMIT or XID")
                 standalone = bool(ev.flags & FL_STANDALONE)
+                prepared_xa = bool(ev.flags & FL_PREPARED_XA)
                 domain = ev.domain_id
                 unit = ChangeUnit(
                     ev.gtid,

@@ -92,7 +92,7 @@ from consumers.offsets_store import (
 from djlink import keys as keycodec
 from djlink.config import ConfigError, Settings
 from djlink.links import LinkRegistry, LinkSpec, destination_name, external_table
-from djlink.stores import ObjectError, StoreError, Stores, copy_object, holds
+from djlink.stores import ObjectError, Store, StoreError, Stores, copy_object, holds
 from djlink.topics import Admin, SchemaTopic, Topics, consumer, now_ms, producer, where
 from schemas.registry import registry_at
 from schemas.tables import EnvelopeReader
@@ -343,6 +343,7 @@ class Applier:
         # (destination store, db, hash, contents hash) of objects this process copied and verified: copied again
         # only when the destination no longer has them (cleaned up there after a delete, say).
         self._copied: set[tuple[str, str, bytes, bytes]] = set()
+        self._checked: set[tuple[str, str, bytes, bytes]] = set()  # of those, found still there in this batch
         self._tracked_overlay: dict[TrackedKey, dict[str, Any] | None] = {}  # of the batch being planned
         self.objects_copied = 0
         self._entities: dict[EntityKey, EntityState] = {}
@@ -744,6 +745,7 @@ class Applier:
         plans: list[Plan] = []
         overlay: dict[EntityKey, EntityState] = {}
         self._tracked_overlay = {}
+        self._checked = set()
         for unit_id, unit in batch:
             end = unit.end
             assert end is not None
@@ -812,7 +814,7 @@ class Applier:
                 assert image is not None
                 plan.tracked[(event.collection.split(".", 1)[0], store, bytes(image["hash"]))] = after
         if link is not None:
-            self._plan_processing(plan, link, changes, helpers, local, state)
+            self._plan_processing(plan, link, changes, helpers, local, state, overlay.get)
         else:
             self._plan_mirroring(plan, changes, state)
         plan.states = local
@@ -873,14 +875,24 @@ class Applier:
             destination = link.destination_store(store)
             target = self._destination_stores[destination]
             done = (destination, link.destination_db, key[2], bytes(tracked.get("contents_hash") or b""))
-            if done not in self._copied or not holds(target, tracked, link.destination_db):
+            if done not in self._copied or (done not in self._checked and not self._still_there(target, tracked, link)):
                 if len(self._copied) >= MAX_COPIED_REMEMBERED:  # a filepath rewritten again and again
                     self._copied.clear()
                 copy_object(tracked, self._source_stores[store], db, target, link.destination_db)
                 self._copied.add(done)
                 self.objects_copied += 1
+            self._checked.add(done)
             found.append((store, tracked))
         return found
+
+    @staticmethod
+    def _still_there(target: Store, tracked: dict[str, Any], link: LinkSpec) -> bool:
+        """Whether the destination store still has an object copied before; when it cannot say, copy again."""
+        try:
+            return holds(target, tracked, link.destination_db)
+        except Exception as exc:
+            log.info("could not look up an object in store '%s' (%s); copying it again", target.name, exc)
+            return False
 
     def _write_objects(self, plan: Plan, link: LinkSpec, collection: str, row: dict[str, Any]) -> None:
         """Copy the objects `row` references, and write their tracking rows at the destination (before it)."""
@@ -900,8 +912,12 @@ class Applier:
         helpers: dict[EntityKey, dict[str, Any] | None],
         local: dict[EntityKey, EntityState],
         state: Callable[[EntityKey], EntityState],
+        in_batch: Callable[[EntityKey], EntityState | None],
     ) -> None:
-        """A processing unit (a pull's or a delete's snapshot read): each entity as its helper row says."""
+        """A processing unit (a pull's or a delete's snapshot read): each entity as its helper row says.
+
+        `in_batch`: an entity's state as an earlier unit of this batch (not committed yet) left it.
+        """
         pk = list(link.primary_key)
         master = f"{link.source_db}.{link.source_table}"
         entities = dict.fromkeys(
@@ -911,8 +927,10 @@ class Applier:
             k for k in entities if (h := helpers.get(k)) and h["process"] == "PULL" and h["is_flagged"] == "TRUE"
         ]
         present = self._present(link, [k[1] for k in flagged_pulls]) if flagged_pulls else set()
-        # Applied by an earlier unit of this batch, not committed yet: the query cannot see it, the state can.
-        present |= {k[1] for k in flagged_pulls if state(k).at_destination}
+        for k in flagged_pulls:  # applied or removed by an earlier unit of this batch: the query cannot see it yet
+            earlier = in_batch(k)
+            if earlier is not None:
+                (present.add if earlier.at_destination else present.discard)(k[1])
         outcomes = {k: decide_process(helpers.get(k), k[1] in present) for k in entities}
         applied: list[tuple[Event, EntityKey, dict[str, Any]]] = []  # the data rows of entities to apply
         for event, _, after in changes:
@@ -1096,8 +1114,11 @@ class Applier:
         """
         outcome = self._transact(partial(self._store.outcome, unit_id=unit_id))
         gtid = parse_gtid(unit_id)
-        if outcome is None and gtid is not None and gtid[1] <= self._positions.get(gtid[0], -1):
-            outcome = "applied: a later source transaction of its domain was"  # read again after a restart
+        applied_after = gtid is not None and gtid[1] <= self._positions.get(gtid[0], -1)
+        if outcome is None and unit.end is not None and applied_after:
+            # Complete, read again after a restart: applied then (the order is strict). A unit whose END never
+            # came is not that: it is dead-lettered below.
+            outcome = "applied: a later source transaction of its domain was"
         if outcome is not None:
             log.info("dropped %d events of unit %s, finished before (%s)", len(unit.events), unit_id, outcome)
             return

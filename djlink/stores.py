@@ -23,19 +23,19 @@ secure); S3 goes through DataJoint's own minio-based client.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import tempfile
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import Any
 
 from datajoint.external import subfold
 
 DEFAULT_SUBFOLDING = (2, 2)  # DataJoint 0.14's default
 CHUNK = 1 << 20  # bytes of an object held in memory at a time while it is copied
+PART = 16 << 20  # bytes of an S3 upload part (minio holds one in memory); S3 wants at least 5 MiB
 
 
 class StoreError(Exception):
@@ -180,31 +180,48 @@ class Store:
             raise StoreError(f"store '{self.name}': cannot look up {path}: {exc}") from None
         return None if stat is None else int(stat.size)
 
-    @contextlib.contextmanager
-    def writer(self, relative: str) -> Iterator[BinaryIO]:
-        """A file to write an object into. The object appears in the store whole, and only if the block ends
-        without an exception: a temporary file renamed (file), or one upload of a spooled file (s3)."""
+    def put_stream(self, relative: str, chunks: Iterable[bytes]) -> None:
+        """Write an object from its bytes as they come. It appears whole, and only if `chunks` ends without
+        an exception: a temporary file renamed (file), or an S3 upload in parts of PART bytes that is
+        completed only after the last chunk (and abandoned when the chunks raise)."""
         path = self._full(relative)
-        if self.protocol == "file":
-            target = Path(path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        else:
-            fd, tmp = tempfile.mkstemp(prefix="djlink-object-")  # on local disk, not in memory
+        if self.protocol == "s3":
+            folder = self._folder()
+            folder.client.put_object(folder.bucket, path, _Reader(iter(chunks)), length=-1, part_size=PART)
+            return
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
         try:
             with os.fdopen(fd, "wb") as f:
-                yield f
-            if self.protocol == "file":
-                os.replace(tmp, path)
-            else:
-                self._folder().fput(tmp, path)
+                for chunk in chunks:
+                    f.write(chunk)
+            os.replace(tmp, target)
         finally:
             Path(tmp).unlink(missing_ok=True)
 
     def put(self, relative: str, content: bytes) -> None:
         """Write an object whole: a reader never sees part of it."""
-        with self.writer(relative) as f:
-            f.write(content)
+        self.put_stream(relative, [content])
+
+
+class _Reader:
+    """A file-like `read(n)` over an iterator of byte strings, as minio's streamed upload wants one."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buffer = bytearray()
+
+    def read(self, size: int = -1) -> bytes:
+        while size < 0 or len(self._buffer) < size:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                break
+            self._buffer += chunk
+        taken = len(self._buffer) if size < 0 else min(size, len(self._buffer))
+        data = bytes(self._buffer[:taken])
+        del self._buffer[:taken]
+        return data
 
 
 class Stores:
@@ -231,19 +248,35 @@ def holds(store: Store, row: Mapping[str, Any], database: str) -> bool:
     return size is not None and (row.get("size") is None or int(row["size"]) == size)
 
 
+def verified(row: Mapping[str, Any], chunks: Iterable[bytes], where: str) -> Iterator[bytes]:
+    """The chunks, checked against the tracking row as they pass: ObjectError at the first byte beyond the
+    tracked size, or at the end when the size or the content hash differs."""
+    check = Check(row)
+    limit = None if row.get("size") is None else int(row["size"])
+    for chunk in chunks:
+        check.update(chunk)
+        if limit is not None and check.size > limit:
+            raise ObjectError(f"{where}: more than the {limit} bytes tracked")
+        yield chunk
+    reason = check.mismatch()
+    if reason is not None:
+        raise ObjectError(f"{where}: {reason}")
+
+
 def copy_object(row: Mapping[str, Any], source: Store, source_db: str, destination: Store, destination_db: str) -> int:
     """Copy the object of tracking row `row` between stores, verified by its content hash before it appears.
 
-    The bytes stream through: memory stays at CHUNK whatever the object's size. Returns the bytes copied.
-    Raises ObjectError (missing or not matching: nothing written) or StoreError.
+    The bytes stream through: memory stays bounded (CHUNK, or one S3 part) whatever the object's size.
+    Returns the bytes copied. Raises ObjectError (missing or not matching: nothing written) or StoreError.
     """
     source_path = relative_path(row, source_db, source.subfolding)
-    check = Check(row)
-    with destination.writer(relative_path(row, destination_db, destination.subfolding)) as out:
-        for chunk in source.chunks(source_path):
-            check.update(chunk)
-            out.write(chunk)
-        reason = check.mismatch()
-        if reason is not None:  # raised inside the writer: the object never appears
-            raise ObjectError(f"{kind(row)} {source_path} in store '{source.name}': {reason}")
-    return check.size
+    copied = 0
+
+    def counted() -> Iterator[bytes]:
+        nonlocal copied
+        for chunk in verified(row, source.chunks(source_path), f"{kind(row)} {source_path} in store '{source.name}'"):
+            copied += len(chunk)
+            yield chunk
+
+    destination.put_stream(relative_path(row, destination_db, destination.subfolding), counted())
+    return copied

@@ -16,7 +16,7 @@ import datajoint as dj
 import pytest
 from datajoint.hash import uuid_from_buffer
 
-from djlink.stores import CHUNK, ObjectError, Store, copy_object, holds, relative_path
+from djlink.stores import CHUNK, PART, ObjectError, Store, copy_object, holds, relative_path
 from link import link
 from tests.conftest import Site, wait_for
 from tests.integration.test_pull import rows
@@ -207,7 +207,7 @@ def test_objects_stream_out_of_s3_and_one_not_matching_its_hash_never_appears(
     cloud = Store("cloud", s3_store)
     copies = Store("copies", {**s3_store, "location": "copies"})
     local = Store("local", {"protocol": "file", "location": str(tmp_path / "local")})
-    content = os.urandom(3 * CHUNK + 5)  # more than one chunk of the response stream
+    content = os.urandom(PART + 3 * CHUNK + 5)  # chunks of the response stream, and two parts of an upload
     row = {"hash": uuid_from_buffer(content).bytes, "size": len(content)}
     with pytest.raises(ObjectError, match="missing in store 'cloud'"):
         copy_object(row, cloud, "src", copies, "dst")
@@ -223,10 +223,14 @@ def test_objects_stream_out_of_s3_and_one_not_matching_its_hash_never_appears(
     wrong = {**row, "hash": uuid_from_buffer(b"something else").bytes}
     cloud.put(relative_path(wrong, "src"), content)  # at the path of a hash its bytes do not have
     for destination in (copies, local):
-        with pytest.raises(ObjectError, match="content hash"):
+        with pytest.raises(ObjectError, match="content hash"):  # found at the end: the part upload is abandoned
             copy_object(wrong, cloud, "src", destination, "dst")
         with pytest.raises(ObjectError, match="missing"):
             destination.get(relative_path(wrong, "dst"))
+    longer = {**row, "size": len(content) - 1}  # found one byte past the tracked size, before the end
+    with pytest.raises(ObjectError, match=f"more than the {len(content) - 1} bytes tracked"):
+        copy_object(longer, cloud, "src", copies, "elsewhere")
+    assert copies.size(relative_path(longer, "elsewhere")) is None
 
 
 def test_filepaths_and_an_s3_destination_and_a_mirrored_part_with_a_new_object(

@@ -24,6 +24,9 @@ def _plain(value: Any) -> Any:
         return _plain(value.bytes)
     if isinstance(value, dt.datetime):
         return value.replace(tzinfo=None).isoformat(sep=" ")
+    if isinstance(value, Decimal) and value.as_tuple().exponent == 0:
+        # A whole number as Avro's decimal gives it (bigint unsigned, decimal(n,0)); DataJoint gives an int.
+        return int(value)
     if isinstance(value, dt.date | dt.time | dt.timedelta | Decimal):
         return str(value)
     if hasattr(value, "item"):  # numpy scalars from DataJoint fetches

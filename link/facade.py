@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -351,14 +352,20 @@ def link(
             return state.pull(spec, list(self.fetch("KEY")), display_progress, timeout)
 
         primary_key = list(source_class.heading.primary_key)
+        uuids = [a for a in primary_key if source_class.heading.attributes[a].uuid]
 
         def flagged(self: Any) -> list[dict[str, Any]]:
             """Primary keys of the entities flagged at the source, read from the helper table now.
 
             Read at the call, from the helper table itself: a flag set before
             the call is always listed. A restriction: `Table() & Table().source.flagged`.
+            Values have the types DataJoint fetches (a `uuid` attribute as a UUID, not its 16 bytes).
             """
-            return state.flagged(primary_key)
+            keys = state.flagged(primary_key)
+            for key in keys:
+                for a in uuids:
+                    key[a] = uuid.UUID(bytes=bytes(key[a]))
+            return keys
 
         members = {"pull": pull, "flagged": property(flagged), "__module__": __name__}
         source_view = type(source_class.__name__, (source_class,), members)

@@ -11,7 +11,7 @@ from typing import Any
 import datajoint as dj
 
 from link import link
-from tests.conftest import Site
+from tests.conftest import Site, admin
 from tests.integration.test_pull import rows
 
 
@@ -154,3 +154,42 @@ def test_auto_increment_and_uuid_attributes_declare_as_at_the_source_and_pull(si
     Animal.insert1({"tag": uuid.uuid4(), "name": "local"})
     assert (Animal & {"name": "local"}).fetch1("animal_id") == 4
     assert isinstance((Animal & {"animal_id": 1}).fetch1("tag"), uuid.UUID)
+
+
+def test_keys_of_unsigned_bigint_and_uuid_pull_flag_and_delete_like_any_other(site: Site) -> None:
+    """Their values come back from Avro and from SQL as other Python types (Decimal, bytes) than DataJoint
+    gives the façade (int, UUID): a pull must still see its entities done, and `flagged` must restrict."""
+    schema = running(site)
+
+    @schema
+    class Probe(dj.Manual):
+        definition = """
+        serial : bigint unsigned
+        lot : uuid
+        ---
+        label : varchar(16)
+        """
+
+    lots = [uuid.uuid4() for _ in range(3)]
+    Probe.insert({"serial": 5_000_000_000 + i, "lot": lot, "label": f"p{i}"} for i, lot in enumerate(lots))
+    site.connect_facade()
+
+    @link(site.source_host, site.source_schema, site.helper_schema, "probe_outbound", site.dest_schema)
+    class Probe:  # type: ignore[no-redef]
+        pass
+
+    summary = Probe().source.pull(timeout=30)
+    assert (summary.pulled, summary.in_flight) == (3, []), summary
+    source = rows(site, "SOURCE", site.source_schema, "probe", "serial")
+    assert rows(site, "DEST", site.dest_schema, "probe", "serial") == source
+
+    conn = admin(site.env, "SOURCE")
+    with conn.cursor() as cur:
+        cur.execute(
+            f"UPDATE `{site.helper_schema}`.probe_outbound SET is_flagged='TRUE' WHERE serial=%s", (5_000_000_000 + 1,)
+        )
+    conn.close()
+    assert Probe().source.flagged == [{"serial": 5_000_000_000 + 1, "lot": lots[1]}]
+    deleted = (Probe() & Probe().source.flagged).delete(timeout=30)
+    assert (deleted.deleted, deleted.in_flight) == (1, []), deleted
+    assert [r[2] for r in rows(site, "DEST", site.dest_schema, "probe", "serial")] == ["p0", "p2"]

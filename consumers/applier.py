@@ -75,6 +75,7 @@ from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Messag
 
 import schemas
 from cdc.snapshot import in_clause, quote
+from consumers.dberrors import describe, is_transient
 from consumers.entity import EntityState, Outcome, decide_process
 from consumers.offsets_store import (
     PRUNE_EVERY_S,
@@ -112,44 +113,12 @@ ACK_FIELD = {Outcome.APPLY: "keys", Outcome.KEEP: "keys", Outcome.REMOVE: "delet
 WAITING_WARN_S = 5.0  # warn when the next unit in order has been incomplete this long
 MAX_BATCH_EVENTS = 20_000  # events per destination transaction, at most (a unit is never split)
 UNKNOWN_SCHEMA_TTL_S = 10.0  # a fingerprint the schema topic lacked is not looked up again this soon
-# Errors of the connection or of concurrency, not of the unit: reconnect and retry, never dead-letter.
-TRANSIENT_ERRORS = frozenset(
-    {
-        1040,  # too many connections
-        1053,  # server shutdown in progress
-        1205,  # lock wait timeout
-        1213,  # deadlock
-        1927,  # connection was killed
-        2002,  # cannot connect (socket)
-        2003,  # cannot connect (TCP)
-        2006,  # server has gone away
-        2013,  # lost connection during query
-        2055,  # lost connection (system error)
-        4031,  # disconnected by the server for inactivity
-    }
-)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether a database error is the connection's (retry) rather than the data's (dead-letter)."""
-    if isinstance(exc, pymysql.err.InterfaceError | ConnectionError | TimeoutError):
-        return True
-    if isinstance(exc, pymysql.err.MySQLError):
-        return bool(exc.args) and exc.args[0] in TRANSIENT_ERRORS
-    return False
 
 
 def kafka_ts(msg: Message) -> int:
     """A message's Kafka timestamp (producer's create time), ms since epoch; 0 when it has none."""
     _kind, ts = msg.timestamp()
     return int(ts) if ts is not None and ts > 0 else 0
-
-
-def describe(exc: BaseException) -> str:
-    """A database error in one line: `(code) message`."""
-    if isinstance(exc, pymysql.err.MySQLError) and len(exc.args) >= 2:
-        return f"({exc.args[0]}) {exc.args[1]}"
-    return f"{type(exc).__name__}: {exc}"
 
 
 def read_past(

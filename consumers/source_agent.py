@@ -25,6 +25,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 import schemas
 from cdc.schema_history import SchemaHistory, UnknownTable
 from cdc.snapshot import in_clause, quote
+from consumers.dberrors import describe, is_transient
 from consumers.entity import NEW_HELPER_ROW, Action, decide_delete, decide_pull
 from djlink import keys as keycodec
 from djlink.config import Settings
@@ -35,6 +36,7 @@ from schemas.tables import EnvelopeReader
 
 log = logging.getLogger(__name__)
 HELPER_COLUMNS = ("process", "is_flagged", "is_deprecated")
+MAX_IDENTIFIER = 64  # characters of a MariaDB schema or table name
 ADOPT_CHUNK_KEYS = 10_000  # keys per snapshot signal when continuing from an existing helper table
 # What a topic created a moment ago answers until its leader is elected and known (not all flagged retriable).
 NEW_TOPIC_ERRORS = frozenset(
@@ -236,6 +238,14 @@ class SourceAgent:
         except Refused as exc:
             self._db.rollback()
             self._reply(rid, "REFUSED", message=str(exc))
+        except pymysql.err.MySQLError as exc:
+            if is_transient(exc):
+                raise  # the connection's fault, not the request's: restarted, the agent reads it again
+            # The request's fault (an identifier too long, a foreign key the server cannot make, a missing
+            # privilege): refused with the server's words, and the agent goes on with the next one.
+            self._db.rollback()
+            self._reply(rid, "REFUSED", message=f"the source server refused it: {describe(exc)}")
+            log.warning("request %s refused by the source server: %s", rid, describe(exc))
 
     def _register(self, requested: LinkSpec, rid: str) -> LinkSpec:
         s = self.settings
@@ -244,6 +254,9 @@ class SourceAgent:
                 f"source schema '{requested.source_db}' is not shared by this source site; "
                 f"its operator can allow it in DJLINK_ALLOWED_SCHEMAS"
             )
+        for what, name in (("helper schema", requested.helper_db), ("helper table", requested.helper_table)):
+            if len(name) > MAX_IDENTIFIER:
+                raise Refused(f"the {what} name '{name}' has {len(name)} characters; MariaDB allows {MAX_IDENTIFIER}")
         self._history.forget(requested.source_db)
         try:
             shape = self._history.shape(requested.source_db, requested.source_table)
@@ -307,13 +320,20 @@ class SourceAgent:
         """Create the helper table as datajoint-link declares it, with its foreign key to the source."""
         with self._db.cursor() as cur:
             cur.execute(
-                "SELECT column_name AS name, column_type AS type, column_comment AS comment "
+                "SELECT column_name AS name, column_type AS type, column_comment AS comment, "
+                "character_set_name AS charset, collation_name AS collation "
                 "FROM information_schema.columns WHERE table_schema=%s AND table_name=%s AND column_key='PRI' "
                 "ORDER BY ordinal_position",
                 (link.source_db, link.source_table),
             )
             pk = cur.fetchall()
-            columns = [f"{quote(c['name'])} {c['type']} NOT NULL COMMENT {self._db.escape(c['comment'])}" for c in pk]
+            # A string key keeps its character set and collation: the foreign key needs them equal.
+            columns = [
+                f"{quote(c['name'])} {c['type']}"
+                + (f" CHARACTER SET {c['charset']} COLLATE {c['collation']}" if c["charset"] else "")
+                + f" NOT NULL COMMENT {self._db.escape(c['comment'])}"
+                for c in pk
+            ]
             names = ", ".join(quote(c["name"]) for c in pk)
             cur.execute(f"CREATE DATABASE IF NOT EXISTS {quote(link.helper_db)}")
             cur.execute(
@@ -327,7 +347,18 @@ class SourceAgent:
                 + " ON UPDATE CASCADE ON DELETE RESTRICT"
                 + ') ENGINE=InnoDB, COMMENT "djlink helper table: sharing state of each entity"'
             )
+            cur.execute(
+                "SELECT column_name AS name FROM information_schema.columns WHERE table_schema=%s AND table_name=%s",
+                (link.helper_db, link.helper_table),
+            )
+            found = {row["name"] for row in cur.fetchall()}
         self._db.commit()
+        lacking = [c for c in [*(c["name"] for c in pk), *HELPER_COLUMNS] if c not in found]
+        if lacking:  # CREATE TABLE IF NOT EXISTS met a table of that name that is something else
+            raise Refused(
+                f"{link.helper_db}.{link.helper_table} exists and is not a helper table of "
+                f"{link.source_db}.{link.source_table} (it lacks {', '.join(lacking)}); name another helper table"
+            )
 
     def _helper_rows(self, link: LinkSpec, key_texts: Sequence[str]) -> dict[str, dict[str, Any]]:
         pk = list(link.primary_key)

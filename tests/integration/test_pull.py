@@ -140,6 +140,37 @@ def test_link_to_a_schema_the_source_site_does_not_allow_is_refused(site: Site) 
             pass
 
 
+def test_a_link_the_source_server_cannot_make_is_refused_and_the_agent_goes_on(site: Site) -> None:
+    agent = site.start("capture", "agent")
+    site.start("applier")
+    declare_source(site)
+    conn = admin(site.env, "SOURCE")
+    with conn.cursor() as cur:  # a table of the helper schema that is not a helper table
+        cur.execute(f"CREATE DATABASE `{site.helper_schema}`")
+        cur.execute(f"CREATE TABLE `{site.helper_schema}`.`notes` (id int PRIMARY KEY, text varchar(8))")
+    conn.close()
+    site.connect_facade()
+    with pytest.raises(LinkError, match=r"the helper table name 'h+' has 70 characters; MariaDB allows 64"):
+
+        @link(site.source_host, site.source_schema, site.helper_schema, "h" * 70, site.dest_schema)
+        class Recording:
+            pass
+
+    with pytest.raises(LinkError, match=r"notes exists and is not a helper table .* lacks recording_id, process"):
+
+        @link(site.source_host, site.source_schema, site.helper_schema, "notes", site.dest_schema)
+        class Recording:  # type: ignore[no-redef]
+            pass
+
+    assert agent.poll() is None, "the source site stopped"
+
+    @link(site.source_host, site.source_schema, site.helper_schema, "outbound", site.dest_schema)
+    class Recording:  # type: ignore[no-redef]
+        pass
+
+    assert (Recording().source & {"recording_id": 1}).pull().pulled == 1
+
+
 def test_pull_of_a_restriction_matching_nothing_says_so(site: Site) -> None:
     _, Recording = linked_recording(site)
 

@@ -193,3 +193,30 @@ def test_keys_of_unsigned_bigint_and_uuid_pull_flag_and_delete_like_any_other(si
     deleted = (Probe() & Probe().source.flagged).delete(timeout=30)
     assert (deleted.deleted, deleted.in_flight) == (1, []), deleted
     assert [r[2] for r in rows(site, "DEST", site.dest_schema, "probe", "serial")] == ["p0", "p2"]
+
+
+def test_a_string_key_in_a_latin1_schema_links_and_pulls(site: Site) -> None:
+    """The helper table (in a utf8mb4 schema) references the key with the source column's character set."""
+    conn = admin(site.env, "SOURCE")
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE `{site.source_schema}` CHARACTER SET latin1")
+    conn.close()
+    schema = running(site)
+
+    @schema
+    class Mouse(dj.Manual):
+        definition = """
+        name : varchar(16)
+        ---
+        weight : float
+        """
+
+    Mouse.insert([{"name": "ada", "weight": 20.5}, {"name": "bö", "weight": 21.0}])
+    site.connect_facade()
+
+    @link(site.source_host, site.source_schema, site.helper_schema, "mouse_outbound", site.dest_schema)
+    class Mouse:  # type: ignore[no-redef]
+        pass
+
+    assert Mouse().source.pull(timeout=30).pulled == 2
+    assert sorted(Mouse().fetch("name")) == ["ada", "bö"]

@@ -30,7 +30,7 @@ from consumers.entity import NEW_HELPER_ROW, Action, decide_delete, decide_pull
 from djlink import keys as keycodec
 from djlink.config import Settings
 from djlink.links import LinkRegistry, LinkSpec
-from djlink.topics import Admin, SchemaTopic, Topics, consumer, now_ms, produce, producer, where
+from djlink.topics import Admin, SchemaTopic, TopicRefused, Topics, consumer, now_ms, produce, producer, where
 from schemas.registry import registry_at
 from schemas.tables import EnvelopeReader
 
@@ -269,8 +269,11 @@ class SourceAgent:
             primary_key=shape.primary_key,
             externals=tuple(self._history.external_columns(requested.source_db, [requested.source_table, *parts])),
         )
+        try:  # the topics first: a link Kafka refuses leaves no helper table behind
+            self._admin.ensure(self.topics.table(db, t) for db, t in link.captured_tables())
+        except TopicRefused as exc:
+            raise Refused(str(exc)) from exc
         self._ensure_helper_table(link)
-        self._admin.ensure(self.topics.table(db, t) for db, t in link.captured_tables())
         self._registry.refresh(0)
         first = link.link_id not in self._registry.links
         if self._registry.links.get(link.link_id) != link:

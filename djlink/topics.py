@@ -79,6 +79,10 @@ class Topics:
         }
 
 
+class TopicRefused(Exception):
+    """Kafka will not create a topic by that name (it collides with another, or is invalid)."""
+
+
 class KafkaUnavailable(Exception):
     """The broker does not answer."""
 
@@ -121,12 +125,19 @@ class Admin:
                 futures = self._admin.create_topics(
                     [NewTopic(n, num_partitions=partitions, replication_factor=1, config=config) for n in create]
                 )
-                for fut in futures.values():
+                for name, fut in futures.items():
                     try:
                         fut.result(timeout=30)
                     except KafkaException as exc:
-                        if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                        error = exc.args[0] if exc.args else None
+                        if not isinstance(error, KafkaError):
                             raise
+                        if error.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                            continue
+                        if error.code() in (KafkaError.TOPIC_EXCEPTION, KafkaError.INVALID_CONFIG):
+                            # e.g. a name that collides with another once '.' and '_' are taken as one
+                            raise TopicRefused(f"Kafka refused the topic {name}: {error.str()}") from None
+                        raise
             self._raise_message_limit([n for n in missing if n in existing])
             self._known.update(missing)
             _wait_for_metadata(self._admin, create)

@@ -531,3 +531,29 @@ def test_rows_logged_before_a_change_of_column_types_replay_with_the_types_they_
         ("u", {"id": 1, "amount": Decimal("12.3456"), "note": ""}),
         ("c", {"id": 2, "amount": Decimal("7.50"), "note": "two"}),
     ]
+
+
+def test_a_link_whose_topic_name_collides_in_kafka_is_refused_and_the_agent_goes_on(site: Site) -> None:
+    """Kafka takes '.' and '_' in topic names as one: `<db>.spike_sorting` and `<db>_spike.sorting` collide."""
+    agent = site.start("agent")
+    other_db = f"{site.source_schema}_spike"
+    create_table(site, site.source_schema, "spike_sorting")
+    create_table(site, other_db, "sorting")
+    conn = admin(site.env, "SOURCE")
+    with conn.cursor() as cur:
+        cur.execute(f"GRANT SELECT, REFERENCES ON `{other_db}`.* TO '{site.link_user}'@'%'")
+    conn.close()
+    try:
+        register(site, "spike_sorting")
+        spec = LinkSpec.new(other_db, "sorting", site.helper_schema, "sorting_helper", site.dest_schema)
+        replies = Requests(Settings.from_env(site.pipeline_env())).ask("REGISTER", spec, [], 60)
+        reply = next(replies)
+        assert reply["status"] == "REFUSED", reply
+        assert f"Kafka refused the topic {Topics(site.topic_prefix).table(other_db, 'sorting')}" in reply["message"]
+        assert "collides" in reply["message"]
+        assert agent.poll() is None, "the agent stopped"
+    finally:
+        conn = admin(site.env, "SOURCE")
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{other_db}`")
+        conn.close()

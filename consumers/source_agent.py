@@ -254,6 +254,15 @@ class SourceAgent:
                 f"source schema '{requested.source_db}' is not shared by this source site; "
                 f"its operator can allow it in DJLINK_ALLOWED_SCHEMAS"
             )
+        self._registry.refresh(0)
+        existing = self._registry.links.get(requested.link_id)
+        ends = (requested.source_db, requested.source_table, requested.destination_db)
+        if existing is not None and (existing.source_db, existing.source_table, existing.destination_db) != ends:
+            raise Refused(
+                f"helper table {requested.link_id} already keeps the state of {existing.source_db}."
+                f"{existing.source_table} for destination schema {existing.destination_db}; name another helper "
+                f"table for {requested.source_db}.{requested.source_table} -> {requested.destination_db}"
+            )
         for what, name in (("helper schema", requested.helper_db), ("helper table", requested.helper_table)):
             if len(name) > MAX_IDENTIFIER:
                 raise Refused(f"the {what} name '{name}' has {len(name)} characters; MariaDB allows {MAX_IDENTIFIER}")

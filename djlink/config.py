@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -96,7 +97,7 @@ class Settings:
         allowed = tuple(p.strip() for p in env.get("DJLINK_ALLOWED_SCHEMAS", "").split(",") if p.strip())
         return cls(
             kafka_bootstrap=env.get("DJLINK_KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
-            topic_prefix=env.get("DJLINK_TOPIC_PREFIX", "djlink"),
+            topic_prefix=_prefix(env.get("DJLINK_TOPIC_PREFIX", "djlink")),
             source=db("SOURCE"),
             destination=db("DEST"),
             allowed_schemas=allowed,
@@ -116,3 +117,13 @@ class Settings:
     def schema_allowed(self, schema: str) -> bool:
         """Whether the source site's allow-list (DJLINK_ALLOWED_SCHEMAS) lets `schema` be shared."""
         return any(fnmatch.fnmatchcase(schema, pattern) for pattern in self.allowed_schemas)
+
+
+def _prefix(value: str) -> str:
+    """DJLINK_TOPIC_PREFIX: letters, digits, '-' and '_' (no '.', which separates it from the table names)."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,100}", value):
+        raise ConfigError(
+            f"DJLINK_TOPIC_PREFIX={value!r}: use 1 to 100 letters, digits, '-' or '_' (no '.', which separates "
+            "the prefix from the schema and table names in topic names)"
+        )
+    return value

@@ -217,7 +217,7 @@ class _Link:
                 if reply["status"] == "REFUSED":
                     raise LinkError(f"the source site refused the {kind.lower()}: {reply['message']}")
                 refused = list(reply["refused"])
-                refused_keys = {r.split(": ", 1)[0] for r in refused}
+                refused_keys = {_key_of(r) for r in refused}
                 if reply["status"] == "ACCEPTED":
                     summary.refused = refused
                     summary.skipped = len(reply["done"])
@@ -225,9 +225,9 @@ class _Link:
                     bar.update(len(texts) - len(waiting))
                 else:
                     done = waiting.intersection(reply["done"])
-                    late = [r for r in refused if r.split(": ", 1)[0] in waiting]
-                    failed = [r for r in reply.get("failed") or [] if r.split(": ", 1)[0] in waiting]
-                    waiting -= done | refused_keys | {r.split(": ", 1)[0] for r in failed}
+                    late = [r for r in refused if _key_of(r) in waiting]
+                    failed = [r for r in reply.get("failed") or [] if _key_of(r) in waiting]
+                    waiting -= done | refused_keys | {_key_of(r) for r in failed}
                     summary.refused += late
                     summary.failed += failed
                     done_count += len(done)
@@ -277,6 +277,14 @@ def _destination_class(name: str, doc: str | None, source_class: Any, stores: di
             },
         )
     return type(name, (dj.Manual,), body)
+
+
+def _key_of(entry: str) -> str:
+    """The key of a '<key>: <reason>' entry: its JSON object, whatever ': ' its strings hold."""
+    try:
+        return entry[: json.JSONDecoder().raw_decode(entry)[1]]
+    except json.JSONDecodeError:
+        return entry.split(": ", 1)[0]
 
 
 ER_DB_CREATE_EXISTS = 1007

@@ -170,6 +170,15 @@ def test_a_link_the_source_server_cannot_make_is_refused_and_the_agent_goes_on(s
 
     assert (Recording().source & {"recording_id": 1}).pull().pulled == 1
 
+    # The same helper table for another destination would mix two links' states: refused, the first one kept.
+    with pytest.raises(LinkError, match=r"helper table \S+ already keeps the state of \S+\.recording"):
+
+        @link(site.source_host, site.source_schema, site.helper_schema, "outbound", f"{site.dest_schema}_b")
+        class Recording:  # type: ignore[no-redef]
+            pass
+
+    assert (Recording().source & {"recording_id": 2}).pull().pulled == 1
+
 
 def test_pull_of_a_restriction_matching_nothing_says_so(site: Site) -> None:
     _, Recording = linked_recording(site)

@@ -322,3 +322,10 @@ def test_a_commit_whose_answer_was_lost_still_updates_what_the_applier_remembers
     assert applier._flag_outbox == {key: 1234}
     assert applier._outbox == {"snapshot:1": ("link-1", b"ack")}
     assert (applier.units_applied, applier.units_skipped) == (1, 0)
+
+
+def test_a_topic_prefix_that_would_blur_topic_names_is_one_clear_error() -> None:
+    for bad in ("lab.a", "", "with space", "a/b"):
+        with pytest.raises(ConfigError, match="DJLINK_TOPIC_PREFIX"):
+            Settings.from_env({"DJLINK_TOPIC_PREFIX": bad})
+    assert Settings.from_env({"DJLINK_TOPIC_PREFIX": "lab-a_2"}).topic_prefix == "lab-a_2"

@@ -52,3 +52,11 @@ def test_whole_decimals_are_ints_as_datajoint_gives_them() -> None:
     assert keys.encode({"serial": Decimal("5000000001")}) == keys.encode({"serial": np.uint64(5000000001)})
     assert keys.encode({"serial": Decimal("5000000001")}) == '{"serial":5000000001}'
     assert keys.encode({"price": Decimal("5.00")}) == '{"price":"5.00"}'  # a scale: as written, both sides
+
+
+def test_the_key_of_a_refused_entry_is_its_json_whatever_its_strings_hold() -> None:
+    from link.facade import _key_of
+
+    key = keys.encode({"run": "run 1: base", "n": 2})
+    assert _key_of(f"{key}: deprecated at the source") == key
+    assert _key_of("not json: reason") == "not json"

@@ -91,8 +91,9 @@ class Capture:
 
     def _initial_snapshot_step(
         self, registry: LinkRegistry, snapshots: SnapshotSource, dispatcher: EventDispatcher
-    ) -> None:
-        """Publish the next chunk of the first link whose initial snapshot is not done (one chunk per call)."""
+    ) -> Held | None:
+        """The next chunk of the first link whose initial snapshot is not done (one chunk per call), to be placed
+        in the stream like a pull's chunk, with the progress record that commits with it."""
         for link in registry.links.values():
             last, done = self._initial.get(link.link_id, (None, False))
             if done or not link.primary_key:
@@ -102,12 +103,12 @@ class Capture:
                 dispatcher.publish([], progress=(link.link_id, last, True))
                 self._initial[link.link_id] = (last, True)
                 log.info("initial snapshot of %s done", link.link_id)
-            else:
-                unit, last = following
-                dispatcher.publish([unit], progress=(link.link_id, last, False))
-                self.metrics.committed([unit], None, False)
-                self._initial[link.link_id] = (last, False)
-            return
+                return None
+            unit, last = following
+            self._initial[link.link_id] = (last, False)
+            at = coordinate(unit.position.file, unit.position.pos)
+            return Held(unit, at, progress=(link.link_id, last, False))
+        return None
 
     def run(self, stop: threading.Event, on_ready: Callable[[], None] | None = None) -> None:
         s = self.settings
@@ -189,14 +190,19 @@ class Capture:
                     if last:
                         reading = None
                 if s.snapshot_mode == "initial" and not held and reading is None and units.qsize() < 100:
-                    self._initial_snapshot_step(registry, snapshots, dispatcher)
+                    initial = self._initial_snapshot_step(registry, snapshots, dispatcher)
+                    if initial is not None:
+                        held.append(initial)
                 reached = binlog.reached  # before taking: every unit up to here is in the queue
                 batch, checkpoint, drained = self._take(units)
-                released = None
+                released = progress = None
                 if held:
+                    waiting = list(held)
                     batch, released = place(held, batch, reached, drained)
-                if batch or checkpoint or released:
-                    dispatcher.publish(batch, checkpoint, consumed=released)
+                    placed = waiting[: len(waiting) - len(held)]  # place() releases from the front
+                    progress = next((h.progress for h in reversed(placed) if h.progress is not None), None)
+                if batch or checkpoint or released or progress:
+                    dispatcher.publish(batch, checkpoint, consumed=released, progress=progress)
                     self.metrics.committed(batch, checkpoint, units.empty())
         finally:
             binlog.stop()

@@ -37,6 +37,7 @@ class Held:
     unit: ChangeUnit
     at: tuple[int, int]
     consumed: Any = None  # the signal's offsets, on the signal's last chunk only
+    progress: Any = None  # an initial snapshot's progress record after this chunk (see EventDispatcher.publish)
 
 
 def ends_at(unit: ChangeUnit) -> tuple[int, int]:

@@ -95,7 +95,11 @@ class SnapshotSource:
             cur.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT")
             cur.execute("SHOW STATUS LIKE 'binlog_snapshot_%'")
             status = {r["Variable_name"].lower(): r["Value"] for r in cur.fetchall()}  # MariaDB says Binlog_...
-            cur.execute("SELECT @@gtid_binlog_pos AS g")
+            # The GTID position at the snapshot's own coordinates (@@gtid_binlog_pos may already be later).
+            cur.execute(
+                "SELECT BINLOG_GTID_POS(%s, %s) AS g",
+                (status.get("binlog_snapshot_file", ""), int(status.get("binlog_snapshot_position", 0) or 0)),
+            )
             gtid = cur.fetchone()["g"] or None
             changes: list[RowChange] = []
             # The tracking rows of the objects the entities reference, then the helper rows, then the data,

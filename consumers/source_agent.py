@@ -373,35 +373,32 @@ class SourceAgent:
             )
 
     def _helper_rows(self, link: LinkSpec, key_texts: Sequence[str]) -> dict[str, dict[str, Any]]:
-        pk = list(link.primary_key)
-        result: dict[str, dict[str, Any]] = {}
-        table = f"{quote(link.helper_db)}.{quote(link.helper_table)}"
-        with self._db.cursor() as cur:
-            for start in range(0, len(key_texts), 1000):
-                chunk = [keycodec.decode(k) for k in key_texts[start : start + 1000]]
-                cur.execute(
-                    f"SELECT * FROM {table} WHERE {in_clause(pk, len(chunk))} FOR UPDATE",
-                    [k[c] for k in chunk for c in pk],
-                )
-                for row in cur.fetchall():
-                    result[keycodec.encode(row, pk)] = row
-        return result
+        """The helper rows of the entities, by key, locked for update until the commit."""
+        rows = self._rows_of(link, f"{quote(link.helper_db)}.{quote(link.helper_table)}", "*", key_texts, "FOR UPDATE")
+        return {keycodec.encode(row, list(link.primary_key)): row for row in rows}
 
     def _source_keys(self, link: LinkSpec, key_texts: Sequence[str]) -> set[str]:
         """Which of the entities have their master row at the source; locked (shared) until the commit, so
         that it stays there until the helper rows referencing it are written."""
         pk = list(link.primary_key)
-        found: set[str] = set()
         table = f"{quote(link.source_db)}.{quote(link.source_table)}"
-        columns = ", ".join(quote(c) for c in pk)
+        rows = self._rows_of(link, table, ", ".join(quote(c) for c in pk), key_texts, "LOCK IN SHARE MODE")
+        return {keycodec.encode(row, pk) for row in rows}
+
+    def _rows_of(
+        self, link: LinkSpec, table: str, columns: str, key_texts: Sequence[str], lock: str
+    ) -> list[dict[str, Any]]:
+        """`columns` of the rows of `table` with the entities' keys, 1,000 keys per SELECT, locked by `lock`."""
+        pk = list(link.primary_key)
+        found: list[dict[str, Any]] = []
         with self._db.cursor() as cur:
             for start in range(0, len(key_texts), 1000):
                 chunk = [keycodec.decode(k) for k in key_texts[start : start + 1000]]
                 cur.execute(
-                    f"SELECT {columns} FROM {table} WHERE {in_clause(pk, len(chunk))} LOCK IN SHARE MODE",
+                    f"SELECT {columns} FROM {table} WHERE {in_clause(pk, len(chunk))} {lock}",
                     [k[c] for k in chunk for c in pk],
                 )
-                found.update(keycodec.encode(row, pk) for row in cur.fetchall())
+                found.extend(cur.fetchall())
         return found
 
     def _request(self, rid: str, link: LinkSpec, kind: str, key_texts: list[str]) -> None:

@@ -5,11 +5,14 @@ one buffered packet read per column; that was more than half of the capture's
 CPU time. Here the event's body is taken in one read and each column is decoded
 by a function chosen once per table map, from the same column metadata. The
 values are exactly the library's, with `cdc.decoders`' TIME(fsp) correction
-(`tests/integration/test_row_decoder.py` compares both on every type), but for
-one quirk of the library: it gives '' for an empty binary value, this b''. Tables
-with a column type this module does not know (SET, BIT, GEOMETRY, MySQL's
-binary JSON, the pre-5.6 temporal formats), or a row image that is not FULL,
-fall back to the library.
+(`tests/integration/test_row_decoder.py` compares both on every type), but where
+the library differs from what the server itself gives (a SELECT, as snapshot
+reads do): an empty binary value is b'' (the library: ''), YEAR 0000 is 0 (1900),
+a SET is its members in definition order ('' when empty; the library: a Python
+set, None), and latin1's five bytes undefined in cp1252 decode to their code
+points (the library fails). Tables with a column type this module does not know
+(BIT, GEOMETRY, MySQL's binary JSON, the pre-5.6 temporal formats), or a row
+image that is not FULL, fall back to the library.
 """
 
 from __future__ import annotations
@@ -48,19 +51,31 @@ def _int24(signed: bool) -> Reader:
     return read
 
 
+def _undefined_as_code_point(error: UnicodeError) -> tuple[str, int]:
+    """MariaDB's latin1 is cp1252 with its five undefined bytes (0x81, 0x8D, 0x8F, 0x90, 0x9D) mapped to the
+    code points of the same number, as the server converts them; Python's cp1252 refuses them."""
+    assert isinstance(error, UnicodeDecodeError)
+    return "".join(chr(c) for c in error.object[error.start : error.end]), error.end
+
+
+codecs.register_error("djlink-latin1", _undefined_as_code_point)
+
+
 def _text(length_size: int, encoding: str | None) -> Reader:
-    """A length-prefixed string: decoded as the library decodes it, or bytes for a binary charset."""
+    """A length-prefixed string: decoded as the server converts it (the library does so too, but for latin1's
+    five undefined bytes, where it fails), or bytes for a binary charset."""
     if encoding is not None:
         try:
             codecs.lookup(encoding)
         except LookupError:  # the library keeps the bytes when Python has no such codec ("binary")
             encoding = None
+    errors = "djlink-latin1" if encoding == "cp1252" else "strict"
 
     def read(b: bytes, p: int) -> tuple[Any, int]:
         end = p + length_size
         n = int.from_bytes(b[p:end], "little")
         value = b[end : end + n]
-        return (value if encoding is None else value.decode(encoding)), end + n
+        return (value if encoding is None else value.decode(encoding, errors)), end + n
 
     return read
 
@@ -134,7 +149,7 @@ def _date(b: bytes, p: int) -> tuple[Any, int]:
 
 
 def _year(b: bytes, p: int) -> tuple[Any, int]:
-    return b[p] + 1900, p + 1
+    return (b[p] + 1900 if b[p] else 0), p + 1  # YEAR 0000 is stored as 0 (the library gives 1900)
 
 
 _COMPRESSED = (0, 1, 1, 2, 2, 3, 3, 4, 4, 4)  # bytes of a group of 0..9 decimal digits
@@ -180,6 +195,17 @@ def _enum(size: int, values: Sequence[Any] | None) -> Reader:
     return read
 
 
+def _set(size: int, values: Sequence[str]) -> Reader:
+    """A SET as MariaDB writes it in text: its members in definition order, comma-separated; '' when empty
+    (the library gives a Python set, None when empty)."""
+
+    def read(b: bytes, p: int) -> tuple[Any, int]:
+        bits = int.from_bytes(b[p : p + size], "little")
+        return ",".join(v for i, v in enumerate(values) if bits >> i & 1), p + size
+
+    return read
+
+
 def _reader(column: Any) -> Reader | None:
     """The reader of one column from its table-map metadata, None for a type left to the library."""
     t, unsigned = column.type, column.unsigned
@@ -215,6 +241,8 @@ def _reader(column: Any) -> Reader | None:
         return _year
     if t == FIELD_TYPE.ENUM:
         return _enum(column.size, column.enum_values)
+    if t == FIELD_TYPE.SET and column.set_values:
+        return _set(column.size, column.set_values)
     return None
 
 

@@ -246,3 +246,33 @@ def test_compiled_row_reader_decodes_exactly_what_the_library_decodes(
     assert not differences, differences[:10]
     nulls = sum(1 for _, _, after in library if after for v in after.values() if v is None)
     assert nulls > 0, "NULLs were among the decoded values"
+
+
+def test_where_the_library_differs_from_the_server_the_reader_gives_what_a_select_gives(
+    services_env: dict[str, str], source_db: str
+) -> None:
+    """Snapshot reads (a SELECT) and the binlog must give the same values: a SET in definition order and ''
+    when empty (the library: a Python set, None), YEAR 0000 (the library: 1900), latin1's five bytes that
+    cp1252 leaves undefined (the library: UnicodeDecodeError, which stopped the capture)."""
+    db = source_db
+    conn = admin(services_env, "SOURCE", charset="utf8mb4")
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE `{db}` CHARACTER SET utf8mb4")
+        cur.execute(
+            f"CREATE TABLE `{db}`.w (id int PRIMARY KEY, s set('b','a','c') NOT NULL, y year NULL, "
+            "l varchar(12) CHARACTER SET latin1 NULL)"
+        )
+        start = gtid_pos(conn)
+        cur.execute(
+            f"INSERT INTO `{db}`.w VALUES (1, 'a,b', 0, _latin1 X'818D8F909D41E9'), (2, '', 2024, 'plain'), "
+            "(3, 'c,a,b', NULL, NULL)"
+        )
+        cur.execute(f"SELECT id, s, y, l FROM `{db}`.w ORDER BY id")
+        selected = {r[0]: {"id": r[0], "s": r[1], "y": r[2], "l": r[3]} for r in cur.fetchall()}
+        end = gtid_pos(conn)
+    conn.close()
+
+    decoded = {after["id"]: after for _, _, after in read_range(services_env, start, end, db, compiled=True) if after}
+    assert decoded == selected
+    assert selected[1] == {"id": 1, "s": "b,a", "y": 0, "l": "\x81\x8d\x8f\x90\x9dAé"}
+    assert selected[2]["s"] == "" and selected[3]["s"] == "b,a,c"

@@ -214,6 +214,7 @@ class Plan:
     flags: dict[EntityKey, int] = field(default_factory=dict)  # flag changed -> source commit ms
     tracked: dict[TrackedKey, dict[str, Any] | None] = field(default_factory=dict)  # `~external` rows captured
     ack: bytes | None = None
+    entities: list[EntityKey] = field(default_factory=list)  # a processing unit's entities
 
     def write(self, kind: str, target: Target, row: dict[str, Any]) -> None:
         """Add a row; consecutive rows of one kind, table and shape share one statement."""
@@ -313,6 +314,7 @@ class Applier:
         # only when the destination no longer has them (cleaned up there after a delete, say).
         self._copied: set[tuple[str, str, bytes, bytes]] = set()
         self._checked: set[tuple[str, str, bytes, bytes]] = set()  # of those, found still there in this batch
+        self._exclusions: dict[str, dict[EntityKey, str]] = {}  # unit -> entities left out of its plan, and why
         self._tracked_overlay: dict[TrackedKey, dict[str, Any] | None] = {}  # of the batch being planned
         self.objects_copied = 0
         self._entities: dict[EntityKey, EntityState] = {}
@@ -352,7 +354,7 @@ class Applier:
             init_command="SET time_zone='+00:00'",
         )
 
-    def _transact(self, work: Callable[[Any], T]) -> T:
+    def _transact(self, work: Callable[[Any], T], commit: bool = True) -> T:
         """Run `work(cursor)` as one destination transaction; on a lost connection reconnect and run it again.
 
         A COMMIT whose connection drops may or may not have happened: the
@@ -365,7 +367,10 @@ class Applier:
                 self._db.ping(reconnect=True)
                 with self._db.cursor() as cur:
                     result = work(cur)
-                self._db.commit()
+                if commit:
+                    self._db.commit()
+                else:  # a trial: nothing of it stays
+                    self._db.rollback()
                 return result
             except BaseException as exc:
                 self._rollback()
@@ -698,7 +703,7 @@ class Applier:
             return
         except Unappliable as exc:
             if len(batch) == 1:
-                self._give_up(batch[0][0], batch[0][1], plans[0].link_id if plans else None, str(exc))
+                self._settle(batch[0][0], batch[0][1], plans, exc, registry, store_offsets=True)
                 return
             log.info("a batch of %d units was refused (%s); applying them one by one", len(batch), exc)
         for unit_id, unit in batch:
@@ -706,8 +711,61 @@ class Applier:
             try:
                 self._commit(plans, {})
             except Unappliable as exc:
-                self._give_up(unit_id, unit, plans[0].link_id if plans else None, str(exc), store_offsets=False)
+                self._settle(unit_id, unit, plans, exc, registry, store_offsets=False)
         self._store_progress(force=True)
+
+    def _settle(
+        self,
+        unit_id: str,
+        unit: PendingUnit,
+        plans: list[Plan],
+        refusal: Unappliable,
+        registry: LinkRegistry,
+        store_offsets: bool,
+    ) -> None:
+        """A unit the destination refused. A pull's or delete's, when only some of its entities are refused, is
+        applied without them (they are acknowledged as failed, with the reason, and stay as they were: pulling
+        again retries them); any other is dead-lettered whole."""
+        plan = plans[0] if plans else None
+        if plan is not None and plan.link_id is not None and len(plan.entities) > 1:
+            refused = self._refused_entities(unit_id, unit, registry, plan.entities)
+            if refused and len(refused) < len(plan.entities):
+                log.warning(
+                    "unit %s: the destination refuses %d of its entities; applying the others", unit_id, len(refused)
+                )
+                self._exclusions[unit_id] = refused
+                try:
+                    offsets = changed(self._safe_offsets(), self._stored) if store_offsets else {}
+                    self._commit(self._plan_all([(unit_id, unit)], registry), offsets)
+                    return
+                except Unappliable as exc:
+                    refusal = exc
+                finally:
+                    self._exclusions.pop(unit_id, None)
+        self._give_up(unit_id, unit, plan.link_id if plan else None, str(refusal), store_offsets=store_offsets)
+
+    def _refused_entities(
+        self, unit_id: str, unit: PendingUnit, registry: LinkRegistry, entities: list[EntityKey]
+    ) -> dict[EntityKey, str]:
+        """Which entities of a unit the destination refuses, each tried alone in a transaction rolled back."""
+        refused: dict[EntityKey, str] = {}
+        for entity in entities:
+            self._exclusions[unit_id] = {e: "" for e in entities if e != entity}
+            try:
+                reason = self._transact(partial(self._try_writes, self._plan_all([(unit_id, unit)], registry)), False)
+            finally:
+                self._exclusions.pop(unit_id, None)
+            if reason is not None:
+                refused[entity] = f"the destination refused it: {reason}"
+        return refused
+
+    def _try_writes(self, plans: list[Plan], cur: Any) -> str | None:
+        """The plans' writes, or why the destination refuses them (the caller rolls them back)."""
+        try:
+            self._write(cur, plans)
+        except Unappliable as exc:
+            return describe(exc.__cause__) if exc.__cause__ is not None else str(exc)
+        return None
 
     def _plan_all(self, batch: list[tuple[str, PendingUnit]], registry: LinkRegistry) -> list[Plan]:
         """The plans of units with something to do; units that cannot be converted are given up."""
@@ -892,6 +950,7 @@ class Applier:
         entities = dict.fromkeys(
             [*helpers, *((link.link_id, keycodec.encode(a, pk)) for e, _, a in changes if e.collection == master and a)]
         )
+        plan.entities = list(entities)
         flagged_pulls = [
             k for k in entities if (h := helpers.get(k)) and h["process"] == "PULL" and h["is_flagged"] == "TRUE"
         ]
@@ -910,7 +969,7 @@ class Applier:
                 applied.append((event, key, after))
         # The objects first, entity by entity: one missing or not matching its hash keeps its entity out.
         objects: dict[int, list[tuple[str, dict[str, Any]]]] = {}
-        failed: dict[EntityKey, str] = {}
+        failed: dict[EntityKey, str] = dict(self._exclusions.get(plan.unit_id, {}))  # refused before (`_settle`)
         for i, (event, key, after) in enumerate(applied):
             if key in failed:
                 continue
@@ -984,18 +1043,7 @@ class Applier:
             live = [p for p in plans if p.unit_id not in finished]
             attempted.update(p.unit_id for p in live)
             self._store.claim_many(cur, [(p.unit_id, p.link_id, p.ack) for p in live if p.gtid is None])
-            try:
-                for kind, (db, table), rows in merged_writes(live):
-                    if kind == "upsert":
-                        self._upsert(cur, db, table, rows)
-                    elif kind == "delete":
-                        self._delete(cur, db, table, rows)
-                    else:
-                        self._rekey(cur, db, table, rows)
-            except pymysql.err.MySQLError as exc:
-                if is_transient(exc):
-                    raise
-                raise Unappliable(f"destination refused the unit: {describe(exc)}") from exc
+            self._write(cur, live)
             states = {k: s for p in live for k, s in p.states.items()}
             self._store.save_entities(cur, states, [k for p in live for k in p.flags])
             self._store.save_positions(cur, {p.gtid[0]: p.unit_id for p in live if p.gtid is not None})
@@ -1027,6 +1075,21 @@ class Applier:
             link_id = next(p.link_id for p in plans if p.unit_id == unit_id)
             if finished.pending_ack is not None and link_id is not None:
                 self._outbox[unit_id] = (link_id, finished.pending_ack)
+
+    def _write(self, cur: Any, plans: list[Plan]) -> None:
+        """The plans' rows; Unappliable when the destination refuses them (not for the connection's faults)."""
+        try:
+            for kind, (db, table), rows in merged_writes(plans):
+                if kind == "upsert":
+                    self._upsert(cur, db, table, rows)
+                elif kind == "delete":
+                    self._delete(cur, db, table, rows)
+                else:
+                    self._rekey(cur, db, table, rows)
+        except pymysql.err.MySQLError as exc:
+            if is_transient(exc):
+                raise
+            raise Unappliable(f"destination refused the unit: {describe(exc)}") from exc
 
     def _key_columns(self, event: Event) -> list[str]:
         """The primary key columns of an event's table, from its Kafka key's schema."""

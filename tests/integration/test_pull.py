@@ -259,3 +259,32 @@ def test_a_pull_that_times_out_says_what_is_in_flight_and_pulling_again_complete
     )
     parts = rows(site, "DEST", site.dest_schema, "recording__channel", "recording_id, channel")
     assert parts == rows(site, "SOURCE", site.source_schema, "recording__channel", "recording_id, channel")[:6]
+
+
+def test_an_entity_the_destination_refuses_fails_alone_and_the_others_of_its_chunk_arrive(site: Site) -> None:
+    """One row of a pull that the destination cannot store (its column is narrower there) fails that entity,
+    with the destination's reason, and not the chunk: the others arrive, and it stays Activated."""
+    Source, Recording = linked_recording(site, n=3)
+    Source.insert1({"recording_id": 7, "subject": "a subject far too long for it", "trace": b"x"})
+    dest = admin(site.env, "DEST")
+    with dest.cursor() as cur:
+        cur.execute(f"ALTER TABLE `{site.dest_schema}`.`recording` MODIFY subject varchar(12) NOT NULL")
+    summary = (Recording().source & [{"recording_id": i} for i in (1, 2, 7)]).pull(timeout=60)
+    assert summary.pulled == 2, summary
+    [failure] = summary.failed
+    assert failure.startswith('{"recording_id":7}: the destination refused it: (1406) Data too long'), failure
+    assert [r[0] for r in rows(site, "DEST", site.dest_schema, "recording", "recording_id")] == [1, 2]
+    assert [r[0] for r in rows(site, "DEST", site.dest_schema, "recording__channel", "recording_id")] == [1] * 3 + [
+        2
+    ] * 3
+    assert rows(site, "SOURCE", site.helper_schema, "outbound", "recording_id") == [
+        (1, "NONE", "FALSE", "FALSE"),
+        (2, "NONE", "FALSE", "FALSE"),
+        (7, "PULL", "FALSE", "FALSE"),
+    ]
+    # Once the destination takes it, pulling again completes it.
+    with dest.cursor() as cur:
+        cur.execute(f"ALTER TABLE `{site.dest_schema}`.`recording` MODIFY subject varchar(32) NOT NULL")
+    dest.close()
+    again = (Recording().source & {"recording_id": 7}).pull(timeout=60)
+    assert (again.pulled, again.failed) == (1, []), again

@@ -6,7 +6,8 @@ This machine has no Docker, so this module runs them as plain local processes:
 
 - source MariaDB: its own datadir, ``log_bin`` with ``binlog_format=ROW``,
   ``binlog_row_image=FULL``, ``binlog_row_metadata=FULL`` (without it the
-  binlog reader cannot name columns), ``server_id=1``, ``gtid_domain_id=0``;
+  binlog reader cannot name columns), ``server_id=1``, ``gtid_domain_id=0``,
+  binlog files purged after a day;
 - destination MariaDB: a second ``mariadbd`` with ``server_id=2``, no binlog;
 - Kafka: one KRaft node (broker and controller) from the Maven Central jars of
   ``org.apache.kafka:kafka_2.13`` (see ``djlink/kafka/pom.xml``), with
@@ -85,6 +86,7 @@ REGISTRY_START_TIMEOUT = 120.0
 REGISTRY = "registry"
 REGISTRY_LABEL = "schema registry"
 STOP_TIMEOUT = 30.0
+BINLOG_KEEP_S = 86_400  # the local source server purges binlog files older than this
 POLL_INTERVAL = 0.2
 SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes; stay clear of it
 
@@ -488,6 +490,10 @@ def _mariadb_argv(mariadbd: str, sd: Path, db: _MariaDB, port: int) -> list[str]
             "--binlog-format=ROW",
             "--binlog-row-image=FULL",
             "--binlog-row-metadata=FULL",
+            # Tests and benchmarks write gigabytes of binlog; a day of it is plenty for a development source
+            # (a capture stopped longer than that starts again from DJLINK_CAPTURE_START_GTID or the end).
+            f"--binlog-expire-logs-seconds={BINLOG_KEEP_S}",
+            "--max-binlog-size=256M",
         ]
     return argv
 

@@ -64,11 +64,15 @@ def test_up_again_starts_no_second_set_and_every_command_agrees_where_they_are(s
     for side, binlog in (("SOURCE", "ON"), ("DEST", "OFF")):
         conn = services.admin_connection(services_env, side)
         with conn.cursor() as cur:
-            cur.execute("SELECT @@log_bin, @@binlog_format, @@binlog_row_image, @@binlog_row_metadata, @@server_id")
-            log_bin, fmt, image, metadata, server_id = cur.fetchone()
+            cur.execute(
+                "SELECT @@log_bin, @@binlog_format, @@binlog_row_image, @@binlog_row_metadata, @@server_id, "
+                "@@binlog_expire_logs_seconds"
+            )
+            log_bin, fmt, image, metadata, server_id, keep = cur.fetchone()
         conn.close()
         assert ("ON" if log_bin else "OFF") == binlog, side
         if side == "SOURCE":
             assert (fmt, image, metadata, server_id) == ("ROW", "FULL", "FULL", 1)
+            assert keep == services.BINLOG_KEEP_S  # tests and benchmarks must not fill the disk with binlog
         else:
             assert server_id == 2

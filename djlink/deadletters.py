@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import schemas
+from consumers.offsets_store import parse_gtid
 from djlink.config import Settings
 from djlink.topics import Topics, read_to_end
 
@@ -35,8 +36,7 @@ def kind(unit_id: str | None) -> str:
     """'decode' (a message without a unit), 'transaction' (a source transaction, GTID `d-s-n`) or 'snapshot'."""
     if unit_id is None:
         return "decode"
-    parts = unit_id.split("-")
-    return "transaction" if len(parts) == 3 and all(p.isdigit() for p in parts) else "snapshot"
+    return "transaction" if parse_gtid(unit_id) is not None else "snapshot"
 
 
 @dataclass

@@ -248,11 +248,11 @@ def holds(store: Store, row: Mapping[str, Any], database: str) -> bool:
     return size is not None and (row.get("size") is None or int(row["size"]) == size)
 
 
-def verified(row: Mapping[str, Any], chunks: Iterable[bytes], where: str) -> Iterator[bytes]:
-    """The chunks, checked against the tracking row as they pass: ObjectError at the first byte beyond the
-    tracked size, or at the end when the size or the content hash differs."""
-    check = Check(row)
-    limit = None if row.get("size") is None else int(row["size"])
+def verified(check: Check, chunks: Iterable[bytes], where: str) -> Iterator[bytes]:
+    """The chunks, counted and checked against `check`'s tracking row as they pass: ObjectError at the first
+    byte beyond the tracked size, or at the end when the size or the content hash differs."""
+    size = check.row.get("size")
+    limit = None if size is None else int(size)
     for chunk in chunks:
         check.update(chunk)
         if limit is not None and check.size > limit:
@@ -270,13 +270,9 @@ def copy_object(row: Mapping[str, Any], source: Store, source_db: str, destinati
     Returns the bytes copied. Raises ObjectError (missing or not matching: nothing written) or StoreError.
     """
     source_path = relative_path(row, source_db, source.subfolding)
-    copied = 0
-
-    def counted() -> Iterator[bytes]:
-        nonlocal copied
-        for chunk in verified(row, source.chunks(source_path), f"{kind(row)} {source_path} in store '{source.name}'"):
-            copied += len(chunk)
-            yield chunk
-
-    destination.put_stream(relative_path(row, destination_db, destination.subfolding), counted())
-    return copied
+    check = Check(row)
+    where = f"{kind(row)} {source_path} in store '{source.name}'"
+    destination.put_stream(
+        relative_path(row, destination_db, destination.subfolding), verified(check, source.chunks(source_path), where)
+    )
+    return check.size

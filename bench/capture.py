@@ -23,7 +23,7 @@
 5. Prints both figures and their ratio (the issue's target: >= 0.8), then
    drops the schemas and the benchmark's topics (unless --keep).
 
-Timing is printed, never asserted. Services come from `djlink.services`
+Timing is printed, never asserted. Services come from `devtools.services`
 (started when not running), so the source user is root.
 """
 
@@ -60,10 +60,10 @@ from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, Write
 import schemas
 from bench.common import ROOT, cleanup, connect, say, services_env
 from cdc.rows import RowReader, decode_rows
-from djlink.config import Settings
-from djlink.links import LinkSpec
-from djlink.services import binlog_settings
-from djlink.topics import Admin, Topics, produce, producer
+from devtools.services import binlog_settings
+from foundation.config import Settings
+from foundation.links import LinkSpec
+from foundation.topics import Admin, Topics, produce, producer
 
 TABLE = "recording"
 OWN_DECODE = "djlink's own decode (freeze_schema + cdc.rows, no Kafka)"

@@ -11,9 +11,9 @@ from typing import Any
 
 import datajoint as dj
 
-from djlink import services
+from devtools import services
 from djlink.process import NotReady, start_roles
-from djlink.topics import delete_prefixed
+from foundation.topics import delete_prefixed
 
 ROOT = Path(__file__).resolve().parent.parent
 

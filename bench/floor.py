@@ -32,8 +32,8 @@ import fastavro
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from djlink.services import admin_connection as connect
-from djlink.services import load_env
+from devtools.services import admin_connection as connect
+from devtools.services import load_env
 
 ROOT = Path(__file__).resolve().parent.parent  # not bench.common's: it imports DataJoint, slow to start
 CHUNK = 500
@@ -205,7 +205,7 @@ def main(argv: list[str]) -> int:
         return 2
     env = load_env()
     if env is None:
-        print("the local services are not running: python -m djlink.services up", file=sys.stderr)
+        print("the local services are not running: python -m devtools.services up", file=sys.stderr)
         return 1
     print(json.dumps(run(env, argv[0], argv[1], int(argv[2]))))
     return 0

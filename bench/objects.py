@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from djlink.stores import CHUNK, ObjectError, Store, copy_object, mismatch, relative_path
+from foundation.stores import CHUNK, ObjectError, Store, copy_object, mismatch, relative_path
 
 
 def whole(row: dict[str, object], source: Store, destination: Store) -> int:

@@ -35,9 +35,9 @@ import threading
 import time
 from typing import Any
 
-from djlink.cli import Role, run_roles
-from djlink.config import Settings
+from djlink.run import Role, run_roles
 from djlink.process import READY
+from foundation.config import Settings
 
 _profiles: list[tuple[str, cProfile.Profile]] = []
 _cpu: dict[str, float] = {}

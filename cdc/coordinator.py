@@ -15,7 +15,6 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import pymysql
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 import schemas
@@ -25,12 +24,13 @@ from cdc.events import ChangeUnit
 from cdc.metrics import CaptureMetrics
 from cdc.offsets import Checkpoint, OffsetContext
 from cdc.placement import Held, coordinate, place
-from cdc.schema_history import SchemaHistory
 from cdc.snapshot import SnapshotSource
 from cdc.streaming import BinlogSource, StreamFailed
-from djlink.config import Settings
-from djlink.links import LinkRegistry, LinkSpec
-from djlink.topics import Admin, SchemaTopic, Topics, consumer, producer, where
+from cdc.table_shapes import TableShapes
+from foundation.catalog import Catalog
+from foundation.config import Settings
+from foundation.links import LinkRegistry, LinkSpec
+from foundation.topics import Admin, SchemaTopic, Topics, consumer, producer, where
 from schemas.registry import registry_at
 
 log = logging.getLogger(__name__)
@@ -44,14 +44,12 @@ class Capture:
         self.settings = settings
         self.topics = Topics(settings.topic_prefix)
         self._captured: frozenset[tuple[str, str]] = frozenset()
-        self._history = SchemaHistory(self._connect)
+        self._shapes = TableShapes(Catalog(self._connect))
         self.metrics = CaptureMetrics()
         self.report_host = f"djlink-{self.topics.prefix}"[:60]  # how SHOW SLAVE HOSTS names this capture
 
     def _connect(self, **extra: Any) -> Any:
-        return pymysql.connect(
-            **self.settings.source.connect_args(), charset="utf8mb4", init_command="SET time_zone='+00:00'", **extra
-        )
+        return self.settings.source.connect(utc=True, **extra)
 
     def _is_captured(self, db: str, table: str) -> bool:
         return (db, table) in self._captured
@@ -65,7 +63,7 @@ class Capture:
     def _on_ddl(self, db: str, query: str) -> None:
         # Not only `db`: that is the session's default database, and DataJoint alters `db`.`table` from a
         # session with none. DDL is rare; every shape is read again when next needed.
-        self._history.forget()
+        self._shapes.forget()
 
     @staticmethod
     def _take(units: queue.Queue[Any]) -> tuple[list[ChangeUnit], Checkpoint | None, bool]:
@@ -132,7 +130,7 @@ class Capture:
         offsets = OffsetContext(s, self.topics, name)
         schema_registry = registry_at(s.schema_registry_url)
         dispatcher = EventDispatcher(
-            p, self.topics, admin, self._history, SchemaTopic(s, self.topics), offsets, schema_registry
+            p, self.topics, admin, self._shapes, SchemaTopic(s, self.topics), offsets, schema_registry
         )
         checkpoint = offsets.load()
         if checkpoint is None:
@@ -141,7 +139,7 @@ class Capture:
             dispatcher.publish([], checkpoint)
         log.info("capture resumes at GTID position %r", checkpoint.gtid_position)
         self._initial = offsets.load_snapshots() if s.snapshot_mode == "initial" else {}
-        snapshots = SnapshotSource(self._connect, self._history, s.capture_server_id, s.snapshot_chunk_size)
+        snapshots = SnapshotSource(self._connect, self._shapes, s.capture_server_id, s.snapshot_chunk_size)
 
         units: queue.Queue[Any] = queue.Queue(maxsize=1000)
         binlog = BinlogSource(
@@ -209,4 +207,4 @@ class Capture:
             signals.close()
             registry.close()
             p.flush(10)
-            self._history.close()
+            self._shapes.close()

@@ -21,8 +21,8 @@ from confluent_kafka import KafkaException, Producer, TopicPartition
 import schemas
 from cdc.events import ChangeUnit, RowChange
 from cdc.offsets import Checkpoint, OffsetContext
-from cdc.schema_history import SchemaHistory
-from djlink.topics import Admin, SchemaTopic, Topics, now_ms, produce
+from cdc.table_shapes import TableShapes
+from foundation.topics import Admin, SchemaTopic, Topics, now_ms, produce
 from schemas import FIXED
 from schemas.registry import Registry
 from schemas.tables import RowEncoder, TableShape, envelope_schema, key_schema, row_record_name
@@ -69,7 +69,7 @@ class EventDispatcher:
         producer: Producer,
         topics: Topics,
         admin: Admin,
-        history: SchemaHistory,
+        shapes: TableShapes,
         schema_topic: SchemaTopic,
         offsets: OffsetContext,
         registry: Registry | None = None,
@@ -78,7 +78,7 @@ class EventDispatcher:
         self._offsets = offsets
         self._topics = topics
         self._admin = admin
-        self._history = history
+        self._shapes = shapes
         self._schema_topic = schema_topic
         self._codec = schemas.Codec(registry=registry)
         self._schemas: dict[TableShape, _Compiled] = {}
@@ -140,7 +140,7 @@ class EventDispatcher:
 
     def _shape(self, change: RowChange) -> TableShape:
         """The current shape from INFORMATION_SCHEMA, unless the binlog event says the row had another one."""
-        shape = self._history.shape(change.db, change.table)
+        shape = self._shapes.shape(change.db, change.table)
         described = change.binlog_shape
         if described is None or described is shape:
             return shape

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from confluent_kafka import Producer
 
 import schemas
-from djlink.config import Settings
-from djlink.topics import Topics, now_ms, produce, read_to_end
+from foundation.config import Settings
+from foundation.topics import Topics, now_ms, produce, read_to_end
 
 
 @dataclass(frozen=True)
@@ -25,18 +25,6 @@ class Checkpoint:
     file: str = ""
     pos: int = 0
     ts_ms: int = 0
-
-
-def parse_gtid_position(position: str) -> dict[int, str]:
-    """'0-1-100,1-2-5' -> {0: '0-1-100', 1: '1-2-5'}: MariaDB keeps one GTID per replication domain."""
-    result: dict[int, str] = {}
-    for gtid in filter(None, (g.strip() for g in position.split(","))):
-        result[int(gtid.split("-", 1)[0])] = gtid
-    return result
-
-
-def format_gtid_position(gtids: dict[int, str]) -> str:
-    return ",".join(gtids[d] for d in sorted(gtids))
 
 
 class OffsetContext:

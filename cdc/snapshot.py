@@ -16,34 +16,24 @@ from typing import Any
 import pymysql.cursors
 
 from cdc.events import ChangeUnit, Position, RowChange
-from cdc.schema_history import SchemaHistory
-from djlink import keys as keycodec
-from djlink.links import LinkSpec, external_table
+from cdc.table_shapes import TableShapes
+from foundation import keys as keycodec
+from foundation.links import LinkSpec, external_table
+from foundation.sql import in_clause, quote
 from schemas.tables import select_expression
 
 
-def quote(name: str) -> str:
-    return "`" + name.replace("`", "``") + "`"
-
-
-def in_clause(columns: Sequence[str], n: int) -> str:
-    """`(a, b) IN ((%s, %s), ...)` for n keys."""
-    cols = ", ".join(quote(c) for c in columns)
-    one = "(" + ", ".join(["%s"] * len(columns)) + ")"
-    return f"({cols}) IN ({', '.join([one] * n)})"
-
-
 class SnapshotSource:
-    def __init__(self, connect: Any, history: SchemaHistory, server_id: int, chunk_size: int) -> None:
+    def __init__(self, connect: Any, shapes: TableShapes, server_id: int, chunk_size: int) -> None:
         self._connect = connect
-        self._history = history
+        self._shapes = shapes
         self._server_id = server_id
         self._chunk_size = chunk_size
 
     def read(self, link: LinkSpec, key_texts: Sequence[str], request_id: str) -> Iterator[tuple[ChangeUnit, bool]]:
         """The entities' chunks, each read when asked for (so each is published before the next is read),
         with whether it is the last."""
-        master = self._history.shape(link.source_db, link.source_table)
+        master = self._shapes.shape(link.source_db, link.source_table)
         pk = link.primary_key or master.primary_key
         conn = self._connect(cursorclass=pymysql.cursors.DictCursor)
         try:
@@ -59,7 +49,7 @@ class SnapshotSource:
         The unit names no link and no request: it is for subscribers, and the
         applier applies only what a pull asked for. None when the table is done.
         """
-        master = self._history.shape(link.source_db, link.source_table)
+        master = self._shapes.shape(link.source_db, link.source_table)
         pk = list(link.primary_key or master.primary_key)
         cols = ", ".join(quote(c) for c in pk)
         where, params = "", []
@@ -110,13 +100,13 @@ class SnapshotSource:
                 db, table = link.source_db, external_table(store)
                 refs = [(t, c) for t, c, st in link.externals if st == store]
                 union = " UNION ".join(f"SELECT {quote(c)} FROM {quote(db)}.{quote(t)} WHERE {where}" for t, c in refs)
-                columns = ", ".join(select_expression(c) for c in self._history.fresh(db, table).columns)
+                columns = ", ".join(select_expression(c) for c in self._shapes.fresh(db, table).columns)
                 cur.execute(
                     f"SELECT {columns} FROM {quote(db)}.{quote(table)} WHERE hash IN ({union})", params * len(refs)
                 )
                 changes.extend(RowChange(db, table, "r", None, row) for row in cur.fetchall())
             for db, table in [(link.helper_db, link.helper_table), *link.data_tables()]:
-                columns = ", ".join(select_expression(c) for c in self._history.fresh(db, table).columns)
+                columns = ", ".join(select_expression(c) for c in self._shapes.fresh(db, table).columns)
                 cur.execute(f"SELECT {columns} FROM {quote(db)}.{quote(table)} WHERE {where}", params)
                 changes.extend(RowChange(db, table, "r", None, row) for row in cur.fetchall())
             conn.commit()

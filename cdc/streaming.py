@@ -23,11 +23,12 @@ from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, Write
 
 import cdc.decoders  # noqa: F401 - corrects the library's TIME(fsp) decoder
 from cdc.events import ChangeUnit, Position, PositionMarker, RowChange
-from cdc.offsets import Checkpoint, format_gtid_position, parse_gtid_position
+from cdc.offsets import Checkpoint
 from cdc.placement import coordinate
 from cdc.rows import RowReader, decode_rows
-from cdc.schema_history import shape_from_table_map
-from djlink.config import Database
+from cdc.table_shapes import shape_from_table_map
+from foundation.config import Database
+from foundation.gtid import format_position, parse_position
 from schemas.tables import TableShape
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class BinlogSource(threading.Thread):
         super().__init__(name="binlog-source", daemon=True)
         self._db = db
         self._server_id = server_id
-        self._gtids = parse_gtid_position(start_position)
+        self._gtids = parse_position(start_position)
         self._is_captured = is_captured
         self._out = out
         self._on_ddl = on_ddl
@@ -104,22 +105,16 @@ class BinlogSource(threading.Thread):
 
     def _read(self) -> None:
         self._stream = stream = BinLogStreamReader(
-            connection_settings={
-                "host": self._db.host,
-                "port": self._db.port,
-                "user": self._db.user,
-                "password": self._db.password,
-                # The server sends a heartbeat every HEARTBEAT_S when idle: silence this long is a dead
-                # connection (the library reconnects), not a quiet source. Without it, a half-open
-                # connection stalls the capture until TCP keepalive gives up, hours later.
-                "read_timeout": READ_TIMEOUT_S,
-            },
+            # The server sends a heartbeat every HEARTBEAT_S when idle: silence this long is a dead
+            # connection (the library reconnects), not a quiet source. Without it, a half-open
+            # connection stalls the capture until TCP keepalive gives up, hours later.
+            connection_settings=self._db.binlog_settings(read_timeout=READ_TIMEOUT_S),
             server_id=self._server_id,
             blocking=True,
             resume_stream=True,
             slave_heartbeat=HEARTBEAT_S,
             is_mariadb=True,
-            auto_position=format_gtid_position(self._gtids),
+            auto_position=format_position(self._gtids),
             report_slave=self._report_host,
             # Parse each table map once (it dominated decoding); DDL clears them, see below.
             freeze_schema=True,
@@ -211,7 +206,7 @@ class BinlogSource(threading.Thread):
             self.reached = coordinate(stream.log_file, end_pos)
             return
         self._gtids[domain] = unit.id
-        position = format_gtid_position(self._gtids)
+        position = format_position(self._gtids)
         # Reconnects must resume after this transaction, not replay from the start (NOTES.md).
         stream.auto_position = position
         checkpoint = Checkpoint(position, unit.position.file, end_pos, unit.position.ts_ms)

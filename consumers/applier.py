@@ -74,8 +74,6 @@ import pymysql
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition
 
 import schemas
-from cdc.snapshot import in_clause, quote
-from consumers.dberrors import describe, is_transient
 from consumers.entity import EntityState, Outcome, decide_process
 from consumers.offsets_store import (
     PRUNE_EVERY_S,
@@ -86,15 +84,16 @@ from consumers.offsets_store import (
     UnitOffsets,
     changed,
     cutoff,
-    parse_gtid,
     safe_offsets,
-    state_db_name,
 )
-from djlink import keys as keycodec
-from djlink.config import ConfigError, Settings
-from djlink.links import LinkRegistry, LinkSpec, destination_name, external_table
-from djlink.stores import ObjectError, Store, StoreError, Stores, copy_object, holds
-from djlink.topics import Admin, SchemaTopic, Topics, consumer, now_ms, producer, where
+from foundation import keys as keycodec
+from foundation.config import ConfigError, Settings
+from foundation.dberrors import describe, is_transient
+from foundation.gtid import Gtid, parse_gtid
+from foundation.links import LinkRegistry, LinkSpec, destination_name, external_table
+from foundation.sql import in_clause, quote
+from foundation.stores import ObjectError, Store, StoreError, Stores, copy_object, holds
+from foundation.topics import Admin, SchemaTopic, Topics, consumer, now_ms, producer, where
 from schemas.registry import registry_at
 from schemas.tables import EnvelopeReader
 
@@ -208,7 +207,7 @@ class Plan:
     unit_id: str
     unit: PendingUnit
     link_id: str | None  # a pull's link; None for a source transaction (mirrored) or an initial snapshot
-    gtid: tuple[int, int] | None  # (domain, seq no) of a source transaction; others are claimed by id
+    gtid: Gtid | None  # of a source transaction; other units are claimed by id
     writes: list[tuple[str, Target, list[dict[str, Any]]]] = field(default_factory=list)
     states: dict[EntityKey, EntityState] = field(default_factory=dict)  # as the unit leaves them
     flags: dict[EntityKey, int] = field(default_factory=dict)  # flag changed -> source commit ms
@@ -298,7 +297,7 @@ class Applier:
         self._schema_topic = SchemaTopic(settings, self.topics)
         self._unknown_schemas: dict[bytes, float] = {}
         self._codec = schemas.Codec(self._resolve_schema, registry=registry_at(settings.schema_registry_url))
-        self._store = OffsetsStore(state_db_name(), self.group)
+        self._store = OffsetsStore(settings.applier_state_db, self.group)
         self._stop = threading.Event()
         self._pending: dict[str, PendingUnit] = {}
         self._finished: dict[str, UnitOffsets] = {}  # finished units a restart may still have to read again
@@ -347,12 +346,7 @@ class Applier:
     # -- connections ---------------------------------------------------------
 
     def _connect(self) -> Any:
-        return pymysql.connect(
-            **self.settings.destination.connect_args(),
-            charset="utf8mb4",
-            autocommit=False,
-            init_command="SET time_zone='+00:00'",
-        )
+        return self.settings.destination.connect(utc=True, autocommit=False)
 
     def _transact(self, work: Callable[[Any], T], commit: bool = True) -> T:
         """Run `work(cursor)` as one destination transaction; on a lost connection reconnect and run it again.
@@ -809,7 +803,7 @@ class Applier:
     ) -> Plan | None:
         """What one unit does at the destination, decided against the entity states before it (None: nothing)."""
         gtid = parse_gtid(unit_id)
-        if gtid is not None and gtid[1] <= self._positions.get(gtid[0], -1):
+        if gtid is not None and gtid.seq_no <= self._positions.get(gtid.domain, -1):
             self.units_skipped += 1
             log.info("source transaction %s was applied before; skipped", unit_id)
             return None
@@ -1046,7 +1040,7 @@ class Applier:
             self._write(cur, live)
             states = {k: s for p in live for k, s in p.states.items()}
             self._store.save_entities(cur, states, [k for p in live for k in p.flags])
-            self._store.save_positions(cur, {p.gtid[0]: p.unit_id for p in live if p.gtid is not None})
+            self._store.save_positions(cur, {p.gtid.domain: p.unit_id for p in live if p.gtid is not None})
             self._store.save_tracked(cur, {k: row for p in live for k, row in p.tracked.items()})
             self._store.save_offsets(cur, offsets)
             return before, [p for p in plans if p.unit_id in ours or p.unit_id not in finished]  # in order
@@ -1062,7 +1056,7 @@ class Applier:
             for key, source_ts in plan.flags.items():
                 self._flag_outbox[key] = source_ts
             if plan.gtid is not None:
-                self._positions[plan.gtid[0]] = max(plan.gtid[1], self._positions.get(plan.gtid[0], -1))
+                self._positions[plan.gtid.domain] = max(plan.gtid.seq_no, self._positions.get(plan.gtid.domain, -1))
             if plan.ack is not None and plan.link_id is not None:
                 self._outbox[plan.unit_id] = (plan.link_id, plan.ack)
             if plan.link_id is not None:
@@ -1146,7 +1140,7 @@ class Applier:
         """
         outcome = self._transact(partial(self._store.outcome, unit_id=unit_id))
         gtid = parse_gtid(unit_id)
-        applied_after = gtid is not None and gtid[1] <= self._positions.get(gtid[0], -1)
+        applied_after = gtid is not None and gtid.seq_no <= self._positions.get(gtid.domain, -1)
         if outcome is None and unit.end is not None and applied_after:
             # Complete, read again after a restart: applied then (the order is strict). A unit whose END never
             # came is not that: it is dead-lettered below.

@@ -43,20 +43,16 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import pymysql
 
-from cdc.snapshot import quote
 from consumers.entity import EntityState
-from djlink.config import ConfigError
+from foundation.gtid import parse_gtid
+from foundation.sql import quote
 
-STATE_DB_ENV = "DJLINK_APPLIER_STATE_DB"
-DEFAULT_STATE_DB = "djlink_applier"
 RETENTION_S = 7 * 24 * 3600  # how long a finished unit's id is kept (Kafka's default log.retention.hours)
 PRUNE_EVERY_S = 3600.0
 PRUNE_BATCH = 10_000
@@ -64,15 +60,6 @@ ER_DUP_ENTRY = 1062
 
 Partition = tuple[str, int]  # topic, partition
 Offset = tuple[str, int, int]  # topic, partition, offset
-
-
-def state_db_name(env: Mapping[str, str] | None = None) -> str:
-    """The applier's database on the destination server: DJLINK_APPLIER_STATE_DB or `djlink_applier`."""
-    env = os.environ if env is None else env
-    name = env.get(STATE_DB_ENV) or DEFAULT_STATE_DB
-    if not re.fullmatch(r"[A-Za-z0-9_$]{1,64}", name):
-        raise ConfigError(f"{STATE_DB_ENV} must be a plain database name (letters, digits, _ and $), not {name!r}")
-    return name
 
 
 @dataclass(frozen=True)
@@ -184,7 +171,7 @@ class OffsetsStore:
             "`consumer_group` varchar(255) NOT NULL,"
             " `link_id` varchar(255) NOT NULL,"
             " `key_hash` binary(20) NOT NULL COMMENT 'SHA-1 of entity_key',"
-            " `entity_key` text NOT NULL COMMENT 'the primary key, canonical JSON (djlink.keys)',"
+            " `entity_key` text NOT NULL COMMENT 'the primary key, canonical JSON (foundation.keys)',"
             " `process` enum('PULL','DELETE','NONE') NULL COMMENT 'of the helper row; NULL: no helper row',"
             " `is_flagged` enum('TRUE','FALSE') NOT NULL DEFAULT 'FALSE',"
             " `is_deprecated` enum('TRUE','FALSE') NOT NULL DEFAULT 'FALSE',"
@@ -468,16 +455,8 @@ def _bool(value: bool) -> str:
     return "TRUE" if value else "FALSE"
 
 
-def parse_gtid(unit_id: str) -> tuple[int, int] | None:
-    """(domain, sequence number) of a source transaction's unit id `domain-server-seq`; None for snapshot units."""
-    parts = unit_id.split("-")
-    if len(parts) != 3 or not all(p.isdigit() for p in parts):
-        return None
-    return int(parts[0]), int(parts[2])
-
-
 def _seq_no(gtid: str) -> int:
     parsed = parse_gtid(gtid)
     if parsed is None:
         raise ValueError(f"not a MariaDB GTID: {gtid!r}")
-    return parsed[1]
+    return parsed.seq_no

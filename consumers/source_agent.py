@@ -23,14 +23,14 @@ import pymysql.cursors
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 import schemas
-from cdc.schema_history import SchemaHistory, UnknownTable
-from cdc.snapshot import in_clause, quote
-from consumers.dberrors import describe, is_transient
 from consumers.entity import NEW_HELPER_ROW, Action, decide_delete, decide_pull
-from djlink import keys as keycodec
-from djlink.config import Settings
-from djlink.links import LinkRegistry, LinkSpec
-from djlink.topics import Admin, SchemaTopic, TopicRefused, Topics, consumer, now_ms, produce, producer, where
+from foundation import keys as keycodec
+from foundation.catalog import Catalog, UnknownTable
+from foundation.config import Settings
+from foundation.dberrors import describe, is_transient
+from foundation.links import LinkRegistry, LinkSpec
+from foundation.sql import in_clause, quote
+from foundation.topics import Admin, SchemaTopic, TopicRefused, Topics, consumer, now_ms, produce, producer, where
 from schemas.registry import registry_at
 from schemas.tables import EnvelopeReader
 
@@ -61,10 +61,10 @@ class SourceAgent:
         self.settings = settings
         self.topics = Topics(settings.topic_prefix)
         self._codec = schemas.Codec()
-        self._history = SchemaHistory(self._connect)
+        self._catalog = Catalog(self._connect)
 
     def _connect(self, **extra: Any) -> Any:
-        return pymysql.connect(**self.settings.source.connect_args(), charset="utf8mb4", **extra)
+        return self.settings.source.connect(**extra)
 
     def run(self, stop: threading.Event, on_ready: Callable[[], None] | None = None) -> None:
         s = self.settings
@@ -266,17 +266,16 @@ class SourceAgent:
         for what, name in (("helper schema", requested.helper_db), ("helper table", requested.helper_table)):
             if len(name) > MAX_IDENTIFIER:
                 raise Refused(f"the {what} name '{name}' has {len(name)} characters; MariaDB allows {MAX_IDENTIFIER}")
-        self._history.forget(requested.source_db)
         try:
-            shape = self._history.shape(requested.source_db, requested.source_table)
+            shape = self._catalog.shape(requested.source_db, requested.source_table)
         except UnknownTable as exc:
             raise Refused(str(exc)) from exc
-        parts = self._history.part_tables(requested.source_db, requested.source_table)
+        parts = self._catalog.part_tables(requested.source_db, requested.source_table)
         link = dataclasses.replace(
             requested,
             part_tables=tuple(parts),
             primary_key=shape.primary_key,
-            externals=tuple(self._history.external_columns(requested.source_db, [requested.source_table, *parts])),
+            externals=tuple(self._catalog.external_columns(requested.source_db, [requested.source_table, *parts])),
         )
         try:  # the topics first: a link Kafka refuses leaves no helper table behind
             self._admin.ensure(self.topics.table(db, t) for db, t in link.captured_tables())

@@ -16,31 +16,24 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Iterator
-from enum import StrEnum
-from typing import Any
+from collections.abc import Iterator
 
 import pymysql
 import typer
 
-from djlink.config import ConfigError, Settings
 from djlink.process import READY
+from djlink.run import Role, run_roles
+from foundation.config import ConfigError, Settings
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
-
-
-class Role(StrEnum):
-    capture = "capture"
-    agent = "agent"
-    applier = "applier"
 
 
 def expected_error(exc: BaseException) -> str | None:
     """A one-line message for failures a user can cause and fix; None for bugs."""
     from cdc.preconditions import PreconditionError
     from cdc.streaming import UnsupportedTransaction
-    from djlink.services import ServiceError
-    from djlink.topics import KafkaUnavailable
+    from devtools.services import ServiceError
+    from foundation.topics import KafkaUnavailable
 
     if isinstance(exc, PreconditionError | ConfigError | ServiceError | KafkaUnavailable | UnsupportedTransaction):
         return str(exc)
@@ -74,47 +67,6 @@ def user_errors(show_bugs: bool = False) -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-def _service(role: Role, settings: Settings) -> Any:
-    if role is Role.capture:
-        from cdc.coordinator import Capture
-
-        return Capture(settings)
-    if role is Role.agent:
-        from consumers.source_agent import SourceAgent
-
-        return SourceAgent(settings)
-    from consumers.applier import Applier
-
-    return Applier(settings)
-
-
-def run_roles(roles: list[Role], settings: Settings, stop: threading.Event, on_ready: Callable[[], None]) -> None:
-    """Run each role in a thread until `stop` is set or one of them fails (then raise its error)."""
-    failures: list[BaseException] = []
-    ready = threading.Semaphore(0)
-
-    def body(role: Role) -> None:
-        try:
-            _service(role, settings).run(stop, ready.release)
-        except BaseException as exc:
-            failures.append(exc)
-            stop.set()
-            ready.release()
-
-    threads = [threading.Thread(target=body, args=(r,), name=r.value, daemon=True) for r in roles]
-    for t in threads:
-        t.start()
-    for _ in roles:
-        ready.acquire()
-    if not failures:
-        on_ready()
-    for t in threads:
-        while t.is_alive():
-            t.join(0.5)
-    if failures:
-        raise failures[0]
-
-
 @app.command()
 def run(
     role: list[Role] = typer.Option(
@@ -141,7 +93,7 @@ def run(
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def services(ctx: typer.Context, action: str = typer.Argument(..., help="up, down [--purge], status or env")) -> None:
     """Start or stop the local development services (two MariaDB servers and Kafka)."""
-    from djlink import services as svc
+    from devtools import services as svc
 
     raise typer.Exit(svc.main([action, *ctx.args]))
 
@@ -152,7 +104,7 @@ def status() -> None:
     import datetime as dt
 
     from cdc.offsets import OffsetContext
-    from djlink.topics import Admin, Topics
+    from foundation.topics import Admin, Topics
 
     with user_errors():
         settings = Settings.from_env()
@@ -178,7 +130,7 @@ def dead_letters(
     Exit code 0 when there is none, 4 when there is some.
     """
     from djlink import deadletters
-    from djlink.topics import Admin
+    from foundation.topics import Admin
 
     with user_errors():
         settings = Settings.from_env()
@@ -197,7 +149,7 @@ def dead_letters(
 @app.command()
 def demo() -> None:
     """Bring up local services, run the pipeline, pull a small table through Kafka, print what arrived."""
-    from djlink import demo as demo_module
+    from devtools import demo as demo_module
 
     with user_errors():
         demo_module.main()

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import schemas
-from consumers.offsets_store import parse_gtid
-from djlink.config import Settings
-from djlink.topics import Topics, read_to_end
+from foundation.config import Settings
+from foundation.gtid import parse_gtid
+from foundation.topics import Topics, read_to_end
 
 ADVICE = {
     "decode": "decode: not a readable djlink event; see who produced it to that topic (its bytes: --json)",

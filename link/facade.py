@@ -22,9 +22,9 @@ import datajoint as dj
 import pymysql
 from tqdm.auto import tqdm
 
-from djlink import keys as keycodec
-from djlink.config import Settings
-from djlink.links import LinkSpec
+from foundation import keys as keycodec
+from foundation.config import Settings
+from foundation.links import LinkSpec
 from link.requests import Requests
 
 

@@ -10,9 +10,9 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 import schemas
-from djlink.config import Settings
-from djlink.links import LinkSpec
-from djlink.topics import Admin, Topics, now_ms, produce, producer
+from foundation.config import Settings
+from foundation.links import LinkSpec
+from foundation.topics import Admin, Topics, now_ms, produce, producer
 
 
 class Requests:

@@ -2,7 +2,7 @@
 
 Where they come from, in order: environment variables naming external servers
 (DJLINK_TEST_EXTERNAL=1 with the DJLINK_SOURCE_*/DJLINK_DEST_*/DJLINK_KAFKA_BOOTSTRAP
-keys), else the project's local launcher (`djlink.services.up`), which installs
+keys), else the project's local launcher (`devtools.services.up`), which installs
 and starts them. Each test gets its own schemas, topic prefix and link user, so
 tests never see each other's data.
 """
@@ -24,10 +24,10 @@ from typing import Any
 import datajoint as dj
 import pytest
 
-from djlink import services
+from devtools import services
+from devtools.services import ENV_KEYS
 from djlink.process import NotReady, start_roles
-from djlink.services import ENV_KEYS
-from djlink.topics import delete_prefixed
+from foundation.topics import delete_prefixed
 
 ROOT = Path(__file__).resolve().parent.parent
 

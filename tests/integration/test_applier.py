@@ -16,10 +16,10 @@ import datajoint as dj
 import numpy as np
 
 import schemas
-from djlink import keys as keycodec
-from djlink.config import Settings
-from djlink.links import LinkSpec
-from djlink.topics import SchemaTopic, Topics, produce, producer, read_to_end
+from foundation import keys as keycodec
+from foundation.config import Settings
+from foundation.links import LinkSpec
+from foundation.topics import SchemaTopic, Topics, produce, producer, read_to_end
 from link import link
 from link.requests import Requests
 from tests.conftest import Site, admin, scalar, wait_for

@@ -18,11 +18,11 @@ from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 import schemas
-from cdc.offsets import parse_gtid_position
-from djlink import keys as keycodec
-from djlink.config import Settings
-from djlink.links import LinkSpec
-from djlink.topics import SchemaTopic, Topics, produce, producer, read_to_end
+from foundation import keys as keycodec
+from foundation.config import Settings
+from foundation.gtid import parse_position
+from foundation.links import LinkSpec
+from foundation.topics import SchemaTopic, Topics, produce, producer, read_to_end
 from link.requests import Requests
 from tests.conftest import Site, admin, wait_for
 from tests.integration.test_pull import read_topic
@@ -231,7 +231,7 @@ def metric(text: str, name: str) -> float | None:
 
 def seq(gtid_position: str) -> int:
     """Sequence number of domain 0 in a MariaDB GTID position."""
-    return int(parse_gtid_position(gtid_position)[0].rsplit("-", 1)[1])
+    return int(parse_position(gtid_position)[0].rsplit("-", 1)[1])
 
 
 def test_capture_reports_throughput_lag_and_position(site: Site) -> None:

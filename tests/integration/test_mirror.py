@@ -8,9 +8,9 @@ from typing import Any
 import pymysql
 
 from consumers.offsets_store import OffsetsStore
-from djlink import keys as keycodec
-from djlink.config import Settings
-from djlink.topics import Topics, read_to_end
+from foundation import keys as keycodec
+from foundation.config import Settings
+from foundation.topics import Topics, read_to_end
 from link import link
 from tests.conftest import Site, admin, wait_for
 from tests.integration.test_pull import declare_source, linked_recording, read_topic, rows

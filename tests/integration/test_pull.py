@@ -10,9 +10,9 @@ import pytest
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
 import schemas
-from djlink import keys as keycodec
-from djlink.config import Settings
-from djlink.topics import SchemaTopic, Topics, read_to_end
+from foundation import keys as keycodec
+from foundation.config import Settings
+from foundation.topics import SchemaTopic, Topics, read_to_end
 from link import LinkError, link
 from tests.conftest import Site, admin, wait_for
 

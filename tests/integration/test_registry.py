@@ -11,8 +11,8 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
-from djlink import services
-from djlink.topics import Topics, read_to_end
+from devtools import services
+from foundation.topics import Topics, read_to_end
 from link import link
 from tests.conftest import Site
 from tests.integration.test_pull import declare_source, rows

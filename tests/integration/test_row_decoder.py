@@ -23,7 +23,7 @@ from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, Write
 
 import cdc.decoders  # noqa: F401 - the library's TIME(fsp) fix, as the capture runs it
 from cdc.rows import Row, RowReader, library_rows
-from djlink.services import binlog_settings
+from devtools.services import binlog_settings
 from tests.conftest import admin
 from tests.integration.test_types import identical as same_bits
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from djlink import services
+from devtools import services
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.skipif(
@@ -34,7 +34,7 @@ def processes_with(marker: str) -> list[int]:
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "djlink.services", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "devtools.services", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
 
 

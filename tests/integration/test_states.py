@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from djlink import keys as keycodec
+from foundation import keys as keycodec
 from link import link
 from tests.conftest import Site, admin, open_site, wait_for
 from tests.integration.test_pull import declare_source

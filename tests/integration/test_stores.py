@@ -16,7 +16,7 @@ import datajoint as dj
 import pytest
 from datajoint.hash import uuid_from_buffer
 
-from djlink.stores import CHUNK, PART, ObjectError, Store, copy_object, holds, relative_path
+from foundation.stores import CHUNK, PART, ObjectError, Store, copy_object, holds, relative_path
 from link import link
 from tests.conftest import Site, wait_for
 from tests.integration.test_pull import rows

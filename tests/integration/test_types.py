@@ -29,7 +29,7 @@ import datajoint as dj
 import numpy as np
 import pytest
 
-from djlink.topics import Topics
+from foundation.topics import Topics
 from link import link
 from tests.conftest import Site, admin, open_site, wait_for
 from tests.integration.test_pull import read_topic

@@ -11,8 +11,8 @@ import pytest
 
 import schemas
 from consumers.applier import Applier, Event, PendingUnit, describe, is_transient, read_past
-from consumers.offsets_store import UnitOffsets, changed, cutoff, safe_offsets, state_db_name
-from djlink.config import ConfigError, Settings
+from consumers.offsets_store import UnitOffsets, changed, cutoff, safe_offsets
+from foundation.config import ConfigError, Settings
 
 T, R, C = "p.transaction", "p.db.master", "p.db.master__part"
 
@@ -152,10 +152,10 @@ def test_database_errors_are_described_by_code_and_message() -> None:
 
 
 def test_the_state_database_name_comes_from_the_environment_and_is_checked() -> None:
-    assert state_db_name({}) == "djlink_applier"
-    assert state_db_name({"DJLINK_APPLIER_STATE_DB": "site_state"}) == "site_state"
+    assert Settings.from_env({}).applier_state_db == "djlink_applier"
+    assert Settings.from_env({"DJLINK_APPLIER_STATE_DB": "site_state"}).applier_state_db == "site_state"
     with pytest.raises(ConfigError, match="DJLINK_APPLIER_STATE_DB"):
-        state_db_name({"DJLINK_APPLIER_STATE_DB": "x`; drop database y"})
+        Settings.from_env({"DJLINK_APPLIER_STATE_DB": "x`; drop database y"})
 
 
 def test_dead_letter_records_keep_the_original_bytes() -> None:

@@ -10,10 +10,10 @@ import fastavro
 import pytest
 
 import schemas
-from djlink import keys as keycodec
-from djlink.config import Settings
-from djlink.links import LinkSpec, destination_name
-from djlink.topics import Topics
+from foundation import keys as keycodec
+from foundation.config import Settings
+from foundation.links import LinkSpec, destination_name
+from foundation.topics import Topics
 from schemas.tables import (
     Column,
     EnvelopeReader,

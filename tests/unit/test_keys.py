@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from djlink import keys
+from foundation import keys
 
 
 def reference(key: dict[str, Any], attributes: list[str] | None = None) -> str:

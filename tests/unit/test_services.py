@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from djlink import services
+from devtools import services
 
 
 @pytest.fixture

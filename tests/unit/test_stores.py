@@ -1,4 +1,4 @@
-"""Where DataJoint 0.14 keeps objects, and the content hashes it gives them (djlink.stores), without services."""
+"""Where DataJoint 0.14 keeps objects, and the content hashes it gives them (foundation.stores), without services."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from datajoint.hash import uuid_from_buffer
 
-from djlink.stores import CHUNK, ObjectError, Store, StoreError, Stores, copy_object, kind, mismatch, relative_path
+from foundation.stores import CHUNK, ObjectError, Store, StoreError, Stores, copy_object, kind, mismatch, relative_path
 
 
 def test_paths_are_datajoints() -> None:

@@ -15,9 +15,9 @@ import time
 import datajoint as dj
 import numpy as np
 
-from djlink import services
-from djlink.cli import Role, run_roles
-from djlink.config import Settings
+from devtools import services
+from djlink.run import Role, run_roles
+from foundation.config import Settings
 
 SOURCE, HELPER, DEST = "djlink_demo_source", "djlink_demo_helper", "djlink_demo_dest"
 LINK_USER, LINK_PASS = "djlink_demo", "djlink-demo-password"

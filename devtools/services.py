@@ -10,7 +10,7 @@ This machine has no Docker, so this module runs them as plain local processes:
   binlog files purged after a day;
 - destination MariaDB: a second ``mariadbd`` with ``server_id=2``, no binlog;
 - Kafka: one KRaft node (broker and controller) from the Maven Central jars of
-  ``org.apache.kafka:kafka_2.13`` (see ``djlink/kafka/pom.xml``), with
+  ``org.apache.kafka:kafka_2.13`` (see ``devtools/kafka/pom.xml``), with
   replication factor and min ISR 1 for the internal topics, so that consumer
   groups and transactional producers work on a single node.
 
@@ -30,10 +30,10 @@ with the keys ``DJLINK_SOURCE_{HOST,PORT,USER,PASSWORD}``,
 
 Usage::
 
-    python -m djlink.services up        # start what is not running; prints export lines
-    python -m djlink.services status    # what runs where (exit 3 if not all run)
-    eval "$(python -m djlink.services env)"
-    python -m djlink.services down [--purge]
+    python -m devtools.services up        # start what is not running; prints export lines
+    python -m devtools.services status    # what runs where (exit 3 if not all run)
+    eval "$(python -m devtools.services env)"
+    python -m devtools.services down [--purge]
 
 ``up`` installs what is missing (``mariadb-server``, Java, Maven through
 apt-get when run as root; the Kafka jars through Maven) and is idempotent.
@@ -69,6 +69,8 @@ from typing import Any
 import pymysql
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
+
+from foundation.config import Settings
 
 __all__ = ["ENV_KEYS", "ServiceError", "down", "load_env", "state_dir", "status", "up"]
 
@@ -564,7 +566,7 @@ def _kafka_properties(sd: Path, broker_port: int, controller_port: int) -> str:
     data = sd / KAFKA / "data"
     return "\n".join(
         [
-            "# Written by djlink.services on every start; edits are overwritten.",
+            "# Written by devtools.services on every start; edits are overwritten.",
             "process.roles=broker,controller",
             "node.id=1",
             f"controller.quorum.voters=1@{HOST}:{controller_port}",
@@ -675,7 +677,7 @@ def _kafka_probe(port: int) -> Callable[[], bool]:
 
 
 def _registry_jar(sd: Path, say: Callable[[str], None]) -> Path:
-    """The runnable registry, built by Maven from djlink/registry when missing or out of date."""
+    """The runnable registry, built by Maven from devtools/registry when missing or out of date."""
     build = sd / "registry-build"
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in REGISTRY_SOURCES)).hexdigest()
     marker = build / ".sources.sha256"
@@ -770,23 +772,12 @@ def _running(sd: Path) -> dict[str, int]:
 
 def admin_connection(env: Mapping[str, str], side: str, **extra: Any) -> Any:
     """An autocommit connection to the SOURCE or DEST server with the credentials in `env` (DJLINK_* keys)."""
-    return pymysql.connect(
-        host=env[f"DJLINK_{side}_HOST"],
-        port=int(env[f"DJLINK_{side}_PORT"]),
-        user=env[f"DJLINK_{side}_USER"],
-        password=env[f"DJLINK_{side}_PASSWORD"],
-        **{"autocommit": True, "charset": "utf8mb4", **extra},
-    )
+    return Settings.from_env(env).database(side).connect(**{"autocommit": True, **extra})
 
 
 def binlog_settings(env: Mapping[str, str]) -> dict[str, Any]:
     """python-mysql-replication's `connection_settings` for the source server in `env`."""
-    return {
-        "host": env["DJLINK_SOURCE_HOST"],
-        "port": int(env["DJLINK_SOURCE_PORT"]),
-        "user": env["DJLINK_SOURCE_USER"],
-        "password": env["DJLINK_SOURCE_PASSWORD"],
-    }
+    return Settings.from_env(env).source.binlog_settings()
 
 
 def load_env() -> dict[str, str] | None:
@@ -842,7 +833,7 @@ def _prepare_state(sd: Path, running: dict[str, int]) -> dict[str, Any]:
         if db.name not in passwords and (sd / db.name / "data").exists():
             raise ServiceError(
                 f"{db.label} has a datadir but no recorded root password in {sd / 'state.json'}; "
-                "run `python -m djlink.services down --purge` to start afresh"
+                "run `python -m devtools.services down --purge` to start afresh"
             )
         passwords.setdefault(db.name, secrets.token_urlsafe(18))
     state.setdefault("kafka_cluster_id", _new_cluster_id())
@@ -991,7 +982,7 @@ def down(purge: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m djlink.services", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m devtools.services", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     up_cmd = commands.add_parser("up", help="start what is not running; print export lines")
     up_cmd.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
@@ -1021,7 +1012,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "env":
             env = load_env()
             if env is None:
-                raise ServiceError("services are not running; start them with `python -m djlink.services up`")
+                raise ServiceError("services are not running; start them with `python -m devtools.services up`")
             print(_export_lines(env), end="")
     except ServiceError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,34 +1,25 @@
-"""Table shapes: the columns and primary key of each captured table.
+"""The capture's cache of table shapes: which columns each captured table has, read once and kept.
 
-Read from INFORMATION_SCHEMA and cached; a DDL statement on a table drops its
-entry, so the next change re-reads it.
+Shapes come from the catalog (`foundation.catalog`); a DDL statement drops
+cached entries, so the next change reads the table again. A row event also
+describes its own shape (`shape_from_table_map`), which is the right one at
+its position even while the capture replays binlog older than the table.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import pymysql
-
-from djlink.links import EXTERNAL_PREFIX
+from foundation.catalog import Catalog
 from schemas.tables import Column, TableShape
 
 
-class UnknownTable(Exception):
-    """A captured table that the capture user cannot see (dropped, or no privilege)."""
+class TableShapes:
+    """Shapes by (db, table), read through `catalog` when not cached."""
 
-
-class SchemaHistory:
-    def __init__(self, connect: Any) -> None:
-        self._connect = connect  # () -> pymysql connection
-        self._conn: pymysql.connections.Connection[Any] | None = None
+    def __init__(self, catalog: Catalog) -> None:
+        self._catalog = catalog
         self._shapes: dict[tuple[str, str], TableShape] = {}
-
-    def _cursor(self) -> Any:
-        if self._conn is None or not self._conn.open:
-            self._conn = self._connect()
-        self._conn.ping(reconnect=True)
-        return self._conn.cursor()
 
     # The binlog reader's thread forgets shapes (on DDL) while the coordinator's reads them: each method
     # reads the cache once and returns what it holds itself, never the cache again.
@@ -36,12 +27,12 @@ class SchemaHistory:
     def shape(self, db: str, table: str) -> TableShape:
         shape = self._shapes.get((db, table))
         if shape is None:
-            shape = self._shapes[(db, table)] = self._read(db, table)
+            shape = self._shapes[(db, table)] = self._catalog.shape(db, table)
         return shape
 
     def fresh(self, db: str, table: str) -> TableShape:
         """The shape as the server has it now (read again, and cached): for reads that must match the table."""
-        shape = self._read(db, table)
+        shape = self._catalog.shape(db, table)
         cached = self._shapes.get((db, table))
         if cached is not None and cached == shape:
             return cached  # the same object as before: what was compiled for it stays valid
@@ -54,46 +45,8 @@ class SchemaHistory:
             if db is None or (key[0] == db and (table is None or key[1] == table)):
                 self._shapes.pop(key, None)
 
-    def part_tables(self, db: str, master: str) -> list[str]:
-        """DataJoint part tables of a master: `<master>__<part>` in the same schema."""
-        with self._cursor() as cur:
-            cur.execute(
-                "SELECT table_name FROM information_schema.tables WHERE table_schema=%s AND table_name LIKE %s "
-                "ORDER BY table_name",
-                (db, master.replace("_", "\\_") + "\\_\\_%"),
-            )
-            return [r[0] for r in cur.fetchall()]
-
-    def external_columns(self, db: str, tables: list[str]) -> list[tuple[str, str, str]]:
-        """(table, column, store) of the in-store attributes of `tables`: their foreign keys to `~external_<store>`."""
-        if not tables:
-            return []
-        with self._cursor() as cur:
-            cur.execute(
-                "SELECT table_name, column_name, referenced_table_name FROM information_schema.key_column_usage "
-                f"WHERE table_schema=%s AND table_name IN ({', '.join(['%s'] * len(tables))}) "
-                "AND referenced_table_schema=%s AND referenced_table_name LIKE %s ORDER BY table_name, column_name",
-                (db, *tables, db, EXTERNAL_PREFIX.replace("_", "\\_") + "%"),
-            )
-            return [(r[0], r[1], r[2][len(EXTERNAL_PREFIX) :]) for r in cur.fetchall()]
-
-    def _read(self, db: str, table: str) -> TableShape:
-        with self._cursor() as cur:
-            cur.execute(
-                "SELECT column_name, data_type, column_type, is_nullable, numeric_precision, numeric_scale, column_key "
-                "FROM information_schema.columns WHERE table_schema=%s AND table_name=%s ORDER BY ordinal_position",
-                (db, table),
-            )
-            rows = cur.fetchall()
-        if not rows:
-            raise UnknownTable(f"table `{db}`.`{table}` does not exist or the capture user cannot see it")
-        columns = tuple(Column(r[0], r[1].lower(), r[2].lower(), r[3] == "YES", r[4], r[5]) for r in rows)
-        pk = tuple(r[0] for r in rows if r[6] == "PRI")
-        return TableShape(db, table, columns, pk)
-
     def close(self) -> None:
-        if self._conn is not None and self._conn.open:
-            self._conn.close()
+        self._catalog.close()
 
 
 # python-mysql-replication's FIELD_TYPE codes -> INFORMATION_SCHEMA data types.

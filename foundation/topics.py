@@ -26,7 +26,7 @@ from confluent_kafka.admin import (
 )
 
 import schemas
-from djlink.config import Settings
+from foundation.config import Settings
 
 _TOPIC_BAD = re.compile(r"[^A-Za-z0-9._]")
 KAFKA_LOG = logging.getLogger("djlink.kafka")  # librdkafka's own log lines, through Python logging

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import pymysql
+
 
 class ConfigError(Exception):
     """A setting is missing or malformed."""
@@ -53,13 +55,25 @@ def _stores(env: Mapping[str, str], name: str) -> dict[str, dict[str, Any]]:
 
 @dataclass(frozen=True)
 class Database:
+    """One MariaDB server and the credentials a role uses there: the one way anything here connects."""
+
     host: str
     port: int
     user: str
     password: str
 
-    def connect_args(self) -> dict[str, object]:
-        return {"host": self.host, "port": self.port, "user": self.user, "password": self.password}
+    def connect(self, utc: bool = False, **options: Any) -> pymysql.connections.Connection[Any]:
+        """A PyMySQL connection in utf8mb4; `utc` sets the session's time zone to UTC (TIMESTAMP values as the
+        binlog carries them). `options` go to PyMySQL (autocommit, cursorclass, ...)."""
+        if utc:
+            options.setdefault("init_command", "SET time_zone='+00:00'")
+        return pymysql.connect(
+            host=self.host, port=self.port, user=self.user, password=self.password, charset="utf8mb4", **options
+        )
+
+    def binlog_settings(self, **options: Any) -> dict[str, Any]:
+        """python-mysql-replication's `connection_settings` for this server."""
+        return {"host": self.host, "port": self.port, "user": self.user, "password": self.password, **options}
 
 
 @dataclass(frozen=True)
@@ -80,6 +94,7 @@ class Settings:
     source_stores: Any  # {store: DataJoint store spec}: where the applier reads the source's objects
     destination_stores: Any  # {store: DataJoint store spec}: where it writes the destination's
     schema_registry_url: str | None  # a Confluent-compatible registry: change events in its wire format
+    applier_state_db: str  # the applier's database on the destination server: offsets, units, entity states
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -112,7 +127,12 @@ class Settings:
             source_stores=_stores(env, "DJLINK_SOURCE_STORES"),
             destination_stores=_stores(env, "DJLINK_DEST_STORES"),
             schema_registry_url=env.get("DJLINK_SCHEMA_REGISTRY_URL") or None,
+            applier_state_db=_state_db(env.get("DJLINK_APPLIER_STATE_DB") or "djlink_applier"),
         )
+
+    def database(self, side: str) -> Database:
+        """The source (`SOURCE`) or destination (`DEST`) server, as the DJLINK_<side>_* keys name them."""
+        return {"SOURCE": self.source, "DEST": self.destination}[side]
 
     def schema_allowed(self, schema: str) -> bool:
         """Whether the source site's allow-list (DJLINK_ALLOWED_SCHEMAS) lets `schema` be shared."""
@@ -127,3 +147,12 @@ def _prefix(value: str) -> str:
             "the prefix from the schema and table names in topic names)"
         )
     return value
+
+
+def _state_db(name: str) -> str:
+    """DJLINK_APPLIER_STATE_DB: a plain database name."""
+    if not re.fullmatch(r"[A-Za-z0-9_$]{1,64}", name):
+        raise ConfigError(
+            f"DJLINK_APPLIER_STATE_DB must be a plain database name (letters, digits, _ and $), not {name!r}"
+        )
+    return name

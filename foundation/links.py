@@ -15,8 +15,8 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 import schemas
-from djlink.config import Settings
-from djlink.topics import Topics
+from foundation.config import Settings
+from foundation.topics import Topics
 
 EXTERNAL_PREFIX = "~external_"  # DataJoint 0.14's tracking table of store <store> is `~external_<store>`
 

@@ -62,8 +62,9 @@ from bench.common import ROOT, cleanup, connect, say, services_env
 from cdc.rows import RowReader, decode_rows
 from devtools.services import binlog_settings
 from foundation.config import Settings
+from foundation.kafka import produce, producer
 from foundation.links import LinkSpec
-from foundation.topics import Admin, Topics, produce, producer
+from foundation.topics import Admin, Topics
 
 TABLE = "recording"
 OWN_DECODE = "djlink's own decode (freeze_schema + cdc.rows, no Kafka)"

@@ -13,6 +13,7 @@ import datajoint as dj
 
 from devtools import services
 from djlink.process import NotReady, start_roles
+from foundation.config import Settings
 from foundation.topics import delete_prefixed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,7 +96,7 @@ def cleanup(
                             cur.execute(f"DROP DATABASE IF EXISTS `{db}`")
                     conn.close()
             with suppress(Exception):
-                delete_prefixed(env["DJLINK_KAFKA_BOOTSTRAP"], prefix)
+                delete_prefixed(Settings.from_env(env), prefix)
 
 
 def cpu_seconds(pid: int) -> float:

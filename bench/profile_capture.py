@@ -35,8 +35,8 @@ import threading
 import time
 from typing import Any
 
-from djlink.run import Role, run_roles
 from djlink.process import READY
+from djlink.run import Role, run_roles
 from foundation.config import Settings
 
 _profiles: list[tuple[str, cProfile.Profile]] = []

@@ -29,8 +29,9 @@ from cdc.streaming import BinlogSource, StreamFailed
 from cdc.table_shapes import TableShapes
 from foundation.catalog import Catalog
 from foundation.config import Settings
+from foundation.kafka import consumer, producer, where
 from foundation.links import LinkRegistry, LinkSpec
-from foundation.topics import Admin, SchemaTopic, Topics, consumer, producer, where
+from foundation.topics import Admin, SchemaTopic, Topics
 from schemas.registry import registry_at
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ class Capture:
         registry.catch_up()
         self._capture(registry.links)
 
-        name = f"{self.topics.prefix}-capture"
+        name = self.topics.capture_group
         p = producer(s, transactional_id=name)
         p.init_transactions(60)  # fences a crashed predecessor and aborts its open transaction
         offsets = OffsetContext(s, self.topics, name)
@@ -153,7 +154,7 @@ class Capture:
         )
         binlog.start()
 
-        signals = consumer(s, f"{self.topics.prefix}-capture")
+        signals = consumer(s, self.topics.capture_group)
         tp = TopicPartition(self.topics.signals, 0)
         committed = signals.committed([tp], timeout=10)[0].offset
         signals.assign([TopicPartition(self.topics.signals, 0, committed if committed >= 0 else OFFSET_BEGINNING)])

@@ -22,7 +22,8 @@ import schemas
 from cdc.events import ChangeUnit, RowChange
 from cdc.offsets import Checkpoint, OffsetContext
 from cdc.table_shapes import TableShapes
-from foundation.topics import Admin, SchemaTopic, Topics, now_ms, produce
+from foundation.kafka import now_ms, produce
+from foundation.topics import Admin, SchemaTopic, Topics
 from schemas import FIXED
 from schemas.registry import Registry
 from schemas.tables import RowEncoder, TableShape, envelope_schema, key_schema, row_record_name

@@ -16,7 +16,8 @@ from confluent_kafka import Producer
 
 import schemas
 from foundation.config import Settings
-from foundation.topics import Topics, now_ms, produce, read_to_end
+from foundation.kafka import now_ms, produce, read_to_end
+from foundation.topics import Topics
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class OffsetContext:
         read_committed reader can see.
         """
         found: Checkpoint | None = None
-        for msg in read_to_end(self._settings.kafka_bootstrap, self._topic, timeout_s):
+        for msg in read_to_end(self._settings, self._topic, timeout_s):
             if msg.key() == self.name.encode() and msg.value() is not None:
                 r = self._codec.decode(msg.value())
                 found = Checkpoint(r["gtid_position"], r["file"], r["pos"], r["ts_ms"])
@@ -52,7 +53,7 @@ class OffsetContext:
         """Initial snapshot progress per link id: (last key published, done)."""
         prefix = f"{self.name}/snapshot/".encode()
         found: dict[str, tuple[str | None, bool]] = {}
-        for msg in read_to_end(self._settings.kafka_bootstrap, self._topic):
+        for msg in read_to_end(self._settings, self._topic):
             key = msg.key()
             if key is not None and key.startswith(prefix) and msg.value() is not None:
                 r = self._codec.decode(msg.value())

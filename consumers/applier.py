@@ -90,10 +90,11 @@ from foundation import keys as keycodec
 from foundation.config import ConfigError, Settings
 from foundation.dberrors import describe, is_transient
 from foundation.gtid import Gtid, parse_gtid
+from foundation.kafka import consumer, now_ms, producer, where
 from foundation.links import LinkRegistry, LinkSpec, destination_name, external_table
 from foundation.sql import in_clause, quote
 from foundation.stores import ObjectError, Store, StoreError, Stores, copy_object, holds
-from foundation.topics import Admin, SchemaTopic, Topics, consumer, now_ms, producer, where
+from foundation.topics import Admin, SchemaTopic, Topics
 from schemas.registry import registry_at
 from schemas.tables import EnvelopeReader
 
@@ -293,7 +294,7 @@ class Applier:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.topics = Topics(settings.topic_prefix)
-        self.group = f"{self.topics.prefix}-applier"
+        self.group = self.topics.applier_group
         self._schema_topic = SchemaTopic(settings, self.topics)
         self._unknown_schemas: dict[bytes, float] = {}
         self._codec = schemas.Codec(self._resolve_schema, registry=registry_at(settings.schema_registry_url))

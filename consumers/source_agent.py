@@ -28,9 +28,10 @@ from foundation import keys as keycodec
 from foundation.catalog import Catalog, UnknownTable
 from foundation.config import Settings
 from foundation.dberrors import describe, is_transient
+from foundation.kafka import consumer, now_ms, produce, producer, where
 from foundation.links import LinkRegistry, LinkSpec
 from foundation.sql import in_clause, quote
-from foundation.topics import Admin, SchemaTopic, TopicRefused, Topics, consumer, now_ms, produce, producer, where
+from foundation.topics import Admin, SchemaTopic, TopicRefused, Topics
 from schemas.registry import registry_at
 from schemas.tables import EnvelopeReader
 
@@ -76,21 +77,21 @@ class SourceAgent:
         # Transactional: what a message makes the agent say (replies, snapshot signals, links) commits
         # with the message's offset, so a crash at any point neither loses it nor says it twice. The
         # helper table is written first; handling a message again finds it moved and does nothing twice.
-        self._p = producer(s, transactional_id=f"{self.topics.prefix}-agent")
+        self._p = producer(s, transactional_id=self.topics.agent_group)
         self._p.init_transactions(60)  # fences a predecessor still running, aborts its open transaction
         self._p.begin_transaction()
         SchemaTopic(s, self.topics).publish_fixed(self._p)
         self._p.commit_transaction(30)
         # A static member (one agent per deployment): a restarted agent gets its partitions back at once
         # instead of after the dead one's session timeout.
-        group = f"{self.topics.prefix}-agent"
+        group = self.topics.agent_group
         c = consumer(s, group, **{"group.instance.id": group})
         c.subscribe([self.topics.commands, self.topics.acks])
         self._auto = AutoPull(s, self.topics, self._registry)
         self._auto.follow()
         self._awaiting_capture: dict[str, tuple[int, str, float]] = {}  # REGISTER id -> (signal offset, link, until)
         # Only to read the capture's committed signal offsets; never joins its group.
-        self._capture_group = consumer(s, f"{self.topics.prefix}-capture")
+        self._capture_group = consumer(s, self.topics.capture_group)
         if on_ready:
             on_ready()
         try:
@@ -513,7 +514,7 @@ class AutoPull:
     def __init__(self, settings: Settings, topics: Topics, registry: LinkRegistry) -> None:
         self._topics = topics
         self._registry = registry
-        self._c = consumer(settings, f"{topics.prefix}-agent-auto")
+        self._c = consumer(settings, topics.auto_pull_group)
         self._codec = schemas.Codec(
             SchemaTopic(settings, topics).resolve, registry=registry_at(settings.schema_registry_url)
         )

@@ -110,14 +110,14 @@ def status() -> None:
         settings = Settings.from_env()
         topics = Topics(settings.topic_prefix)
         Admin(settings).check()
-        checkpoint = OffsetContext(settings, topics, f"{topics.prefix}-capture").load()
+        checkpoint = OffsetContext(settings, topics, topics.capture_group).load()
     if checkpoint is None:
-        print(f"capture {topics.prefix}-capture: no checkpoint yet (it has never run on this prefix)")
+        print(f"capture {topics.capture_group}: no checkpoint yet (it has never run on this prefix)")
         raise typer.Exit(3)
     when = "-"
     if checkpoint.ts_ms:
         when = dt.datetime.fromtimestamp(checkpoint.ts_ms / 1000, dt.UTC).isoformat(timespec="seconds")
-    print(f"capture {topics.prefix}-capture: committed up to GTID {checkpoint.gtid_position or '(start)'}")
+    print(f"capture {topics.capture_group}: committed up to GTID {checkpoint.gtid_position or '(start)'}")
     print(f"  binlog {checkpoint.file or '-'}:{checkpoint.pos}, source commit time {when}")
 
 

@@ -20,7 +20,8 @@ from typing import Any
 import schemas
 from foundation.config import Settings
 from foundation.gtid import parse_gtid
-from foundation.topics import Topics, read_to_end
+from foundation.kafka import admin_client, read_to_end
+from foundation.topics import Topics
 
 ADVICE = {
     "decode": "decode: not a readable djlink event; see who produced it to that topic (its bytes: --json)",
@@ -103,11 +104,9 @@ def as_json(record: dict[str, Any]) -> str:
 
 def read(settings: Settings) -> tuple[str, list[dict[str, Any]]]:
     """The dead-letter topic's name and every record on it (none when the topic does not exist yet)."""
-    from confluent_kafka.admin import AdminClient
-
     topic = Topics(settings.topic_prefix).dead_letter
-    metadata = AdminClient({"bootstrap.servers": settings.kafka_bootstrap}).list_topics(timeout=10)
+    metadata = admin_client(settings).list_topics(timeout=10)
     if topic not in metadata.topics:
         return topic, []
     codec = schemas.Codec()
-    return topic, [codec.decode(m.value()) for m in read_to_end(settings.kafka_bootstrap, topic)]
+    return topic, [codec.decode(m.value()) for m in read_to_end(settings, topic)]

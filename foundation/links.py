@@ -16,6 +16,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 import schemas
 from foundation.config import Settings
+from foundation.kafka import consumer
 from foundation.topics import Topics
 
 EXTERNAL_PREFIX = "~external_"  # DataJoint 0.14's tracking table of store <store> is `~external_<store>`
@@ -126,14 +127,7 @@ class LinkRegistry:
 
     def _ensure(self) -> Consumer:
         if self._consumer is None:
-            self._consumer = Consumer(
-                {
-                    "bootstrap.servers": self.settings.kafka_bootstrap,
-                    "group.id": f"{self.topics.links}-reader",
-                    "enable.auto.commit": False,
-                    "isolation.level": "read_committed",
-                }
-            )
+            self._consumer = consumer(self.settings, self.topics.reader_group(self.topics.links))
             self._consumer.assign([TopicPartition(self.topics.links, 0, OFFSET_BEGINNING)])
         return self._consumer
 

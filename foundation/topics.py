@@ -1,4 +1,4 @@
-"""Kafka for djlink: topic names, topic creation, clients, the schema topic.
+"""Kafka topics of a deployment: their names, group names and transactional ids, creation, the schema topic.
 
 Every topic name is built here from the topic prefix, so a test (or a second
 deployment on the same broker) isolates itself by choosing another prefix.
@@ -13,9 +13,8 @@ import re
 import threading
 import time
 from collections.abc import Iterable
-from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import (
     AdminClient,
     AlterConfigOpType,
@@ -27,13 +26,10 @@ from confluent_kafka.admin import (
 
 import schemas
 from foundation.config import Settings
+from foundation.kafka import MAX_MESSAGE_BYTES, admin_client, produce, read_to_end
 
 _TOPIC_BAD = re.compile(r"[^A-Za-z0-9._]")
-KAFKA_LOG = logging.getLogger("djlink.kafka")  # librdkafka's own log lines, through Python logging
 log = logging.getLogger(__name__)
-# The largest message on djlink's topics: a row change (two images of a row) or a pull's list of keys.
-# Bigger values belong in an external store (blob@, attach@), which djlink copies outside Kafka.
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
 class Topics:
@@ -51,6 +47,19 @@ class Topics:
         self.dead_letter = f"{prefix}.dead-letter"
         self.capture_offsets = f"{prefix}.capture-offsets"
         self.flags = f"{prefix}.flags"
+        # Consumer groups and transactional ids: one per role and deployment.
+        self.capture_group = f"{prefix}-capture"  # also the capture's transactional id and checkpoint name
+        self.agent_group = f"{prefix}-agent"  # also the source agent's transactional id
+        self.auto_pull_group = f"{prefix}-agent-auto"
+        self.applier_group = f"{prefix}-applier"  # Kafka offsets for lag monitoring; the real ones are in the DB
+
+    def facade_group(self, request_id: str) -> str:
+        """The group of the façade's reader of the replies to one request (it commits nothing)."""
+        return f"{self.prefix}-facade-{request_id}"
+
+    def reader_group(self, topic: str) -> str:
+        """The group of a reader that assigns partitions itself and commits nothing."""
+        return f"{topic}-reader"
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 - a deployment has few Topics objects, and each lives long
     def table(self, db: str, table: str) -> str:
@@ -92,7 +101,7 @@ class Admin:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, "logger": KAFKA_LOG})  # type: ignore[dict-item]
+        self._admin = admin_client(settings)
         self._known: set[str] = set()
         self._lock = threading.Lock()
 
@@ -100,7 +109,7 @@ class Admin:
         """Raise KafkaUnavailable, in words for the user, when the broker does not answer in time."""
         quiet = logging.getLogger("djlink.kafka.check")
         quiet.propagate = False  # librdkafka's per-attempt connection errors would bury the one line we print
-        probe = AdminClient({"bootstrap.servers": self._settings.kafka_bootstrap, "logger": quiet})  # type: ignore[dict-item]
+        probe = admin_client(self._settings, quiet)
         try:
             probe.list_topics(timeout=self._settings.startup_timeout_s)
         except KafkaException as exc:
@@ -167,9 +176,9 @@ class Admin:
             self.ensure(names, compacted=compacted)
 
 
-def delete_prefixed(bootstrap: str, prefix: str, timeout_s: float = 30) -> int:
+def delete_prefixed(settings: Settings, prefix: str, timeout_s: float = 30) -> int:
     """Delete every topic named `<prefix>.*` (a test's or a benchmark's); return how many there were."""
-    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": KAFKA_LOG})  # type: ignore[dict-item]
+    admin = admin_client(settings)
     names = [t for t in admin.list_topics(timeout=timeout_s).topics if t.startswith(f"{prefix}.")]
     if names:
         for future in admin.delete_topics(names, operation_timeout=timeout_s).values():
@@ -185,45 +194,6 @@ def _wait_for_metadata(admin: AdminClient, names: list[str], timeout_s: float = 
         pending = {n for n in pending if n not in md or md[n].error is not None or not md[n].partitions}
         if pending:
             time.sleep(0.05)
-
-
-def producer(settings: Settings, transactional_id: str | None = None, **extra: Any) -> Producer:
-    conf: dict[str, Any] = {
-        "bootstrap.servers": settings.kafka_bootstrap,
-        "enable.idempotence": True,
-        "linger.ms": 5,
-        "message.max.bytes": MAX_MESSAGE_BYTES + 1024 * 1024,  # room for the record batch around one message
-        "partitioner": "murmur2_random",  # agree with Java clients on key -> partition
-        "logger": KAFKA_LOG,
-    }
-    if transactional_id:
-        conf["transactional.id"] = transactional_id
-    conf.update(extra)
-    return Producer(conf)
-
-
-def consumer(settings: Settings, group_id: str, **extra: Any) -> Consumer:
-    conf: dict[str, Any] = {
-        "bootstrap.servers": settings.kafka_bootstrap,
-        "group.id": group_id,
-        "isolation.level": "read_committed",
-        "enable.auto.commit": False,
-        "auto.offset.reset": "earliest",
-        "topic.metadata.refresh.interval.ms": 5000,
-        "logger": KAFKA_LOG,
-    }
-    conf.update(extra)
-    return Consumer(conf)
-
-
-def produce(p: Producer, topic: str, key: bytes | str | None, value: bytes | None) -> None:
-    """Produce, waiting for room in the local queue instead of failing."""
-    while True:
-        try:
-            p.produce(topic, key=key, value=value)
-            return
-        except BufferError:
-            p.poll(0.1)
 
 
 class SchemaTopic:
@@ -259,58 +229,7 @@ class SchemaTopic:
         return self._seen.get(fingerprint)
 
     def _read_all(self) -> None:
-        for msg in read_to_end(self._settings.kafka_bootstrap, self._topic):
+        for msg in read_to_end(self._settings, self._topic):
             if msg.value():
                 body = json.loads(msg.value())  # type: ignore[arg-type]
                 self._seen[bytes.fromhex(body["fingerprint"])] = body["schema"]
-
-
-def read_to_end(bootstrap: str, topic: str, timeout_s: float = 30) -> list[Message]:
-    """Every committed message of partition 0 of `topic`, from the beginning to its current end.
-
-    The end is where the topic ended when the call started: for a
-    read_committed consumer the watermark query answers the last stable
-    offset, so an open transaction of an active producer does not keep us
-    waiting; at rest the partition-EOF event comes after the transaction
-    markers (they take offsets but are never delivered).
-    """
-    c = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"{topic}-reader",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
-        }
-    )
-    found: list[Message] = []
-    try:
-        tp = TopicPartition(topic, 0, OFFSET_BEGINNING)
-        low, high = c.get_watermark_offsets(tp, timeout=10)
-        if high <= low:
-            return found
-        c.assign([tp])
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for msg in c.consume(1000, 0.2):
-                error = msg.error()
-                if error is None:
-                    found.append(msg)
-                elif error.code() == KafkaError._PARTITION_EOF:
-                    return found
-            if c.position([TopicPartition(topic, 0)])[0].offset >= high:
-                return found
-        raise TimeoutError(f"could not read topic {topic} to its end within {timeout_s} s")
-    finally:
-        c.close()
-
-
-def where(msg: Message) -> tuple[str, int, int]:
-    """Topic, partition and offset of a consumed message."""
-    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
-    assert topic is not None and partition is not None and offset is not None
-    return topic, partition, offset
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)

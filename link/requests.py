@@ -7,12 +7,13 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import TopicPartition
 
 import schemas
 from foundation.config import Settings
+from foundation.kafka import consumer, now_ms, produce, producer
 from foundation.links import LinkSpec
-from foundation.topics import Admin, Topics, now_ms, produce, producer
+from foundation.topics import Admin, Topics
 
 
 class Requests:
@@ -26,14 +27,7 @@ class Requests:
     def ask(self, kind: str, link: LinkSpec, keys: list[str], timeout_s: float) -> Iterator[dict[str, Any]]:
         """Send a command and yield the replies to it until the caller stops or `timeout_s` passes."""
         rid = str(uuid.uuid4())
-        c = Consumer(
-            {
-                "bootstrap.servers": self.settings.kafka_bootstrap,
-                "group.id": f"{self.topics.prefix}-facade-{rid}",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-            }
-        )
+        c = consumer(self.settings, self.topics.facade_group(rid))
         try:
             tp = TopicPartition(self.topics.replies, 0)
             _, high = c.get_watermark_offsets(tp, timeout=10)

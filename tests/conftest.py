@@ -27,6 +27,7 @@ import pytest
 from devtools import services
 from devtools.services import ENV_KEYS
 from djlink.process import NotReady, start_roles
+from foundation.config import Settings
 from foundation.topics import delete_prefixed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,7 +183,7 @@ def open_site(services_env: dict[str, str]) -> Iterator[Site]:
         conn.close()
         # Left behind, thousands of test topics slow a long-lived development broker down.
         with contextlib.suppress(Exception):
-            delete_prefixed(services_env["DJLINK_KAFKA_BOOTSTRAP"], s.topic_prefix)
+            delete_prefixed(Settings.from_env(services_env), s.topic_prefix)
 
 
 @pytest.fixture

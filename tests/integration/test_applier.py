@@ -18,8 +18,9 @@ import numpy as np
 import schemas
 from foundation import keys as keycodec
 from foundation.config import Settings
+from foundation.kafka import produce, producer, read_to_end
 from foundation.links import LinkSpec
-from foundation.topics import SchemaTopic, Topics, produce, producer, read_to_end
+from foundation.topics import SchemaTopic, Topics
 from link import link
 from link.requests import Requests
 from tests.conftest import Site, admin, scalar, wait_for
@@ -77,7 +78,7 @@ def units_of(site: Site, spec: LinkSpec) -> dict[str, tuple[int, int]]:
     codec = schemas.Codec()
     master = f"{spec.source_db}.{spec.source_table}"
     found: dict[str, tuple[int, int]] = {}
-    for msg in read_to_end(settings.kafka_bootstrap, Topics(site.topic_prefix).transaction):
+    for msg in read_to_end(settings, Topics(site.topic_prefix).transaction):
         record = codec.decode(msg.value())
         if record["status"] == "END" and record["link_id"] == spec.link_id:
             entities = sum(dc["event_count"] for dc in record["data_collections"] if dc["data_collection"] == master)
@@ -259,7 +260,7 @@ def poison_and_refusal(site: Site, state_db: str, app_user: str, app_pass: str) 
     # Strays: a copy of entity 1's applied event, and the same event under a unit id that has no END. Produced
     # with a time two minutes back: the next END, far newer, says their own END is not coming.
     codec = schemas.Codec(SchemaTopic(settings, topics).resolve)
-    applied = next(m.value() for m in read_to_end(settings.kafka_bootstrap, master_topic) if m.key() not in poison)
+    applied = next(m.value() for m in read_to_end(settings, master_topic) if m.key() not in poison)
     assert applied is not None
     stray = codec.decode(applied)
     stray["transaction"]["id"] = f"stray:{uuid.uuid4()}"
@@ -307,7 +308,7 @@ def poison_and_refusal(site: Site, state_db: str, app_user: str, app_pass: str) 
         value, reason = poison[d["key"]]
         assert d["topic"] == master_topic and d["value"] == value and reason in d["reason"], d
         assert d["unit_id"] is None
-    raw = {(m.topic(), m.offset()): (m.key(), m.value()) for m in read_to_end(settings.kafka_bootstrap, master_topic)}
+    raw = {(m.topic(), m.offset()): (m.key(), m.value()) for m in read_to_end(settings, master_topic)}
     for d in decode:
         assert raw[(d["topic"], d["offset"])] == (d["key"], d["value"])
     refused = [d for d in letters if d["stage"] == "apply"]

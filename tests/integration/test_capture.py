@@ -21,8 +21,9 @@ import schemas
 from foundation import keys as keycodec
 from foundation.config import Settings
 from foundation.gtid import parse_position
+from foundation.kafka import produce, producer, read_to_end
 from foundation.links import LinkSpec
-from foundation.topics import SchemaTopic, Topics, produce, producer, read_to_end
+from foundation.topics import SchemaTopic, Topics
 from link.requests import Requests
 from tests.conftest import Site, admin, wait_for
 from tests.integration.test_pull import read_topic
@@ -372,7 +373,7 @@ def test_alter_table_yields_new_schema_versions_and_rows_on_both_sides_decode(si
     ]
     settings = Settings.from_env(site.pipeline_env())
     codec = schemas.Codec(SchemaTopic(settings, Topics(site.topic_prefix)).resolve)
-    versions = [codec.schema_of(m.value()).fingerprint for m in read_to_end(settings.kafka_bootstrap, topic)]
+    versions = [codec.schema_of(m.value()).fingerprint for m in read_to_end(settings, topic)]
     assert len(set(versions)) == 3 and versions[0] == versions[1]
 
 

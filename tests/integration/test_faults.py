@@ -13,8 +13,9 @@ from typing import Any
 import schemas
 from foundation import keys as keycodec
 from foundation.config import Settings
+from foundation.kafka import read_to_end
 from foundation.links import LinkSpec
-from foundation.topics import Topics, read_to_end
+from foundation.topics import Topics
 from link import link
 from link.requests import Requests
 from tests.conftest import Site, admin, scalar, wait_for
@@ -151,12 +152,12 @@ def test_agent_and_applier_killed_at_random_moments_under_load_leave_every_entit
     wait_for(same, 120, "the destination to equal the source's shared entities")
     topics = Topics(site.topic_prefix)
     settings = Settings.from_env(site.pipeline_env())
-    assert read_to_end(settings.kafka_bootstrap, topics.dead_letter) == []
+    assert read_to_end(settings, topics.dead_letter) == []
 
     # Nothing was asked twice: every entity in exactly one snapshot signal of a pull, and one of a delete.
     codec = schemas.Codec()
     asked: Counter[tuple[str, int]] = Counter()
-    for msg in read_to_end(settings.kafka_bootstrap, topics.signals):
+    for msg in read_to_end(settings, topics.signals):
         signal = codec.decode(msg.value())
         kind = "pull" if len(signal["keys"]) == per_pull else "delete"
         asked.update((kind, keycodec.decode(k)["recording_id"]) for k in signal["keys"])

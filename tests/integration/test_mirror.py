@@ -10,7 +10,8 @@ import pymysql
 from consumers.offsets_store import OffsetsStore
 from foundation import keys as keycodec
 from foundation.config import Settings
-from foundation.topics import Topics, read_to_end
+from foundation.kafka import read_to_end
+from foundation.topics import Topics
 from link import link
 from tests.conftest import Site, admin, wait_for
 from tests.integration.test_pull import declare_source, linked_recording, read_topic, rows
@@ -99,7 +100,7 @@ def flags_topic(site: Site) -> dict[str, dict[str, Any] | None]:
     topic = Topics(site.topic_prefix).flags
     last: dict[str, dict[str, Any] | None] = {}
     decoded = iter(read_topic(site, topic))
-    for msg in read_to_end(settings.kafka_bootstrap, topic):
+    for msg in read_to_end(settings, topic):
         last[bytes(msg.key() or b"").decode()] = next(decoded) if msg.value() is not None else None
     return last
 

@@ -12,7 +12,8 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, Resourc
 import schemas
 from foundation import keys as keycodec
 from foundation.config import Settings
-from foundation.topics import SchemaTopic, Topics, read_to_end
+from foundation.kafka import read_to_end
+from foundation.topics import SchemaTopic, Topics
 from link import LinkError, link
 from tests.conftest import Site, admin, wait_for
 
@@ -74,7 +75,7 @@ def read_topic(site: Site, topic: str) -> list[dict[str, Any]]:
     settings = Settings.from_env(site.pipeline_env())
     # Knowing no schema beforehand: what a subscriber with nothing but Kafka has.
     codec = schemas.Codec(SchemaTopic(settings, Topics(site.topic_prefix)).resolve, fixed=False)
-    return [codec.decode(m.value()) for m in read_to_end(settings.kafka_bootstrap, topic) if m.value() is not None]
+    return [codec.decode(m.value()) for m in read_to_end(settings, topic) if m.value() is not None]
 
 
 def test_pull_through_kafka_leaves_exactly_the_requested_entities(site: Site) -> None:

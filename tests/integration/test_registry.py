@@ -12,7 +12,9 @@ from confluent_kafka.schema_registry.avro import AvroDeserializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
 from devtools import services
-from foundation.topics import Topics, read_to_end
+from foundation.config import Settings
+from foundation.kafka import read_to_end
+from foundation.topics import Topics
 from link import link
 from tests.conftest import Site
 from tests.integration.test_pull import declare_source, rows
@@ -50,7 +52,7 @@ def test_change_events_in_the_confluent_wire_format_decode_with_a_stock_deserial
     topic = Topics(site.topic_prefix).table(site.source_schema, "recording")
     client = SchemaRegistryClient({"url": registry_url})
     values, keys = AvroDeserializer(client), AvroDeserializer(client)
-    read = read_to_end(site.env["DJLINK_KAFKA_BOOTSTRAP"], topic)
+    read = read_to_end(Settings.from_env(site.env), topic)
     messages = [(m.key() or b"", m.value() or b"") for m in read if m.value() is not None]  # not tombstones
     assert messages and all(v[:1] == b"\x00" and k[:1] == b"\x00" for k, v in messages)  # magic byte 0
     decoded = [values(v, SerializationContext(topic, MessageField.VALUE)) for _, v in messages]

@@ -1,0 +1,124 @@
+"""Kafka clients for every role, the façade and the command line: built here, and only here.
+
+Whatever a client needs to reach the cluster (bootstrap servers today;
+security settings tomorrow) is added in `client_config`, so producers,
+consumers and admin clients of every component get it at once. Also the one
+"produce, waiting for room in the local queue" and the reading of a topic to
+its end.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from foundation.config import Settings
+
+KAFKA_LOG = logging.getLogger("djlink.kafka")  # librdkafka's own log lines, through Python logging
+# The largest message on djlink's topics: a row change (two images of a row) or a pull's list of keys.
+# Bigger values belong in an external store (blob@, attach@), which djlink copies outside Kafka.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+DeliveryCallback = Callable[[KafkaError | None, Message], None]
+
+
+def client_config(settings: Settings, logger: logging.Logger = KAFKA_LOG) -> dict[str, Any]:
+    """What every Kafka client of djlink is configured with, whatever its kind."""
+    return {"bootstrap.servers": settings.kafka_bootstrap, "logger": logger}
+
+
+def producer(settings: Settings, transactional_id: str | None = None, **extra: Any) -> Producer:
+    """An idempotent producer (transactional when given an id), partitioning keys as Java clients do."""
+    conf: dict[str, Any] = {
+        **client_config(settings),
+        "enable.idempotence": True,
+        "linger.ms": 5,
+        "message.max.bytes": MAX_MESSAGE_BYTES + 1024 * 1024,  # room for the record batch around one message
+        "partitioner": "murmur2_random",  # agree with Java clients on key -> partition
+    }
+    if transactional_id:
+        conf["transactional.id"] = transactional_id
+    conf.update(extra)
+    return Producer(conf)
+
+
+def consumer(settings: Settings, group_id: str, **extra: Any) -> Consumer:
+    """A `read_committed` consumer that commits nothing by itself and starts at the beginning of a partition."""
+    conf: dict[str, Any] = {
+        **client_config(settings),
+        "group.id": group_id,
+        "isolation.level": "read_committed",
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "topic.metadata.refresh.interval.ms": 5000,
+    }
+    conf.update(extra)
+    return Consumer(conf)
+
+
+def admin_client(settings: Settings, logger: logging.Logger = KAFKA_LOG) -> AdminClient:
+    """An admin client (topic creation, metadata, deletion)."""
+    return AdminClient(client_config(settings, logger))  # type: ignore[arg-type]
+
+
+def produce(
+    p: Producer, topic: str, key: bytes | str | None, value: bytes | None, on_delivery: DeliveryCallback | None = None
+) -> None:
+    """Produce, waiting for room in the local queue instead of failing."""
+    while True:
+        try:
+            if on_delivery is None:
+                p.produce(topic, key=key, value=value)
+            else:
+                p.produce(topic, key=key, value=value, on_delivery=on_delivery)
+            return
+        except BufferError:
+            p.poll(0.1)
+
+
+def read_to_end(settings: Settings, topic: str, timeout_s: float = 30) -> list[Message]:
+    """Every committed message of partition 0 of `topic`, from the beginning to its current end.
+
+    The end is where the topic ended when the call started: for a
+    read_committed consumer the watermark query answers the last stable
+    offset, so an open transaction of an active producer does not keep us
+    waiting; at rest the partition-EOF event comes after the transaction
+    markers (they take offsets but are never delivered).
+    """
+    c = consumer(settings, f"{topic}-reader", **{"enable.partition.eof": True})  # as Topics.reader_group names it
+    found: list[Message] = []
+    try:
+        tp = TopicPartition(topic, 0, OFFSET_BEGINNING)
+        low, high = c.get_watermark_offsets(tp, timeout=10)
+        if high <= low:
+            return found
+        c.assign([tp])
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for msg in c.consume(1000, 0.2):
+                error = msg.error()
+                if error is None:
+                    found.append(msg)
+                elif error.code() == KafkaError._PARTITION_EOF:
+                    return found
+            if c.position([TopicPartition(topic, 0)])[0].offset >= high:
+                return found
+        raise TimeoutError(f"could not read topic {topic} to its end within {timeout_s} s")
+    finally:
+        c.close()
+
+
+def where(msg: Message) -> tuple[str, int, int]:
+    """Topic, partition and offset of a consumed message."""
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    assert topic is not None and partition is not None and offset is not None
+    return topic, partition, offset
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)

@@ -60,7 +60,6 @@ replication domain), a snapshot unit by its id (`applied_units`).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -74,7 +73,7 @@ import pymysql
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition
 
 import schemas
-from consumers.entity import EntityState, Outcome, decide_process
+from consumers.integrity import ACKED_AS, EntityState, HelperRow, Outcome, decide_process, needs_presence
 from consumers.offsets_store import (
     PRUNE_EVERY_S,
     Finished,
@@ -107,9 +106,6 @@ ORPHAN_AFTER_MS = 30_000
 MAX_COPIED_REMEMBERED = 100_000  # objects known copied (skipped while the destination has them)
 TRANSACTION_FIELDS = frozenset({"status", "id", "data_collections", "request_id", "link_id"})
 ER_NO_SUCH_TABLE = 1146
-# Per processing outcome: whether the entity's rows are at the destination afterwards, and where the ack lists it.
-HERE_AFTER = {Outcome.APPLY: True, Outcome.KEEP: True, Outcome.REMOVE: False, Outcome.DEPRECATE: False}
-ACK_FIELD = {Outcome.APPLY: "keys", Outcome.KEEP: "keys", Outcome.REMOVE: "deleted", Outcome.DEPRECATE: "deprecate"}
 WAITING_WARN_S = 5.0  # warn when the next unit in order has been incomplete this long
 MAX_BATCH_EVENTS = 20_000  # events per destination transaction, at most (a unit is never split)
 UNKNOWN_SCHEMA_TTL_S = 10.0  # a fingerprint the schema topic lacked is not looked up again this soon
@@ -816,7 +812,7 @@ class Applier:
 
         events = sorted(unit.events.values(), key=lambda e: e.envelope["transaction"]["total_order"])
         changes = [(e, self._image(e, "before"), self._image(e, "after")) for e in events]
-        helpers: dict[EntityKey, dict[str, Any] | None] = {}  # a processing unit's helper rows, as read
+        helpers: dict[EntityKey, HelperRow | None] = {}  # a processing unit's helper rows, as read
         for event, before, after in changes:
             helper_of = self._helper_of.get(event.collection)
             if helper_of is not None:
@@ -824,12 +820,13 @@ class Applier:
                 assert image is not None
                 key = (helper_of.link_id, keycodec.encode(image, list(helper_of.primary_key)))
                 old = state(key)
-                new = old.with_helper(after)
+                helper = HelperRow.from_sql(after) if after is not None else None
+                new = old.with_helper(helper)
                 local[key] = new
                 if old.flag() != new.flag():
                     plan.flags[key] = int(event.envelope["source"]["ts_ms"])
                 if link is not None:
-                    helpers[key] = after
+                    helpers[key] = helper
             store = self._store_of.get(event.collection)
             if store is not None:
                 image = after or before
@@ -931,7 +928,7 @@ class Applier:
         plan: Plan,
         link: LinkSpec,
         changes: list[tuple[Event, dict[str, Any] | None, dict[str, Any] | None]],
-        helpers: dict[EntityKey, dict[str, Any] | None],
+        helpers: dict[EntityKey, HelperRow | None],
         local: dict[EntityKey, EntityState],
         state: Callable[[EntityKey], EntityState],
         in_batch: Callable[[EntityKey], EntityState | None],
@@ -946,9 +943,7 @@ class Applier:
             [*helpers, *((link.link_id, keycodec.encode(a, pk)) for e, _, a in changes if e.collection == master and a)]
         )
         plan.entities = list(entities)
-        flagged_pulls = [
-            k for k in entities if (h := helpers.get(k)) and h["process"] == "PULL" and h["is_flagged"] == "TRUE"
-        ]
+        flagged_pulls = [k for k in entities if needs_presence(helpers.get(k))]
         present = self._present(link, [k[1] for k in flagged_pulls]) if flagged_pulls else set()
         for k in flagged_pulls:  # applied or removed by an earlier unit of this batch: the query cannot see it yet
             earlier = in_batch(k)
@@ -989,12 +984,12 @@ class Applier:
             ack["failed"].append(f"{key[1]}: {reason}")
             del outcomes[key]
         for key, (outcome, reason) in outcomes.items():
-            if outcome in HERE_AFTER:
-                local[key] = dataclasses.replace(local.get(key) or state(key), at_destination=HERE_AFTER[outcome])
+            if outcome.at_destination_after is not None:
+                local[key] = (local.get(key) or state(key)).after(outcome)
             if outcome is Outcome.SKIP:
                 ack["skipped"].append(f"{key[1]}: {reason}")
             else:
-                ack[ACK_FIELD[outcome]].append(key[1])
+                ack[ACKED_AS[outcome].value].append(key[1])
         assert plan.unit.end is not None
         ack.update(link_id=link.link_id, unit_id=plan.unit_id, request_id=plan.unit.end["request_id"], ts_ms=now_ms())
         plan.ack = self._codec.encode(schemas.FIXED["ack"], ack)

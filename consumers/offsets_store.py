@@ -49,7 +49,7 @@ from typing import Any
 
 import pymysql
 
-from consumers.entity import EntityState
+from consumers.integrity import EntityState, HelperRow, Process
 from foundation.gtid import parse_gtid
 from foundation.sql import quote
 
@@ -286,7 +286,8 @@ class OffsetsStore:
         states: dict[tuple[str, str], EntityState] = {}
         pending: set[tuple[str, str]] = set()
         for link_id, key, process, flagged, deprecated, here, flag_pending in cur.fetchall():
-            states[(link_id, key)] = EntityState(process, flagged == "TRUE", deprecated == "TRUE", bool(here))
+            helper = HelperRow(Process(process), flagged == "TRUE", deprecated == "TRUE") if process else None
+            states[(link_id, key)] = EntityState(helper, bool(here))
             if flag_pending:
                 pending.add((link_id, key))
         return states, pending
@@ -311,7 +312,7 @@ class OffsetsStore:
                         link_id,
                         key_hash(key),
                         key,
-                        s.process,
+                        s.process.value if s.process is not None else None,
                         _bool(s.is_flagged),
                         _bool(s.is_deprecated),
                         int(s.at_destination),

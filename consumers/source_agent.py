@@ -23,20 +23,19 @@ import pymysql.cursors
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 import schemas
-from consumers.entity import NEW_HELPER_ROW, Action, decide_delete, decide_pull
+from consumers.integrity import ACK_RULES, NEW_HELPER_ROW, Acked, AckRule, Action, HelperRow, decide_delete, decide_pull
 from foundation import keys as keycodec
 from foundation.catalog import Catalog, UnknownTable
 from foundation.config import Settings
 from foundation.dberrors import describe, is_transient
 from foundation.kafka import consumer, now_ms, produce, producer, where
 from foundation.links import LinkRegistry, LinkSpec
-from foundation.sql import in_clause, quote
+from foundation.sql import chunks, in_clause, quote
 from foundation.topics import Admin, SchemaTopic, TopicRefused, Topics
 from schemas.registry import registry_at
 from schemas.tables import EnvelopeReader
 
 log = logging.getLogger(__name__)
-HELPER_COLUMNS = ("process", "is_flagged", "is_deprecated")
 MAX_IDENTIFIER = 64  # characters of a MariaDB schema or table name
 ADOPT_CHUNK_KEYS = 10_000  # keys per snapshot signal when continuing from an existing helper table
 # What a topic created a moment ago answers until its leader is elected and known (not all flagged retriable).
@@ -365,17 +364,17 @@ class SourceAgent:
             )
             found = {row["name"] for row in cur.fetchall()}
         self._db.commit()
-        lacking = [c for c in [*(c["name"] for c in pk), *HELPER_COLUMNS] if c not in found]
+        lacking = [c for c in [*(c["name"] for c in pk), *HelperRow.COLUMNS] if c not in found]
         if lacking:  # CREATE TABLE IF NOT EXISTS met a table of that name that is something else
             raise Refused(
                 f"{link.helper_db}.{link.helper_table} exists and is not a helper table of "
                 f"{link.source_db}.{link.source_table} (it lacks {', '.join(lacking)}); name another helper table"
             )
 
-    def _helper_rows(self, link: LinkSpec, key_texts: Sequence[str]) -> dict[str, dict[str, Any]]:
+    def _helper_rows(self, link: LinkSpec, key_texts: Sequence[str]) -> dict[str, HelperRow]:
         """The helper rows of the entities, by key, locked for update until the commit."""
         rows = self._rows_of(link, f"{quote(link.helper_db)}.{quote(link.helper_table)}", "*", key_texts, "FOR UPDATE")
-        return {keycodec.encode(row, list(link.primary_key)): row for row in rows}
+        return {keycodec.encode(row, list(link.primary_key)): HelperRow.from_sql(row) for row in rows}
 
     def _source_keys(self, link: LinkSpec, key_texts: Sequence[str]) -> set[str]:
         """Which of the entities have their master row at the source; locked (shared) until the commit, so
@@ -406,7 +405,7 @@ class SourceAgent:
 
         Processing is a snapshot read of the entities' rows AND helper rows
         in one consistent read; the applier acts on the helper row it finds
-        there (consumers.entity.decide_process) and acknowledges.
+        there (consumers.integrity.decide_process) and acknowledges.
         """
         pk = list(link.primary_key)
         key_texts = list(dict.fromkeys(keycodec.encode(keycodec.decode(k), pk) for k in key_texts))
@@ -428,13 +427,14 @@ class SourceAgent:
                     refused.append(f"{k}: not in {link.source_db}.{link.source_table} (deleted since it was chosen?)")
             moves[Action.ACTIVATE] = [k for k in moves[Action.ACTIVATE] if k in present]
         if moves[Action.ACTIVATE]:
-            cols = pk + list(HELPER_COLUMNS)
+            cols = pk + list(HelperRow.COLUMNS)
             sql = (
                 f"INSERT INTO {self._helper(link)} "
                 f"({', '.join(quote(c) for c in cols)}) VALUES ({', '.join(['%s'] * len(cols))})"
             )
+            new = NEW_HELPER_ROW.to_sql()
             rows = [
-                [keycodec.decode(k)[c] for c in pk] + [NEW_HELPER_ROW[c] for c in HELPER_COLUMNS]
+                [keycodec.decode(k)[c] for c in pk] + [new[c] for c in HelperRow.COLUMNS]
                 for k in moves[Action.ACTIVATE]
             ]
             with self._db.cursor() as cur:
@@ -442,8 +442,11 @@ class SourceAgent:
                     cur.executemany(sql, rows)
                 except pymysql.err.IntegrityError as exc:
                     raise Refused(f"cannot activate entities of {link.link_id}: {exc.args[-1]}") from exc
-        self._set_process(link, moves[Action.REPULL], "PULL")
-        self._set_process(link, moves[Action.MARK_DELETE], "DELETE")
+        for action in (Action.REPULL, Action.MARK_DELETE):
+            if moves[action]:
+                after = action.helper_after(helpers[moves[action][0]])
+                assert after is not None
+                self._set_process(link, moves[action], after.process.value)
         self._db.commit()
         waited = [
             k for action in (Action.ACTIVATE, Action.PROCESS, Action.REPULL, Action.MARK_DELETE) for k in moves[action]
@@ -461,15 +464,42 @@ class SourceAgent:
     def _set_process(self, link: LinkSpec, key_texts: list[str], process: str) -> None:
         self._update(link, key_texts, f"UPDATE {self._helper(link)} SET `process`=%s WHERE", [process])
 
-    def _update(self, link: LinkSpec, key_texts: Sequence[str], head: str, params: list[Any], where: str = "") -> None:
+    def _update(
+        self,
+        link: LinkSpec,
+        key_texts: Sequence[str],
+        head: str,
+        params: Sequence[Any],
+        where: str = "",
+        where_params: Sequence[Any] = (),
+    ) -> None:
         """`head` (ending in WHERE) for the entities `key_texts`, 1,000 at a time; `where` narrows it."""
         pk = list(link.primary_key)
         with self._db.cursor() as cur:
-            for start in range(0, len(key_texts), 1000):
-                chunk = [keycodec.decode(k) for k in key_texts[start : start + 1000]]
-                cur.execute(f"{head} {in_clause(pk, len(chunk))}{where}", [*params, *(k[c] for k in chunk for c in pk)])
+            for chunk in chunks(key_texts):
+                keys = [keycodec.decode(k) for k in chunk]
+                cur.execute(
+                    f"{head} {in_clause(pk, len(keys))}{where}",
+                    [*params, *(k[c] for k in keys for c in pk), *where_params],
+                )
 
     # -- acknowledgements ----------------------------------------------------
+
+    def _apply_rule(self, link: LinkSpec, rule: AckRule, key_texts: Sequence[str]) -> None:
+        """One acknowledgement rule (consumers.integrity.ACK_RULES) as one guarded statement per key chunk."""
+        if not key_texts:
+            return
+        guard = " AND `process`=%s"
+        guard_params: list[Any] = [rule.guard.process.value]
+        if rule.guard.is_flagged is not None:
+            guard += " AND `is_flagged`=%s"
+            guard_params.append("TRUE" if rule.guard.is_flagged else "FALSE")
+        if rule.set_process is None:
+            self._update(link, key_texts, f"DELETE FROM {self._helper(link)} WHERE", [], guard, guard_params)
+            return
+        sets = "`process`=%s" + (", `is_deprecated`='TRUE'" if rule.set_deprecated else "")
+        head = f"UPDATE {self._helper(link)} SET {sets} WHERE"
+        self._update(link, key_texts, head, [rule.set_process.value], guard, guard_params)
 
     def _ack(self, ack: dict[str, Any]) -> None:
         """Finish what the applier did, each step only from the state it expects (so a repeated ack is harmless).
@@ -484,14 +514,11 @@ class SourceAgent:
         if link is None:
             self._registry.catch_up()
             link = self._registry.links[ack["link_id"]]
-        table = self._helper(link)
-        deprecated = f"UPDATE {table} SET `process`='NONE', `is_deprecated`='TRUE' WHERE"
-        self._update(link, ack["keys"], f"UPDATE {table} SET `process`='NONE' WHERE `process`='PULL' AND", [])
-        self._update(link, ack.get("deprecate") or [], deprecated, [], " AND `process`='PULL' AND `is_flagged`='TRUE'")
-        deleted = ack.get("deleted") or []
-        self._update(link, deleted, deprecated, [], " AND `process`='DELETE' AND `is_flagged`='TRUE'")
-        self._update(link, deleted, f"DELETE FROM {table} WHERE", [], " AND `process`='DELETE'")
+        for acked in Acked:  # in the order of ACK_RULES: a rule's result never satisfies a later one's guard
+            for rule in ACK_RULES[acked]:
+                self._apply_rule(link, rule, ack.get(acked.value) or [])
         self._db.commit()
+        deleted = ack.get("deleted") or []
         if ack["request_id"]:
             refused = [f"{k}: flagged at the source; now deprecated" for k in ack.get("deprecate") or []]
             refused += ack.get("skipped") or []

@@ -302,7 +302,7 @@ def test_a_commit_whose_answer_was_lost_still_updates_what_the_applier_remembers
     """The retry finds the units claimed: by this very commit, so their entity states, flags and acks must
     reach memory; otherwise the applier would carry on from states the database no longer has."""
     from consumers.applier import Plan
-    from consumers.entity import EntityState
+    from consumers.integrity import EntityState, HelperRow, Process
 
     applier = Applier.__new__(Applier)
     store = LostCommitStore()
@@ -312,7 +312,7 @@ def test_a_commit_whose_answer_was_lost_still_updates_what_the_applier_remembers
     applier.units_applied = applier.units_mirrored = applier.units_skipped = 0
     key = ("link-1", '{"id":1}')
     plan = Plan("snapshot:1", PendingUnit(), "link-1", None, ack=b"ack")
-    plan.states[key] = EntityState(process="PULL", is_flagged=True, at_destination=True)
+    plan.states[key] = EntityState(HelperRow(Process.PULL, is_flagged=True), at_destination=True)
     plan.flags[key] = 1234
 
     applier._commit([plan], {})

@@ -90,6 +90,7 @@ from foundation.config import ConfigError, Settings
 from foundation.dberrors import describe, is_transient
 from foundation.gtid import Gtid, parse_gtid
 from foundation.kafka import consumer, now_ms, producer, where
+from foundation.keys import KeyReason
 from foundation.links import LinkRegistry, LinkSpec, destination_name, external_table
 from foundation.sql import in_clause, quote
 from foundation.stores import ObjectError, Store, StoreError, Stores, copy_object, holds
@@ -981,13 +982,13 @@ class Applier:
                 plan.write("delete", (link.destination_db, destination_name(table)), key_row)
         ack: dict[str, Any] = {"keys": [], "deleted": [], "deprecate": [], "skipped": [], "failed": [], "rows": written}
         for key, reason in failed.items():
-            ack["failed"].append(f"{key[1]}: {reason}")
+            ack["failed"].append(KeyReason(key[1], reason).to_avro())
             del outcomes[key]
         for key, (outcome, reason) in outcomes.items():
             if outcome.at_destination_after is not None:
                 local[key] = (local.get(key) or state(key)).after(outcome)
             if outcome is Outcome.SKIP:
-                ack["skipped"].append(f"{key[1]}: {reason}")
+                ack["skipped"].append(KeyReason(key[1], reason).to_avro())
             else:
                 ack[ACKED_AS[outcome].value].append(key[1])
         assert plan.unit.end is not None

@@ -29,6 +29,7 @@ from foundation.catalog import Catalog, UnknownTable
 from foundation.config import Settings
 from foundation.dberrors import describe, is_transient
 from foundation.kafka import consumer, now_ms, produce, producer, where
+from foundation.keys import KeyReason
 from foundation.links import LinkRegistry, LinkSpec
 from foundation.sql import chunks, in_clause, quote
 from foundation.topics import Admin, SchemaTopic, TopicRefused, Topics
@@ -412,19 +413,20 @@ class SourceAgent:
         helpers = self._helper_rows(link, key_texts)
         decide = decide_pull if kind == "PULL" else decide_delete
         moves: dict[Action, list[str]] = {action: [] for action in Action}
-        refused: list[str] = []
+        refused: list[KeyReason] = []
         for k in key_texts:
             decision = decide(helpers.get(k))
             moves[decision.action].append(k)
             if decision.action in (Action.REFUSE, Action.REFUSE_AND_PROCESS):
-                refused.append(f"{k}: {decision.reason}")
+                refused.append(KeyReason(k, decision.reason))
         if moves[Action.ACTIVATE]:
             # Only rows still at the source: one deleted since it was chosen (by a restriction, or by an
             # auto-pull policy reading its insert) is refused alone, not the whole request with it.
             present = self._source_keys(link, moves[Action.ACTIVATE])
             for k in moves[Action.ACTIVATE]:
                 if k not in present:
-                    refused.append(f"{k}: not in {link.source_db}.{link.source_table} (deleted since it was chosen?)")
+                    reason = f"not in {link.source_db}.{link.source_table} (deleted since it was chosen?)"
+                    refused.append(KeyReason(k, reason))
             moves[Action.ACTIVATE] = [k for k in moves[Action.ACTIVATE] if k in present]
         if moves[Action.ACTIVATE]:
             cols = pk + list(HelperRow.COLUMNS)
@@ -452,7 +454,8 @@ class SourceAgent:
             k for action in (Action.ACTIVATE, Action.PROCESS, Action.REPULL, Action.MARK_DELETE) for k in moves[action]
         ]
         done = moves[Action.DONE]
-        self._reply(rid, "ACCEPTED", activated=len(waited), skipped=len(done), refused=refused, done=done)
+        refused_records = [r.to_avro() for r in refused]
+        self._reply(rid, "ACCEPTED", activated=len(waited), skipped=len(done), refused=refused_records, done=done)
         to_read = waited + moves[Action.REFUSE_AND_PROCESS]
         if to_read:
             produce(self._p, self.topics.signals, link.link_id, self._signal(rid, rid, link, to_read))
@@ -520,7 +523,9 @@ class SourceAgent:
         self._db.commit()
         deleted = ack.get("deleted") or []
         if ack["request_id"]:
-            refused = [f"{k}: flagged at the source; now deprecated" for k in ack.get("deprecate") or []]
+            refused = [
+                KeyReason(k, "flagged at the source; now deprecated").to_avro() for k in ack.get("deprecate") or []
+            ]
             refused += ack.get("skipped") or []
             failed = ack.get("failed") or []
             done = [*ack["keys"], *deleted]

@@ -13,6 +13,7 @@ import functools
 import json
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -72,3 +73,22 @@ def decode(text: str) -> dict[str, Any]:
     """A key as SQL parameters: bytes where bytes were, strings MariaDB compares as the column's type."""
     raw = json.loads(text)
     return {k: base64.b64decode(v["$b64"]) if isinstance(v, dict) else v for k, v in raw.items()}
+
+
+@dataclass(frozen=True)
+class KeyReason:
+    """An entity that was not done, and why: how refusals and failures cross Kafka (Avro `djlink.KeyReason`)."""
+
+    key: str  # canonical key JSON (`encode`)
+    reason: str
+
+    def to_avro(self) -> dict[str, str]:
+        return {"key": self.key, "reason": self.reason}
+
+    @classmethod
+    def from_avro(cls, record: Mapping[str, Any]) -> KeyReason:
+        return cls(str(record["key"]), str(record["reason"]))
+
+    def __str__(self) -> str:
+        """`<key>: <reason>`, as `pull()` and `delete()` list it for the user."""
+        return f"{self.key}: {self.reason}"

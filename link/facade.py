@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from foundation import keys as keycodec
 from foundation.config import Settings
+from foundation.keys import KeyReason
 from foundation.links import LinkSpec
 from link.requests import Requests
 
@@ -216,20 +217,20 @@ class _Link:
             for reply in self.requests.ask(kind, spec, texts, timeout or self.settings.timeout_s):
                 if reply["status"] == "REFUSED":
                     raise LinkError(f"the source site refused the {kind.lower()}: {reply['message']}")
-                refused = list(reply["refused"])
-                refused_keys = {_key_of(r) for r in refused}
+                refused = [KeyReason.from_avro(r) for r in reply["refused"]]
+                refused_keys = {r.key for r in refused}
                 if reply["status"] == "ACCEPTED":
-                    summary.refused = refused
+                    summary.refused = [str(r) for r in refused]
                     summary.skipped = len(reply["done"])
                     waiting = set(texts) - set(reply["done"]) - refused_keys
                     bar.update(len(texts) - len(waiting))
                 else:
                     done = waiting.intersection(reply["done"])
-                    late = [r for r in refused if _key_of(r) in waiting]
-                    failed = [r for r in reply.get("failed") or [] if _key_of(r) in waiting]
-                    waiting -= done | refused_keys | {_key_of(r) for r in failed}
-                    summary.refused += late
-                    summary.failed += failed
+                    late = [r for r in refused if r.key in waiting]
+                    failed = [f for f in map(KeyReason.from_avro, reply.get("failed") or []) if f.key in waiting]
+                    waiting -= done | refused_keys | {f.key for f in failed}
+                    summary.refused += [str(r) for r in late]
+                    summary.failed += [str(f) for f in failed]
                     done_count += len(done)
                     rows += reply.get("rows") or 0
                     summary.rows = rows
@@ -277,14 +278,6 @@ def _destination_class(name: str, doc: str | None, source_class: Any, stores: di
             },
         )
     return type(name, (dj.Manual,), body)
-
-
-def _key_of(entry: str) -> str:
-    """The key of a '<key>: <reason>' entry: its JSON object, whatever ': ' its strings hold."""
-    try:
-        return entry[: json.JSONDecoder().raw_decode(entry)[1]]
-    except json.JSONDecodeError:
-        return entry.split(": ", 1)[0]
 
 
 ER_DB_CREATE_EXISTS = 1007

@@ -11,7 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+import schemas
 from foundation import keys
+from foundation.keys import KeyReason
 
 
 def reference(key: dict[str, Any], attributes: list[str] | None = None) -> str:
@@ -54,9 +56,11 @@ def test_whole_decimals_are_ints_as_datajoint_gives_them() -> None:
     assert keys.encode({"price": Decimal("5.00")}) == '{"price":"5.00"}'  # a scale: as written, both sides
 
 
-def test_the_key_of_a_refused_entry_is_its_json_whatever_its_strings_hold() -> None:
-    from link.facade import _key_of
-
-    key = keys.encode({"run": "run 1: base", "n": 2})
-    assert _key_of(f"{key}: deprecated at the source") == key
-    assert _key_of("not json: reason") == "not json"
+def test_a_refused_key_crosses_kafka_as_a_record_whatever_its_strings_hold() -> None:
+    key = keys.encode({"name": "a: b", "n": 1})
+    entry = KeyReason(key, "deprecated at the source")
+    codec = schemas.Codec()
+    record = {"request_id": "r", "status": "PROGRESS", "refused": [entry.to_avro()], "ts_ms": 0}
+    decoded = codec.decode(codec.encode(schemas.FIXED["reply"], record))
+    assert [KeyReason.from_avro(r) for r in decoded["refused"]] == [entry]
+    assert str(entry) == f"{key}: deprecated at the source"

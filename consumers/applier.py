@@ -88,8 +88,9 @@ from consumers.offsets_store import (
 from foundation import keys as keycodec
 from foundation.config import ConfigError, Settings
 from foundation.dberrors import describe, is_transient
+from foundation.dead_letters import DeadLetter
 from foundation.gtid import Gtid, parse_gtid
-from foundation.kafka import consumer, now_ms, producer, where
+from foundation.kafka import consumer, now_ms, produce, producer, where
 from foundation.keys import KeyReason
 from foundation.links import LinkRegistry, LinkSpec, destination_name, external_table
 from foundation.sql import in_clause, quote
@@ -249,24 +250,8 @@ class DeadLetters:
     def send(
         self, at: Offset, key: bytes | None, value: bytes | None, reason: str, stage: str, unit_id: str | None = None
     ) -> None:
-        record = {
-            "topic": at[0],
-            "partition": at[1],
-            "offset": at[2],
-            "key": key,
-            "value": value,
-            "reason": reason,
-            "stage": stage,
-            "unit_id": unit_id,
-            "ts_ms": now_ms(),
-        }
-        data = self._codec.encode(schemas.FIXED["dead_letter"], record)
-        while True:
-            try:
-                self._p.produce(self._topic, key=at[0], value=data, on_delivery=self._delivered)
-                break
-            except BufferError:
-                self._p.poll(0.1)
+        data = DeadLetter(*at, key, value, reason, stage, unit_id).encode(self._codec)
+        produce(self._p, self._topic, at[0], data, self._delivered)
         self._unconfirmed += 1
         self.sent += 1
 

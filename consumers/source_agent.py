@@ -28,6 +28,7 @@ from foundation import keys as keycodec
 from foundation.catalog import Catalog, UnknownTable
 from foundation.config import Settings
 from foundation.dberrors import describe, is_transient
+from foundation.dead_letters import DeadLetter
 from foundation.kafka import consumer, now_ms, produce, producer, where
 from foundation.keys import KeyReason
 from foundation.links import LinkRegistry, LinkSpec
@@ -196,18 +197,8 @@ class SourceAgent:
             record = self._codec.decode(msg.value() or b"")
         except schemas.DecodeError as exc:
             topic, partition, offset = where(msg)
-            dead = {
-                "topic": topic,
-                "partition": partition,
-                "offset": offset,
-                "key": msg.key(),
-                "value": msg.value(),
-                "reason": str(exc),
-                "stage": "decode",
-                "unit_id": None,
-                "ts_ms": now_ms(),
-            }
-            produce(self._p, self.topics.dead_letter, topic, self._codec.encode(schemas.FIXED["dead_letter"], dead))
+            dead = DeadLetter(topic, partition, offset, msg.key(), msg.value(), str(exc), "decode")
+            produce(self._p, self.topics.dead_letter, topic, dead.encode(self._codec))
             log.warning("dead-lettered undecodable message %s[%d]@%d: %s", topic, partition, offset, exc)
             return
         self._db.ping(reconnect=True)

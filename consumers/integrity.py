@@ -28,7 +28,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from enum import Enum, StrEnum
-from typing import Any
+from typing import Any, NamedTuple
+
+
+class EntityKey(NamedTuple):
+    """One entity: its link, and its primary key as canonical JSON (foundation.keys.encode)."""
+
+    link_id: str
+    key: str
 
 
 class Process(StrEnum):

@@ -7,7 +7,7 @@ from typing import Any
 
 import pymysql
 
-from consumers.offsets_store import OffsetsStore
+from consumers.applier.state_store import StateStore
 from foundation import keys as keycodec
 from foundation.config import Settings
 from foundation.kafka import read_to_end
@@ -89,7 +89,7 @@ def flag_states(site: Site, state_db: str, link_id: str) -> list[tuple[str, bool
     conn = admin(site.env, "DEST")
     try:
         with conn.cursor() as cur:
-            return OffsetsStore(state_db, f"{site.topic_prefix}-applier").flagged(cur, link_id)
+            return StateStore(state_db, f"{site.topic_prefix}-applier").flagged(cur, link_id)
     finally:
         conn.close()
 

@@ -10,9 +10,19 @@ import pymysql
 import pytest
 
 import schemas
-from consumers.applier import Applier, Event, PendingUnit, describe, is_transient, read_past
-from consumers.offsets_store import UnitOffsets, changed, cutoff, safe_offsets
+from consumers.applier import Applier
+from consumers.applier.gathering import (
+    Event,
+    Offset,
+    PendingUnit,
+    UnitOffsets,
+    changed,
+    cutoff,
+    read_past,
+    safe_offsets,
+)
 from foundation.config import ConfigError, Settings
+from foundation.dberrors import describe, is_transient
 
 T, R, C = "p.transaction", "p.db.master", "p.db.master__part"
 
@@ -113,16 +123,16 @@ def test_only_changed_offsets_are_written() -> None:
 
 def test_pending_unit_is_complete_when_its_end_counts_are_met() -> None:
     pending = PendingUnit()
-    assert not pending.complete({"db.master"})
+    assert not pending.complete(frozenset({"db.master"}))
     pending.end = {"data_collections": [{"data_collection": "db.master", "event_count": 1}]}
-    pending.end_offset = (T, 0, 4)
-    assert not pending.complete({"db.master"})
-    assert pending.complete({"db.other"})  # counts of tables not applied do not matter
-    pending.add((R, 0, 2), Event("db.master", {}, {}, b"k", b"v", 0))
-    assert pending.complete({"db.master"})
+    pending.end_offset = Offset(T, 0, 4)
+    assert not pending.complete(frozenset({"db.master"}))
+    assert pending.complete(frozenset({"db.other"}))  # counts of tables not applied do not matter
+    pending.add(Offset(R, 0, 2), Event("db.master", {}, {}, b"k", b"v", 0))
+    assert pending.complete(frozenset({"db.master"}))
     pending.end["data_collections"][0]["event_count"] = 2
-    pending.add((R, 0, 2), Event("db.master", {}, {}, b"k", b"v", 0))  # read again (a rewind): counts once
-    assert not pending.complete({"db.master"})
+    pending.add(Offset(R, 0, 2), Event("db.master", {}, {}, b"k", b"v", 0))  # read again (a rewind): counts once
+    assert not pending.complete(frozenset({"db.master"}))
     pending.end["data_collections"][0]["event_count"] = 1
     assert pending.where(finished=True) == UnitOffsets(4, ((R, 0, 2), (T, 0, 4)), True)
 
@@ -260,7 +270,7 @@ class LostCommitStore:
         self.staged: dict[str, bytes | None] = {}
 
     def finished_among(self, cur: Any, unit_ids: list[str]) -> dict[str, Any]:
-        from consumers.offsets_store import Finished
+        from consumers.applier.state_store import Finished
 
         return {u: Finished("applied", self.claimed[u]) for u in unit_ids if u in self.claimed}
 
@@ -301,26 +311,28 @@ class LostCommitConnection:
 def test_a_commit_whose_answer_was_lost_still_updates_what_the_applier_remembers() -> None:
     """The retry finds the units claimed: by this very commit, so their entity states, flags and acks must
     reach memory; otherwise the applier would carry on from states the database no longer has."""
-    from consumers.applier import Plan
-    from consumers.integrity import EntityState, HelperRow, Process
+    from consumers.applier.planning import Plan
+    from consumers.integrity import EntityKey, EntityState, HelperRow, Process
 
-    applier = Applier.__new__(Applier)
+    applier = Applier(Settings.from_env({}))
     store = LostCommitStore()
     applier._store = store  # type: ignore[assignment]
-    applier._db, applier._stop = LostCommitConnection(store), threading.Event()
-    applier._stored, applier._entities, applier._flag_outbox, applier._positions, applier._outbox = {}, {}, {}, {}, {}
-    applier.units_applied = applier.units_mirrored = applier.units_skipped = 0
-    key = ("link-1", '{"id":1}')
-    plan = Plan("snapshot:1", PendingUnit(), "link-1", None, ack=b"ack")
+    applier._db = LostCommitConnection(store)
+    key = EntityKey("link-1", '{"id":1}')
+    end = {"request_id": "r"}
+    ack = {"link_id": "link-1", "unit_id": "snapshot:1", "request_id": "r", "keys": [key.key], "rows": 1}
+    plan = Plan("snapshot:1", PendingUnit(end=end), "link-1", None, ack=ack)
     plan.states[key] = EntityState(HelperRow(Process.PULL, is_flagged=True), at_destination=True)
     plan.flags[key] = 1234
 
     applier._commit([plan], {})
 
-    assert store.claimed == {"snapshot:1": b"ack"}
+    assert list(store.claimed) == ["snapshot:1"]
+    sent = store.claimed["snapshot:1"]
+    assert sent is not None and schemas.Codec().decode(sent)["keys"] == [key.key]
     assert applier._entities[key].at_destination
-    assert applier._flag_outbox == {key: 1234}
-    assert applier._outbox == {"snapshot:1": ("link-1", b"ack")}
+    assert list(applier._flags.owed()) == [key]
+    assert applier._acks.owed() == {"snapshot:1": (applier.topics.acks, "link-1", sent)}
     assert (applier.units_applied, applier.units_skipped) == (1, 0)
 
 

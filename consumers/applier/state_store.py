@@ -1,4 +1,4 @@
-"""What the applier has consumed and done, kept in the destination database itself.
+"""The applier's state store: what it has consumed and done, kept in the destination database itself.
 
 The applier's exactly-once guarantee rests on this module: the Kafka offsets
 it has consumed up to, the id of every unit it has finished, and the acks it
@@ -11,7 +11,7 @@ consumer group so several deployments (topic prefixes) can share one server:
 
 - `offsets`: per partition the next offset to read: a cut that never splits a
   unit and never passes a message of a unit not finished (see
-  `safe_offsets`); the applier seeks every assigned partition here on start
+  `gathering.safe_offsets`); the applier seeks every assigned partition here on start
   and on every rebalance.
 - `applied_units`: one row per finished unit, `outcome` 'applied' or
   'dead-letter'. Inserting it is the first statement of a unit's transaction
@@ -42,79 +42,29 @@ Only SQL lives here; transactions are the caller's (every method takes a cursor)
 from __future__ import annotations
 
 import hashlib
-import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import pymysql
 
-from consumers.integrity import EntityState, HelperRow, Process
+from consumers.applier.gathering import Partition
+from consumers.integrity import EntityKey, EntityState, HelperRow, Process
 from foundation.gtid import parse_gtid
-from foundation.sql import quote
+from foundation.sql import chunks, quote
 
 RETENTION_S = 7 * 24 * 3600  # how long a finished unit's id is kept (Kafka's default log.retention.hours)
 PRUNE_EVERY_S = 3600.0
 PRUNE_BATCH = 10_000
 ER_DUP_ENTRY = 1062
 
-Partition = tuple[str, int]  # topic, partition
-Offset = tuple[str, int, int]  # topic, partition, offset
 
+class TrackedKey(NamedTuple):
+    """One `~external_<store>` row of a source schema: which object it tracks."""
 
-@dataclass(frozen=True)
-class UnitOffsets:
-    """Where one unit's messages sit: what `safe_offsets` needs to know of it."""
-
-    end: int | None  # offset of its END on the transaction topic; None while not seen
-    offsets: tuple[Offset, ...]  # every message of the unit seen so far (events and END)
-    finished: bool  # applied, skipped, dead-lettered or not ours: nothing left to do
-
-
-def cutoff(units: Iterable[UnitOffsets]) -> float | None:
-    """The END offset of the first unfinished unit (inf when none of them has its END yet; None: none unfinished).
-
-    Units are produced one after another by one producer, so on every
-    partition the messages of a unit precede those of every later unit, and
-    the order of their ENDs on the (single-partition) transaction topic is
-    their order. A unit whose END is not seen yet comes after every unit
-    whose END is.
-    """
-    ends = [math.inf if u.end is None else u.end for u in units if not u.finished]
-    return min(ends) if ends else None
-
-
-def safe_offsets(consumed: Mapping[Partition, int], units: Iterable[UnitOffsets]) -> dict[Partition, int]:
-    """Per partition, the next offset a restart may resume at: a cut that splits no unit.
-
-    `consumed` is the next offset after the last message taken from each
-    partition. Every unit before the first unfinished one (the finished
-    prefix) lies wholly behind the cut; that unit and every later one, also
-    finished ones, wholly at or after it: read again, a finished unit is
-    skipped whole (its id is in `applied_units`, or it is not ours), never
-    met by its END without its events or the other way round. Per-partition
-    floors alone would not do: a finished unit's events could fall behind
-    the cut while its END, held back by an earlier unfinished unit, did not.
-    """
-    units = list(units)
-    first = cutoff(units)
-    if first is None:
-        return dict(consumed)
-    floor: dict[Partition, int] = {}
-    for unit in units:
-        if unit.finished and (unit.end is None or unit.end < first):
-            # In the finished prefix; or a finished unit without an END (a stray given up): nothing of it is
-            # on the transaction topic to be met again without its events, so it holds no partition back.
-            continue
-        for topic, partition, offset in unit.offsets:
-            key = (topic, partition)
-            floor[key] = min(offset, floor.get(key, offset))
-    return {key: min(next_offset, floor.get(key, next_offset)) for key, next_offset in consumed.items()}
-
-
-def changed(offsets: Mapping[Partition, int], stored: Mapping[Partition, int]) -> dict[Partition, int]:
-    """The offsets that differ from what is stored."""
-    return {key: value for key, value in offsets.items() if stored.get(key) != value}
+    source_db: str
+    store: str
+    digest: bytes  # the `hash` column: DataJoint's content UUID of the object
 
 
 @dataclass(frozen=True)
@@ -125,7 +75,7 @@ class Finished:
     pending_ack: bytes | None
 
 
-class OffsetsStore:
+class StateStore:
     """The applier's tables for one consumer group, through the caller's cursor."""
 
     def __init__(self, database: str, group: str) -> None:
@@ -254,8 +204,7 @@ class OffsetsStore:
     def finished_among(self, cur: Any, unit_ids: list[str]) -> dict[str, Finished]:
         """The units of `unit_ids` that finished before, locked until the transaction ends."""
         found: dict[str, Finished] = {}
-        for start in range(0, len(unit_ids), 1000):
-            chunk = unit_ids[start : start + 1000]
+        for chunk in chunks(unit_ids):
             cur.execute(
                 f"SELECT `unit_id`, `outcome`, IF(`ack_pending`, `ack`, NULL) FROM {self._units} "
                 f"WHERE `consumer_group`=%s AND `unit_id` IN ({', '.join(['%s'] * len(chunk))}) FOR UPDATE",
@@ -276,24 +225,24 @@ class OffsetsStore:
 
     # -- entities ------------------------------------------------------------------
 
-    def load_entities(self, cur: Any) -> tuple[dict[tuple[str, str], EntityState], set[tuple[str, str]]]:
+    def load_entities(self, cur: Any) -> tuple[dict[EntityKey, EntityState], set[EntityKey]]:
         """Every entity's state, and the entities whose flag change the flags topic may lack."""
         cur.execute(
             f"SELECT `link_id`, `entity_key`, `process`, `is_flagged`, `is_deprecated`, `at_destination`, "
             f"`flag_pending` FROM {self._entities} WHERE `consumer_group`=%s",
             (self.group,),
         )
-        states: dict[tuple[str, str], EntityState] = {}
-        pending: set[tuple[str, str]] = set()
+        states: dict[EntityKey, EntityState] = {}
+        pending: set[EntityKey] = set()
         for link_id, key, process, flagged, deprecated, here, flag_pending in cur.fetchall():
             helper = HelperRow(Process(process), flagged == "TRUE", deprecated == "TRUE") if process else None
-            states[(link_id, key)] = EntityState(helper, bool(here))
+            states[EntityKey(link_id, key)] = EntityState(helper, bool(here))
             if flag_pending:
-                pending.add((link_id, key))
+                pending.add(EntityKey(link_id, key))
         return states, pending
 
     def save_entities(
-        self, cur: Any, states: Mapping[tuple[str, str], EntityState], flag_changed: Iterable[tuple[str, str]]
+        self, cur: Any, states: Mapping[EntityKey, EntityState], flag_changed: Iterable[EntityKey]
     ) -> None:
         """Write entity states (forgettable ones deleted unless their flag change is unsent)."""
         flagged = set(flag_changed)
@@ -323,19 +272,18 @@ class OffsetsStore:
             )
         self._delete_entities(cur, drop, "")
 
-    def flags_sent(self, cur: Any, entities: Iterable[tuple[str, str]]) -> None:
+    def flags_sent(self, cur: Any, entities: Iterable[EntityKey]) -> None:
         """The flags topic has these entities' changes: clear the outbox, forget entities with nothing left."""
         done = list(entities)
         self._on_entities(cur, f"UPDATE {self._entities} SET `flag_pending`=0", done)
         self._delete_entities(cur, done, " AND `process` IS NULL AND `at_destination`=0")
 
-    def _delete_entities(self, cur: Any, entities: list[tuple[str, str]], condition: str) -> None:
+    def _delete_entities(self, cur: Any, entities: list[EntityKey], condition: str) -> None:
         self._on_entities(cur, f"DELETE FROM {self._entities}", entities, condition)
 
-    def _on_entities(self, cur: Any, head: str, entities: list[tuple[str, str]], condition: str = "") -> None:
+    def _on_entities(self, cur: Any, head: str, entities: Sequence[EntityKey], condition: str = "") -> None:
         """`head` (an UPDATE or DELETE of `entities`) for these (link id, key) pairs, 1,000 at a time."""
-        for start in range(0, len(entities), 1000):
-            chunk = entities[start : start + 1000]
+        for chunk in chunks(entities):
             cur.execute(
                 f"{head} WHERE `consumer_group`=%s AND "
                 f"(`link_id`, `key_hash`) IN ({', '.join(['(%s, %s)'] * len(chunk))}){condition}",
@@ -368,7 +316,7 @@ class OffsetsStore:
 
     # -- tracked objects ---------------------------------------------------------------
 
-    def save_tracked(self, cur: Any, rows: Mapping[tuple[str, str, bytes], Mapping[str, Any] | None]) -> None:
+    def save_tracked(self, cur: Any, rows: Mapping[TrackedKey, Mapping[str, Any] | None]) -> None:
         """Keep the `~external` rows captured ((source db, store, hash) -> row; None: deleted at the source)."""
         gone = [(self.group, *k) for k, row in rows.items() if row is None]
         if gone:
@@ -397,12 +345,12 @@ class OffsetsStore:
                 ],
             )
 
-    def load_tracked(self, cur: Any, db: str, store: str, digest: bytes) -> dict[str, Any] | None:
-        """The `~external_<store>` row of `digest` in source schema `db` as last captured, or None."""
+    def load_tracked(self, cur: Any, key: TrackedKey) -> dict[str, Any] | None:
+        """The `~external_<store>` row of an object as last captured, or None."""
         cur.execute(
             f"SELECT `hash`, `size`, `attachment_name`, `filepath`, `contents_hash`, `timestamp` FROM {self._objects} "
             "WHERE `consumer_group`=%s AND `source_db`=%s AND `store`=%s AND `hash`=%s",
-            (self.group, db, store, digest),
+            (self.group, *key),
         )
         row = cur.fetchone()
         if row is None:
@@ -429,9 +377,7 @@ class OffsetsStore:
         return [(unit_id, link_id, bytes(ack)) for unit_id, link_id, ack in cur.fetchall()]
 
     def acks_sent(self, cur: Any, unit_ids: Iterable[str]) -> None:
-        ids = list(unit_ids)
-        for start in range(0, len(ids), 1000):
-            chunk = ids[start : start + 1000]
+        for chunk in chunks(list(unit_ids)):
             cur.execute(
                 f"UPDATE {self._units} SET `ack_pending`=0, `ack`=NULL "
                 f"WHERE `consumer_group`=%s AND `unit_id` IN ({', '.join(['%s'] * len(chunk))})",

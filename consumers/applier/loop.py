@@ -1,12 +1,11 @@
 """The applier's loop: read, gather, plan, commit exactly once, acknowledge.
 
-One applier per deployment (a lock in the destination server says so). It
-assigns itself every partition of the topics it follows (no group
-rebalancing: a unit's events span several topics and one consumer must read
-them all), starts each at its stored offset, and in every round: takes
-what Kafka has (`gathering`), applies the units that are complete in the
-order the capture produced them, many per destination transaction, then
-sends what it owes (acks, flags, dead letters) and stores progress.
+One applier per deployment (a lock in the destination server says so,
+`destination.Destination.fence`). In every round it takes what Kafka has
+(`reading`, into `gathering`), applies the units that are complete in the
+order the capture produced them, many per destination transaction
+(`batches`, `planning`, `writes`), then sends what it owes (acks, flags,
+dead letters: `delivery`) and stores progress.
 
 Exactly once: a batch's rows, the units' claims (`applied_units`), entity
 states, source positions, tracked objects, acks and flag changes (the
@@ -23,43 +22,37 @@ import threading
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any, TypeVar
-
-from confluent_kafka import OFFSET_BEGINNING, KafkaException, Message, TopicPartition
+from typing import Any
 
 import schemas
 from consumers.applier import writes
+from consumers.applier.batches import BatchPlanner, prepare_all
 from consumers.applier.delivery import DeadLetters, Outbox
-from consumers.applier.gathering import Event, Gathering, Offset, Partition, PendingUnit, changed, kafka_ts, read_past
+from consumers.applier.destination import Destination
+from consumers.applier.gathering import Event, Gathering, Partition, PendingUnit, changed
 from consumers.applier.objects import Objects
-from consumers.applier.planning import Known, Plan, Prepared, UnitPlanner, prepare
-from consumers.applier.routing import Routes
-from consumers.applier.state_store import PRUNE_EVERY_S, Finished, StateStore, TrackedKey
+from consumers.applier.planning import Plan, Prepared
+from consumers.applier.reading import Reader
+from consumers.applier.state_store import PRUNE_EVERY_S, Finished, StateStore
 from consumers.applier.writes import Unappliable
 from consumers.integrity import EntityKey, EntityState
-from foundation.config import ConfigError, Settings
-from foundation.dberrors import describe, is_transient
+from foundation.config import Settings
+from foundation.dberrors import describe
 from foundation.gtid import parse_gtid
-from foundation.kafka import consumer, now_ms, producer, where
+from foundation.kafka import consumer, now_ms, producer
 from foundation.links import LinkRegistry, LinkSpec
 from foundation.stores import Stores
 from foundation.topics import Admin, SchemaTopic, Topics
 from schemas.registry import registry_at
-from schemas.tables import EnvelopeReader
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 PROGRESS_EVERY_S = 1.0  # store offsets that moved without applying anything at most this often
 # Events whose END has not come although an END produced this much later has: their END is lost (strays).
 ORPHAN_AFTER_MS = 30_000
-TRANSACTION_FIELDS = frozenset({"status", "id", "data_collections", "request_id", "link_id"})
 WAITING_WARN_S = 5.0  # warn when the next unit in order has been incomplete this long
 MAX_BATCH_EVENTS = 20_000  # events per destination transaction, at most (a unit is never split)
 UNKNOWN_SCHEMA_TTL_S = 10.0  # a fingerprint the schema topic lacked is not looked up again this soon
-# What a unit's data can fail to convert with (a value its column type does not take, a key its schema lacks):
-# the data's fault, so the unit is dead-lettered. Anything else raised while planning is a bug.
-CONVERSION_ERRORS = (ValueError, TypeError, KeyError, ArithmeticError, schemas.DecodeError)
 
 
 class Applier:
@@ -70,27 +63,21 @@ class Applier:
         self._schema_topic = SchemaTopic(settings, self.topics)
         self._unknown_schemas: dict[bytes, float] = {}
         self._codec = schemas.Codec(self._resolve_schema, registry=registry_at(settings.schema_registry_url))
-        self._envelopes = EnvelopeReader(self._codec)
         self._store = StateStore(settings.applier_state_db, self.group)
         self._objects = Objects(
             Stores(settings.source_stores, "DJLINK_SOURCE_STORES"),
             Stores(settings.destination_stores, "DJLINK_DEST_STORES"),
         )
-        self._stop = threading.Event()
+        self._destination = Destination(settings.destination, threading.Event())
+        self._planner = BatchPlanner(self._destination, self._store, self._objects)
         self._gathering = Gathering()
         self._acks: Outbox[str] = Outbox("acks", self._acks_sent)
         self._flags: Outbox[EntityKey] = Outbox("flag changes", self._flags_sent)
-        self._routes = Routes()
         self._entities: dict[EntityKey, EntityState] = {}
         self._positions: dict[int, int] = {}  # replication domain -> seq no of the last source transaction applied
         self._key_columns_of: dict[bytes, list[str]] = {}  # key schema fingerprint -> primary key columns
         self._waiting_for: tuple[str, float, bool] | None = None  # unit id, since, warned
-        self._subscribed: list[str] = []  # topics whose partitions are assigned
-        self._wanted: list[str] = []
-        self._retry_assign_at = 0.0
-        self._assigned: set[Partition] = set()
         self._stored: dict[Partition, int] = {}
-        self._committed_to_kafka: dict[Partition, int] = {}
         self._last_progress = 0.0
         self._next_prune = 0.0
         self.units_applied = 0
@@ -102,48 +89,11 @@ class Applier:
     def objects_copied(self) -> int:
         return self._objects.copied
 
-    # -- connections ---------------------------------------------------------
-
-    def _connect(self) -> Any:
-        return self.settings.destination.connect(utc=True, autocommit=False)
-
-    def _transact(self, work: Callable[[Any], T], commit: bool = True) -> T:
-        """Run `work(cursor)` as one destination transaction; on a lost connection reconnect and run it again.
-
-        A COMMIT whose connection drops may or may not have happened: the
-        retry then finds its unit already finished (StateStore.finished_among)
-        and skips it. Any other error rolls back and propagates.
-        """
-        delay = 0.1
-        while True:
-            try:
-                self._db.ping(reconnect=True)
-                with self._db.cursor() as cur:
-                    result = work(cur)
-                if commit:
-                    self._db.commit()
-                else:  # a trial: nothing of it stays
-                    self._db.rollback()
-                return result
-            except BaseException as exc:
-                self._rollback()
-                if not is_transient(exc) or self._stop.is_set():
-                    raise
-                log.warning("destination database: %s; retrying in %.1f s", describe(exc), delay)
-                self._stop.wait(delay)
-                delay = min(delay * 2, 5.0)
-
     def _acks_sent(self, unit_ids: list[str]) -> None:
-        self._transact(partial(self._store.acks_sent, unit_ids=unit_ids))
+        self._destination.transact(partial(self._store.acks_sent, unit_ids=unit_ids))
 
     def _flags_sent(self, entities: list[EntityKey]) -> None:
-        self._transact(partial(self._store.flags_sent, entities=entities))
-
-    def _rollback(self) -> None:
-        try:
-            self._db.rollback()
-        except Exception:  # the connection is gone: nothing to roll back, ping reconnects
-            pass
+        self._destination.transact(partial(self._store.flags_sent, entities=entities))
 
     def _resolve_schema(self, fingerprint: bytes) -> str | None:
         """The schema topic, asked at most once per UNKNOWN_SCHEMA_TTL_S for a fingerprint it lacked."""
@@ -154,96 +104,42 @@ class Applier:
             self._unknown_schemas[fingerprint] = time.monotonic() + UNKNOWN_SCHEMA_TTL_S
         return text
 
-    # -- subscription ----------------------------------------------------------
-
-    def _subscribe(self, links: dict[str, LinkSpec]) -> None:
-        """Follow the topics of `links`: assign every partition of each topic not assigned yet.
-
-        Partitions are assigned by hand, not by the consumer group: there is
-        one applier per deployment (`_fence`), its offsets live in the
-        destination database, and a group would only add rebalances (with
-        a static member, a restart after the subscription grew even kept the
-        old, smaller assignment). A new partition starts at its stored offset,
-        or at the beginning.
-        """
-        self._routes = Routes.of(links, self.topics)
-        self._wanted = wanted = self._routes.topics(self.topics.transaction)
-        missing = [t for t in wanted if t not in self._subscribed]
-        if not missing:
-            return
-        topics = self._c.list_topics(timeout=10).topics
-        partitions = []
-        for topic in missing:
-            meta = topics.get(topic)
-            if meta is None or meta.error is not None or not meta.partitions:
-                self._retry_assign_at = time.monotonic() + 1.0  # not created yet: try again in a second
-                continue
-            for number in sorted(meta.partitions):
-                at = (topic, number)
-                offset = self._stored.get(at, OFFSET_BEGINNING)
-                partitions.append(TopicPartition(topic, number, offset))
-                self._assigned.add(at)
-                if at in self._stored:
-                    self._gathering.consumed[at] = self._stored[at]
-            self._subscribed.append(topic)
-        if partitions:
-            self._c.incremental_assign(partitions)
-            log.info("applier follows %d more partitions (%d topics in all)", len(partitions), len(self._subscribed))
-
-    def _fence(self) -> None:
-        """Hold a lock in the destination that a second applier of this deployment cannot take."""
-        self._lock_conn = self._connect()
-        with self._lock_conn.cursor() as cur:
-            cur.execute("SELECT GET_LOCK(%s, 0)", (f"djlink-applier:{self.group}"[:64],))
-            (got,) = cur.fetchone()
-        if got != 1:
-            raise ConfigError(
-                f"another applier of deployment '{self.topics.prefix}' is running against this destination "
-                "(it holds the lock); run one applier per topic prefix"
-            )
-
     # -- the loop ----------------------------------------------------------------
 
     def run(self, stop: threading.Event, on_ready: Callable[[], None] | None = None) -> None:
         s = self.settings
-        self._stop = stop
         Admin(s).ensure_control(self.topics)
         registry = LinkRegistry(s, self.topics)
         registry.catch_up()
-        self._db = self._connect()
-        self._fence()
-        self._transact(self._store.ensure)
+        self._destination = Destination(s.destination, stop)
+        self._planner = BatchPlanner(self._destination, self._store, self._objects)
+        self._destination.connect()
+        self._destination.fence(f"djlink-applier:{self.group}", self.topics.prefix)
+        self._destination.transact(self._store.ensure)
         self._p = producer(s)
         self._schema_topic.publish_fixed(self._p)
         self._dead_letters = DeadLetters(self._p, self.topics.dead_letter, self._codec)
-        unsent_acks = self._transact(self._store.unsent_acks)
+        unsent_acks = self._destination.transact(self._store.unsent_acks)
         for unit_id, link_id, ack in unsent_acks:
             self._acks.put(unit_id, self.topics.acks, link_id, ack)
         if unsent_acks:
             log.info("resending the acks of %d units committed before the last stop", len(unsent_acks))
-        self._entities, unsent_flags = self._transact(self._store.load_entities)
-        self._positions = self._transact(self._store.load_positions)
+        self._entities, unsent_flags = self._destination.transact(self._store.load_entities)
+        self._positions = self._destination.transact(self._store.load_positions)
         for key in unsent_flags:
             self._owe_flag(key, 0)
         self._acks.send(self._p)
         self._flags.send(self._p)
-        self._stored = self._transact(self._store.load_offsets)
-        self._c = consumer(s, self.group)
-        self._subscribe(registry.links)
+        self._stored = self._destination.transact(self._store.load_offsets)
+        self._reader = Reader(consumer(s, self.group), self.topics, self._codec, self._gathering, self._dead_letters)
+        self._reader.follow(registry.links, self._stored)
         if on_ready:
             on_ready()
         clean = False
         try:
             while not stop.is_set():
-                late = len(self._subscribed) < len(self._wanted) and time.monotonic() > self._retry_assign_at
-                if registry.refresh(0) or late:
-                    self._subscribe(registry.links)
-                # Wait for the first message only; then take what is there (consume(n, t) would wait the
-                # whole timeout for n messages, and every mirrored change would pay it).
-                first = self._c.poll(0.05)
-                for msg in [first, *self._c.consume(499, 0)] if first is not None else []:
-                    if msg.error() is None and self._route(msg, registry):
-                        self._subscribe(registry.links)
+                if registry.refresh(0) or self._reader.behind() or self._reader.take(registry):
+                    self._reader.follow(registry.links, self._stored)
                 self._dead_letters.confirm()
                 self._apply_complete(registry)
                 self._acks.send(self._p)
@@ -261,59 +157,10 @@ class Applier:
                     self._store_progress(force=True)
                 except Exception as exc:
                     log.warning("could not store the final offsets: %s", describe(exc))
-            self._c.close()
+            self._reader.close()
             registry.close()
             self._p.flush(10)
-            self._db.close()
-            self._lock_conn.close()
-
-    def _route(self, msg: Message, registry: LinkRegistry) -> bool:
-        """Take one message into its unit; True when it taught us of new links (resubscribe)."""
-        at = Offset(*where(msg))
-        self._gathering.read(at, kafka_ts(msg))
-        value = msg.value()
-        if value is None:
-            return False  # tombstone
-        if at.topic == self.topics.transaction:
-            try:
-                record = self._codec.decode(value)
-            except schemas.DecodeError as exc:
-                self._reject(msg, str(exc))
-                return False
-            if not TRANSACTION_FIELDS <= record.keys():
-                self._reject(msg, "not a transaction event")
-                return False
-            if record["status"] != "END":
-                return False
-            self._gathering.end(record["id"], record, at, kafka_ts(msg))
-            # Links are published before their first event; a unit of a table not known yet means
-            # the links topic is behind this consumer, not that the unit is someone else's. (Helper
-            # tables are known too: their units, one per ack, would otherwise each wait for the links topic.)
-            captured = self._routes.captured
-            unknown = [dc for dc in record["data_collections"] or [] if dc["data_collection"] not in captured]
-            return bool(unknown) and registry.catch_up()
-        collection = self._routes.by_topic.get(at.topic)
-        if collection is None:
-            return False
-        try:
-            vschema, envelope = self._codec.decode_with_schema(value)
-            convert = self._envelopes.converters(vschema)
-        except schemas.DecodeError as exc:
-            self._reject(msg, str(exc))
-            return False
-        block = envelope.get("transaction")
-        if not block or not block.get("id"):
-            self._reject(msg, f"{vschema.subject}: change event without a transaction block")
-            return False
-        event = Event(collection, envelope, convert, msg.key(), value, kafka_ts(msg))
-        self._gathering.unit(block["id"]).add(at, event)
-        return False
-
-    def _reject(self, msg: Message, reason: str) -> None:
-        """Dead-letter one undecodable message."""
-        at = Offset(*where(msg))
-        self._dead_letters.send(at, msg.key(), msg.value(), reason, "decode")
-        log.warning("dead-lettered undecodable message %s[%d]@%d: %s", *at, reason)
+            self._destination.close()
 
     # -- units -------------------------------------------------------------------
 
@@ -342,14 +189,16 @@ class Applier:
         own), and the unit is given up.
         """
         self._reap_orphans()
-        tracked = self._routes.tracked
+        tracked = self._reader.routes.tracked
         batch: list[tuple[str, PendingUnit]] = []
         rows = 0
         for unit_id in self._gathering.ended():
             unit = self._gathering.pending[unit_id]
             assert unit.end is not None
             if not unit.complete(tracked):
-                if self._gathering.latest_end_ms - unit.end_ts_ms <= ORPHAN_AFTER_MS or not self._read_past(unit):
+                if self._gathering.latest_end_ms - unit.end_ts_ms <= ORPHAN_AFTER_MS or not self._reader.read_past(
+                    unit
+                ):
                     self._note_waiting(unit_id, unit)
                     break
                 self._apply_batch(batch, registry)
@@ -367,30 +216,14 @@ class Applier:
                 batch, rows = [], 0
         self._apply_batch(batch, registry)
 
-    def _read_past(self, unit: PendingUnit) -> bool:
-        """Whether the change topics have been read past the unit (see `gathering.read_past`)."""
-        topics = self._routes.topics_of(set(unit.missing(self._routes.tracked)))
-
-        def high(partition: Partition) -> int:
-            return int(self._c.get_watermark_offsets(TopicPartition(*partition), cached=True)[1])
-
-        partitions = [p for p in self._assigned if p[0] in topics]
-        # The consumer's position, not the last message read + 1: a transactional partition ends with a commit
-        # marker that is never delivered, and the position moves past it.
-        positions = {
-            (tp.topic, tp.partition): tp.offset
-            for tp in self._c.position([TopicPartition(*p) for p in partitions])
-            if tp.offset >= 0
-        }
-        consumed = {p: max(self._gathering.consumed.get(p, 0), positions.get(p, 0)) for p in partitions}
-        return read_past(partitions, unit.end_ts_ms, self._gathering.read_ts, consumed, high)
-
     def _note_waiting(self, unit_id: str, unit: PendingUnit) -> None:
         """Say so (once) when the unit every later one waits for has been incomplete for a while."""
         if self._waiting_for is None or self._waiting_for[0] != unit_id:
             self._waiting_for = (unit_id, time.monotonic(), False)
         elif not self._waiting_for[2] and time.monotonic() - self._waiting_for[1] > WAITING_WARN_S:
-            missing = {c: f"{have}/{expected}" for c, (have, expected) in unit.missing(self._routes.tracked).items()}
+            missing = {
+                c: f"{have}/{expected}" for c, (have, expected) in unit.missing(self._reader.routes.tracked).items()
+            }
             log.warning("unit %s has waited %.0f s for events (have/expected: %s)", unit_id, WAITING_WARN_S, missing)
             self._waiting_for = (unit_id, self._waiting_for[1], True)
 
@@ -426,62 +259,33 @@ class Applier:
         self._store_progress(force=True)
 
     def _prepare_all(self, batch: list[tuple[str, PendingUnit]], registry: LinkRegistry) -> list[Prepared]:
-        """The units converted for planning; a unit of an unknown link or whose data does not convert is given up,
-        a source transaction applied before is skipped."""
-        prepared: list[Prepared] = []
+        """The units converted for planning (those that do not convert are given up); a source transaction
+        applied before is skipped."""
+        fresh = []
         for unit_id, unit in batch:
-            end = unit.end
-            assert end is not None
-            link: LinkSpec | None = None
-            if end["link_id"] is not None:
-                link = self._routes.links.get(end["link_id"])
-                if link is None and registry.catch_up():
-                    self._subscribe(registry.links)
-                    link = self._routes.links.get(end["link_id"])
-                if link is None:
-                    self._give_up(
-                        unit_id, unit, end["link_id"], f"unknown link {end['link_id']!r}", store_offsets=False
-                    )
-                    continue
             if self._applied_before(unit_id):
                 self.units_skipped += 1
                 log.info("source transaction %s was applied before; skipped", unit_id)
-                continue
-            try:
-                prepared.append(prepare(unit_id, unit, link, self._key_columns))
-            except CONVERSION_ERRORS as exc:
-                reason = f"cannot convert the unit's rows: {describe(exc)}"
-                self._give_up(unit_id, unit, end["link_id"], reason, store_offsets=False)
-        return prepared
+            else:
+                fresh.append((unit_id, unit))
+        prepared = prepare_all(fresh, partial(self._link_of, registry), self._key_columns)
+        for refused in prepared.refused:
+            self._give_up(refused.unit_id, refused.unit, refused.link_id, refused.reason, store_offsets=False)
+        return prepared.units
+
+    def _link_of(self, registry: LinkRegistry, link_id: str) -> LinkSpec | None:
+        """The link of a processing unit; one not known yet may be on the links topic already."""
+        link = self._reader.routes.links.get(link_id)
+        if link is None and registry.catch_up():
+            self._reader.follow(registry.links, self._stored)
+            link = self._reader.routes.links.get(link_id)
+        return link
 
     def _plan_all(self, prepared: list[Prepared], excluded: dict[EntityKey, str] | None = None) -> list[Plan]:
-        """The plans of the units with something to do, each against the states the earlier ones leave.
-
-        What a plan depends on is read first: the presence of flagged entities being pulled, then the unit's
-        objects, staged. `excluded`: entities of a single processing unit to leave out, and why.
-        """
-        plans: list[Plan] = []
-        batch_states: dict[EntityKey, EntityState] = {}
-        batch_tracked: dict[TrackedKey, dict[str, Any] | None] = {}
-        self._objects.new_batch()
-        for unit in prepared:
-            planner = UnitPlanner(unit, self._routes, Known(self._entities, batch_states), excluded)
-            present = self._present(unit.link, planner.presence_needed())
-
-            def lookup(key: TrackedKey, unit_tracked: Any = planner.tracked) -> dict[str, Any] | None:
-                found = unit_tracked.get(key) or batch_tracked.get(key)
-                return found if found is not None else self._transact(partial(self._store.load_tracked, key=key))
-
-            staged = self._objects.stage(planner.objects_needed(present), lookup, whole=unit.link is None)
-            if unit.link is None and staged.failed:  # a mirrored row's object: the unit cannot be applied whole
-                reason = next(iter(staged.failed.values()))
-                self._give_up(unit.unit_id, unit.unit, None, reason, store_offsets=False)
-                continue
-            plan = planner.plan(present, staged)
-            if plan is not None:
-                plans.append(plan)
-                batch_states.update(plan.states)
-                batch_tracked.update(plan.tracked)
+        """The plans of the units with something to do (see `batches.BatchPlanner`); units refused are given up."""
+        plans, refused = self._planner.plan(prepared, self._reader.routes, self._entities, excluded)
+        for r in refused:
+            self._give_up(r.unit_id, r.unit, r.link_id, r.reason, store_offsets=False)
         return plans
 
     def _applied_before(self, unit_id: str) -> bool:
@@ -489,12 +293,6 @@ class Applier:
         strict: it was applied then)."""
         gtid = parse_gtid(unit_id)
         return gtid is not None and gtid.seq_no <= self._positions.get(gtid.domain, -1)
-
-    def _present(self, link: LinkSpec | None, entities: list[EntityKey]) -> set[str]:
-        """Which of these entities of `link` have their master row at the destination now (key texts)."""
-        if link is None or not entities:
-            return set()
-        return self._transact(partial(writes.present, link=link, key_texts=[e.key for e in entities]))
 
     def _key_columns(self, event: Event) -> list[str]:
         """The primary key columns of an event's table, from its Kafka key's schema."""
@@ -532,7 +330,7 @@ class Applier:
         refused: dict[EntityKey, str] = {}
         for entity in entities:
             alone = self._plan_all([unit], excluded={e: "" for e in entities if e != entity})
-            reason = self._transact(partial(_refusal, plans=alone), commit=False)
+            reason = self._destination.transact(partial(_refusal, plans=alone), commit=False)
             if reason is not None:
                 refused[entity] = f"the destination refused it: {reason}"
         return refused
@@ -564,7 +362,7 @@ class Applier:
             self._store.save_offsets(cur, offsets)
             return before, [p for p in plans if p.unit_id in ours or p.unit_id not in finished]  # in order
 
-        before, live = self._transact(work)
+        before, live = self._destination.transact(work)
         self._stored.update(offsets)
         for plan in live:
             self._remember(plan, acks.get(plan.unit_id))
@@ -625,7 +423,7 @@ class Applier:
 
         A unit finished before (read again) is dropped instead: its events were applied or dead-lettered then.
         """
-        outcome = self._transact(partial(self._store.outcome, unit_id=unit_id))
+        outcome = self._destination.transact(partial(self._store.outcome, unit_id=unit_id))
         if outcome is None and unit.end is not None and self._applied_before(unit_id):
             # Complete, read again after a restart: applied then (the order is strict). A unit whose END never
             # came is not that: it is dead-lettered below.
@@ -642,7 +440,7 @@ class Applier:
             self._store.claim(cur, unit_id, "dead-letter", link_id)
             self._store.save_offsets(cur, offsets)
 
-        self._transact(work)
+        self._destination.transact(work)
         self._stored.update(offsets)
         self.units_dead_lettered += 1
         log.warning("unit %s of link %s: %d events dead-lettered: %s", unit_id, link_id, len(unit.events), reason)
@@ -658,26 +456,15 @@ class Applier:
         offsets = changed(self._gathering.safe_offsets(), self._stored)
         if offsets:
             self._dead_letters.confirm()
-            self._transact(partial(self._store.save_offsets, offsets=offsets))
+            self._destination.transact(partial(self._store.save_offsets, offsets=offsets))
             self._stored.update(offsets)
-        self._commit_to_kafka()
-
-    def _commit_to_kafka(self) -> None:
-        """The stored offsets, also as the group's Kafka offsets: for lag monitoring only."""
-        todo = {a: o for a, o in self._stored.items() if a in self._assigned and self._committed_to_kafka.get(a) != o}
-        if not todo:
-            return
-        try:
-            self._c.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in todo.items()], asynchronous=True)
-            self._committed_to_kafka.update(todo)
-        except KafkaException as exc:
-            log.debug("Kafka offset commit (monitoring only) failed: %s", exc)
+        self._reader.commit(self._stored)
 
     def _prune(self) -> None:
         if time.monotonic() < self._next_prune:
             return
         self._next_prune = time.monotonic() + PRUNE_EVERY_S
-        forgotten = self._transact(self._store.prune)
+        forgotten = self._destination.transact(self._store.prune)
         if forgotten:
             log.info("forgot %d units finished more than 7 days ago", forgotten)
 

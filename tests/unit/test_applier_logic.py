@@ -11,6 +11,7 @@ import pytest
 
 import schemas
 from consumers.applier import Applier
+from consumers.applier.destination import Destination
 from consumers.applier.gathering import (
     Event,
     Offset,
@@ -219,32 +220,31 @@ class FlakyConnection:
         self.log.append("rollback")
 
 
-def applier_with(conn: FlakyConnection) -> Applier:
-    applier = Applier(Settings.from_env({}))
-    applier._db = conn
-    applier._stop = threading.Event()
-    return applier
+def destination_with(conn: FlakyConnection) -> Destination:
+    destination = Destination(Settings.from_env({}).destination, threading.Event())
+    destination._db = conn
+    return destination
 
 
 def test_a_lost_connection_reconnects_and_runs_the_transaction_again() -> None:
     conn = FlakyConnection(pymysql.err.OperationalError(2013, "Lost connection"), failures=2)
-    assert applier_with(conn)._transact(lambda cur: cur.execute("INSERT") or "done") == "done"
+    assert destination_with(conn).transact(lambda cur: cur.execute("INSERT") or "done") == "done"
     assert conn.log == ["ping", "rollback", "ping", "rollback", "ping", "INSERT", "commit"]
 
 
 def test_a_data_error_rolls_back_and_is_raised() -> None:
     conn = FlakyConnection(pymysql.err.ProgrammingError(1146, "Table 'd.t' doesn't exist"), failures=1)
     with pytest.raises(pymysql.err.ProgrammingError):
-        applier_with(conn)._transact(lambda cur: cur.execute("INSERT"))
+        destination_with(conn).transact(lambda cur: cur.execute("INSERT"))
     assert conn.log == ["ping", "rollback"]
 
 
 def test_retrying_stops_when_the_applier_is_told_to_stop() -> None:
     conn = FlakyConnection(pymysql.err.OperationalError(2003, "Can't connect"), failures=1000)
-    applier = applier_with(conn)
-    applier._stop.set()
+    destination = destination_with(conn)
+    destination._stop.set()
     with pytest.raises(pymysql.err.OperationalError):
-        applier._transact(lambda cur: cur.execute("INSERT"))
+        destination.transact(lambda cur: cur.execute("INSERT"))
 
 
 def test_missing_events_are_given_up_only_once_their_partitions_are_read_past_the_unit() -> None:
@@ -317,7 +317,7 @@ def test_a_commit_whose_answer_was_lost_still_updates_what_the_applier_remembers
     applier = Applier(Settings.from_env({}))
     store = LostCommitStore()
     applier._store = store  # type: ignore[assignment]
-    applier._db = LostCommitConnection(store)
+    applier._destination._db = LostCommitConnection(store)
     key = EntityKey("link-1", '{"id":1}')
     end = {"request_id": "r"}
     ack = {"link_id": "link-1", "unit_id": "snapshot:1", "request_id": "r", "keys": [key.key], "rows": 1}

@@ -44,10 +44,11 @@ def approves(policy: dict[str, Any], row: dict[str, Any]) -> bool:
 
     Values are compared as keys are (`keycodec.plain`: a datetime as its ISO
     text, bytes as {"$b64": ...}, a whole Decimal as an int), since the policy
-    is JSON and the row comes from Avro.
+    is JSON and the row comes from Avro. An attribute the row lacks matches
+    no value, not even null.
     """
     plain = keycodec.plain(row)
-    return all(plain.get(name) == value for name, value in policy.items())
+    return all(name in plain and plain[name] == value for name, value in policy.items())
 
 
 @dataclass(frozen=True)

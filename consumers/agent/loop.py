@@ -108,7 +108,10 @@ class SourceAgent:
             self._db.close()
 
     def _answer_registrations(self) -> None:
-        """Reply to REGISTER commands whose signal the capture has read (or after CAPTURE_WAIT_S without)."""
+        """Reply ACCEPTED to the registrations whose signal the capture has read (or after CAPTURE_WAIT_S without).
+
+        A pull or delete whose link changed on the way (`Registrar.register`) gets this reply too, after its own.
+        """
         confirmed = self._registrar.confirmed()
         if not confirmed:
             return

@@ -61,7 +61,8 @@ def check(settings: Settings, requested: LinkSpec, existing: LinkSpec | None) ->
 
 @dataclass(frozen=True)
 class Registered:
-    """A link as registered; `answered_later`: the request's ACCEPTED waits for the capture (`Registrar.confirmed`)."""
+    """A link as registered; `answered_later`: the capture was told of it, and `Registrar.confirmed` will name
+    the request once it has read the link (a REGISTER is answered then, not now)."""
 
     link: LinkSpec
     answered_later: bool

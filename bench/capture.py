@@ -433,7 +433,7 @@ class CaptureResult:
 
 
 def register_link(settings: Settings, topics: Topics, spec: LinkSpec) -> None:
-    """What the source agent's `_register` does for the capture: topics, then the link record."""
+    """What the agent's registration (consumers.agent.registration) does for the capture: topics, then the link."""
     admin = Admin(settings)
     admin.ensure_control(topics)
     admin.ensure(topics.table(db, t) for db, t in spec.captured_tables())

@@ -29,7 +29,7 @@ def service(role: Role, settings: Settings) -> Any:
 
         return Capture(settings)
     if role is Role.agent:
-        from consumers.source_agent import SourceAgent
+        from consumers.agent import SourceAgent
 
         return SourceAgent(settings)
     from consumers.applier import Applier

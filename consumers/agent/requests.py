@@ -1,0 +1,102 @@
+"""Pull and delete requests, and the applier's acknowledgements: the helper-table half of datajoint-link's states.
+
+A request moves each entity's helper row as datajoint-link would (the
+decision is `consumers.integrity.decide_pull` / `decide_delete`, the SQL is
+the gateway's, `consumers.agent.helper_table`), answers ACCEPTED, then has
+the entities processed: a snapshot read of their rows AND helper rows in one
+consistent read, on which the applier acts (`consumers.integrity.decide_process`)
+before it acknowledges. An acknowledgement finishes what the applier did
+(`ACK_RULES`) and answers PROGRESS.
+
+The helper table is written and committed before anything is produced; the
+replies and signals commit with the Kafka transaction of the message, so a
+crash in between makes the agent handle the message again, which finds the
+helper rows moved and does nothing twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pymysql
+
+from consumers.agent.helper_table import HelperTable
+from consumers.agent.outgoing import Outgoing
+from consumers.integrity import Acked, Action, decide_delete, decide_pull
+from foundation import keys as keycodec
+from foundation.keys import KeyReason
+from foundation.links import LinkSpec
+
+# What the requester is told to wait for: entities that will be processed and acknowledged.
+AWAITED = (Action.ACTIVATE, Action.PROCESS, Action.REPULL, Action.MARK_DELETE)
+
+
+def pull_or_delete(
+    db: pymysql.connections.Connection[Any],
+    out: Outgoing,
+    link: LinkSpec,
+    request_id: str,
+    kind: str,
+    key_texts: Sequence[str],
+) -> None:
+    """A pull (`kind` PULL) or a delete (DELETE): move each entity's helper row, reply, then have them processed."""
+    pk = list(link.primary_key)
+    key_texts = list(dict.fromkeys(keycodec.encode(keycodec.decode(k), pk) for k in key_texts))
+    table = HelperTable(db, link)
+    helpers = table.rows(key_texts)
+    decide = decide_pull if kind == "PULL" else decide_delete
+    moves: dict[Action, list[str]] = {action: [] for action in Action}
+    refused: list[KeyReason] = []
+    for k in key_texts:
+        decision = decide(helpers.get(k))
+        moves[decision.action].append(k)
+        if decision.action.refused:
+            refused.append(KeyReason(k, decision.reason))
+    if moves[Action.ACTIVATE]:
+        # Only rows still at the source: one deleted since it was chosen (by a restriction, or by an
+        # auto-pull policy reading its insert) is refused alone, not the whole request with it.
+        present = table.at_source(moves[Action.ACTIVATE])
+        for k in moves[Action.ACTIVATE]:
+            if k not in present:
+                refused.append(
+                    KeyReason(k, f"not in {link.source_db}.{link.source_table} (deleted since it was chosen?)")
+                )
+        moves[Action.ACTIVATE] = [k for k in moves[Action.ACTIVATE] if k in present]
+    table.activate(moves[Action.ACTIVATE])
+    for action in (Action.REPULL, Action.MARK_DELETE):
+        if moves[action]:
+            # Every entity moved by one action has the same process afterwards (PULL or DELETE).
+            after = action.helper_after(helpers[moves[action][0]])
+            assert after is not None
+            table.set_process(moves[action], after.process)
+    db.commit()
+    waited = [k for action in AWAITED for k in moves[action]]
+    done = moves[Action.DONE]
+    refused_records = [r.to_avro() for r in refused]
+    out.reply(request_id, "ACCEPTED", activated=len(waited), skipped=len(done), refused=refused_records, done=done)
+    to_read = waited + moves[Action.REFUSE_AND_PROCESS]
+    if to_read:
+        out.signal(link, to_read, request_id)
+
+
+def acknowledge(db: pymysql.connections.Connection[Any], out: Outgoing, link: LinkSpec, ack: dict[str, Any]) -> None:
+    """Finish what the applier did, each step only from the state it expects (so a repeated ack is harmless).
+
+    Pulled or kept: PULL -> NONE (Shared, or Tainted when flagged).
+    Flagged before arriving: PULL -> NONE, deprecated (Deprecated).
+    Deleted at the destination: DELETE -> helper row gone (Unshared), or,
+    flagged, -> NONE, deprecated (Deprecated).
+    One that names its request is answered PROGRESS, to that request's requester.
+    """
+    table = HelperTable(db, link)
+    for acked in Acked:  # in the order of ACK_RULES: a rule's result never satisfies a later one's guard
+        table.acknowledge(acked, ack.get(acked.value) or [])
+    db.commit()
+    if ack["request_id"]:
+        deprecated = ack.get("deprecate") or []
+        refused = [KeyReason(k, "flagged at the source; now deprecated").to_avro() for k in deprecated]
+        refused += ack.get("skipped") or []
+        done = [*ack["keys"], *(ack.get("deleted") or [])]
+        failed = ack.get("failed") or []
+        out.reply(ack["request_id"], "PROGRESS", done=done, refused=refused, failed=failed, rows=ack.get("rows", 0))

@@ -7,5 +7,7 @@ COPY consumers consumers
 COPY link link
 COPY schemas schemas
 COPY djlink djlink
+COPY foundation foundation
+COPY devtools devtools
 RUN pip install --no-cache-dir .
 ENTRYPOINT ["djlink"]

@@ -207,7 +207,7 @@ class BinlogSource(threading.Thread):
             return
         self._gtids[domain] = unit.id
         position = format_position(self._gtids)
-        # Reconnects must resume after this transaction, not replay from the start (NOTES.md).
+        # Reconnects must resume after this transaction, not replay from the start (docs/binlog.md).
         stream.auto_position = position
         checkpoint = Checkpoint(position, unit.position.file, end_pos, unit.position.ts_ms)
         if unit.changes:

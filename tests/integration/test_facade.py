@@ -34,7 +34,7 @@ def flag(site: Site, recording_id: int) -> None:
 
 
 def test_deleting_the_flagged_rows_deprecates_them_at_the_source(site: Site) -> None:
-    """The seed's scenario 6: flag-driven deletion."""
+    """datajoint-link's scenario 6: flag-driven deletion."""
     Recording = linked(site)
     assert Recording().source.flagged == []
     flag(site, 1)

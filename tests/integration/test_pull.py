@@ -99,7 +99,7 @@ def test_pull_through_kafka_leaves_exactly_the_requested_entities(site: Site) ->
     )
     assert Recording.Channel().fetch("label").tolist() == [None] * 6
 
-    # The helper table holds one row per pulled entity, in the seed's format.
+    # The helper table holds one row per pulled entity, in datajoint-link's format.
     assert rows(site, "SOURCE", site.helper_schema, "outbound", "recording_id") == [
         (1, "NONE", "FALSE", "FALSE"),
         (2, "NONE", "FALSE", "FALSE"),

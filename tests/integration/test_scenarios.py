@@ -1,4 +1,4 @@
-"""The seed's functional scenarios 1, 2, 3 and 5 (shared/reference/STATES.md) through the façade and the event path.
+"""datajoint-link's functional scenarios 1, 2, 3 and 5 (docs/states.md) through the façade and the event path.
 
 (Scenario 4 is in test_stores.py; scenario 6 in test_facade.py.)
 """

@@ -1,10 +1,10 @@
-"""The seed's end-state matrix over the real services: each of its 12 start states x {pull, delete}.
+"""datajoint-link's end-state matrix over the real services: each of its 12 start states x {pull, delete}.
 
 Every start state is set up as datajoint-link would have left it (helper row
-in the seed's format, rows at the destination or not), each on its own
+in datajoint-link's format, rows at the destination or not), each on its own
 entity of one shared site, then the operation runs through the façade and
 the event path (agent, capture, applier) and the entity must end where the
-seed's service tests say (shared/reference/STATES.md).
+seed's service tests say (docs/states.md).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ START: dict[str, tuple[tuple[str, str, str] | None, bool]] = {
     "Tainted": (("NONE", "TRUE", "FALSE"), True),
     "Deprecated": (("NONE", "TRUE", "TRUE"), False),
 }
-# start state -> (after a pull, after a delete): the seed's table
+# start state -> (after a pull, after a delete): datajoint-link's table
 END = {
     "Unshared": ("Shared", "Unshared"),
     "Activated(no flag, PULL)": ("Shared", "Unshared"),
@@ -59,7 +59,7 @@ class Matrix:
         self.state, self.spec = table._djlink
 
     def state_of(self, entity: int) -> str:
-        """The seed's state of an entity, derived from its helper row and the destination (never stored)."""
+        """datajoint-link's state of an entity, derived from its helper row and the destination (never stored)."""
         src, dst = admin(self.site.env, "SOURCE"), admin(self.site.env, "DEST")
         try:
             with src.cursor() as cur:
@@ -107,7 +107,7 @@ def matrix(services_env: dict[str, str]) -> Iterator[Matrix]:
                     s_cur.execute(
                         f"INSERT INTO `{site.helper_schema}`.outbound VALUES (%s, %s, %s, %s)", (entity, *helper)
                     )
-                if here:  # as the seed's pull left them: master and parts copied
+                if here:  # as datajoint-link's pull left them: master and parts copied
                     for table in ("recording", "recording__channel"):
                         where = f"recording_id={entity:d}"
                         s_cur.execute(f"SELECT * FROM `{site.source_schema}`.`{table}` WHERE {where}")

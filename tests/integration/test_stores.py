@@ -1,4 +1,4 @@
-"""External stores over real services: the seed's scenario 4, the `stores` mapping, content hashes checked.
+"""External stores over real services: datajoint-link's scenario 4, the `stores` mapping, content hashes checked.
 
 The source store and the destination store are directories (DataJoint's `file`
 protocol) under the test's tmp_path; the applier reads one and writes the other.
@@ -40,7 +40,7 @@ def stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str
 
 
 def declare_scenario_4(site: Site, files: Path) -> tuple[Any, dict[tuple[str, int], bytes]]:
-    """The seed's scenario 4: a master and a part with `attach@` attributes, a second part with plain ones;
+    """datajoint-link's scenario 4: a master and a part with `attach@` attributes, a second part with plain ones;
     plus a `blob@` attribute on the master. Rows 1..3."""
     schema = dj.Schema(site.source_schema, connection=site.source_dj())
 

@@ -1,4 +1,4 @@
-"""Switching an existing datajoint-link deployment to djlink: its helper and destination tables, as the seed
+"""Switching an existing datajoint-link deployment to djlink: its helper and destination tables, as datajoint-link
 declared them, and the states its entities are in, carry on."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from tests.conftest import Site, admin, wait_for
 from tests.integration.test_facade import flag
 from tests.integration.test_pull import declare_source, rows
 
-# The seed's helper table, exactly as datajoint-link 0.11 declares it (link/infrastructure/__init__.py).
+# datajoint-link's helper table, exactly as datajoint-link 0.11 declares it (link/infrastructure/__init__.py).
 SEED_HELPER = """
 -> source_table
 ---
@@ -59,7 +59,7 @@ def test_a_datajoint_link_deployment_carries_on_from_its_tables_and_states(site:
     class Recording:
         pass
 
-    # The pull the seed left unfinished completes; the states of the others are as they were.
+    # The pull datajoint-link left unfinished completes; the states of the others are as they were.
     wait_for(lambda: helper_states(site)[4] == ("NONE", "FALSE", "FALSE"), 30, "entity 4's interrupted pull")
     assert helper_states(site) == {
         1: ("NONE", "FALSE", "FALSE"),

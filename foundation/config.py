@@ -63,13 +63,29 @@ class Database:
     password: str
 
     def connect(self, utc: bool = False, **options: Any) -> pymysql.connections.Connection[Any]:
-        """A PyMySQL connection in utf8mb4; `utc` sets the session's time zone to UTC (TIMESTAMP values as the
-        binlog carries them). `options` go to PyMySQL (autocommit, cursorclass, ...)."""
+        """A PyMySQL connection, in utf8mb4 unless `options` name another charset.
+
+        `utc` sets the session's time zone to UTC (TIMESTAMP values as the binlog carries them); `options` go
+        to PyMySQL (autocommit, cursorclass, ...)."""
         if utc:
             options.setdefault("init_command", "SET time_zone='+00:00'")
-        return pymysql.connect(
-            host=self.host, port=self.port, user=self.user, password=self.password, charset="utf8mb4", **options
-        )
+        options.setdefault("charset", "utf8mb4")
+        return pymysql.connect(host=self.host, port=self.port, user=self.user, password=self.password, **options)
+
+    @classmethod
+    def at(cls, address: str, user: str, password: str) -> Database:
+        """The server at `host[:port]` (as DataJoint's `database.host` and datajoint-link's `@link` name it)."""
+        host, _, port = address.rpartition(":") if address.count(":") == 1 else (address, "", "")
+        try:
+            return cls(host or address, int(port) if port else 3306, user, password)
+        except ValueError:
+            raise ConfigError(f"{address!r} is not host[:port]") from None
+
+    def datajoint(self, use_tls: Any = None) -> Any:
+        """A DataJoint connection to this server, `use_tls` as DataJoint's own `database.use_tls` takes it."""
+        import datajoint as dj  # only the façade needs DataJoint's connection
+
+        return dj.Connection(f"{self.host}:{self.port}", self.user, self.password, use_tls=use_tls)
 
     def binlog_settings(self, **options: Any) -> dict[str, Any]:
         """python-mysql-replication's `connection_settings` for this server."""

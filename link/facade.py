@@ -23,7 +23,7 @@ import pymysql
 from tqdm.auto import tqdm
 
 from foundation import keys as keycodec
-from foundation.config import Settings
+from foundation.config import Database, Settings
 from foundation.keys import KeyReason
 from foundation.links import LinkSpec
 from link.requests import Requests
@@ -121,7 +121,7 @@ class _Link:
         if not user or password is None:
             raise LinkError("set LINK_USER and LINK_PASS to the link user's credentials on the source server")
         self.settings = Settings.from_env()
-        self.source_conn = dj.Connection(host, user, password, use_tls=False)
+        self.source_conn = Database.at(host, user, password).datajoint(use_tls=False)
         self.source_schema = source_schema
         self.helper_schema = helper_schema
         self.helper_table = _sql_name(helper_table)

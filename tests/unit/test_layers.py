@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 PACKAGES = ["schemas", "foundation", "cdc", "consumers", "link", "djlink", "devtools"]
 
@@ -42,30 +44,26 @@ def test_the_layers_of_the_tree_are_kept() -> None:
     assert "2 kept, 0 broken" in result.stdout
 
 
-def test_an_upward_import_breaks_the_contract(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("planted", "broken"),
+    [
+        # an upward import: the foundation importing the pipeline
+        ({"foundation/keys.py": "consumers.applier"}, "foundation.keys -> consumers.applier"),
+        # an import between two pipeline packages, which meet only on Kafka topics
+        ({"link/requests.py": "cdc.placement"}, "link.requests -> cdc.placement"),
+        # a cycle between two modules of one package
+        (
+            {"foundation/sql.py": "foundation.keys", "foundation/keys.py": "foundation.sql"},
+            "No import cycles among the modules of a package BROKEN",
+        ),
+    ],
+    ids=["upward", "between pipeline packages", "cycle"],
+)
+def test_a_broken_layer_rule_breaks_the_contract(tmp_path: Path, planted: dict[str, str], broken: str) -> None:
     tree = copy_of_the_tree(tmp_path)
-    keys = tree / "foundation" / "keys.py"
-    keys.write_text(keys.read_text() + "\nimport consumers.applier  # noqa\n")
+    for path, module in planted.items():
+        source = tree / path
+        source.write_text(source.read_text() + f"\nimport {module}  # noqa\n")
     result = lint_imports(tree)
     assert result.returncode != 0
-    assert "foundation.keys -> consumers.applier" in result.stdout
-
-
-def test_an_import_between_pipeline_packages_breaks_the_contract(tmp_path: Path) -> None:
-    tree = copy_of_the_tree(tmp_path)
-    requests = tree / "link" / "requests.py"
-    requests.write_text(requests.read_text() + "\nimport cdc.placement  # noqa\n")
-    result = lint_imports(tree)
-    assert result.returncode != 0
-    assert "link.requests -> cdc.placement" in result.stdout
-
-
-def test_a_cycle_between_modules_of_a_package_breaks_the_contract(tmp_path: Path) -> None:
-    tree = copy_of_the_tree(tmp_path)
-    sql = tree / "foundation" / "sql.py"
-    sql.write_text(sql.read_text() + "\nimport foundation.keys  # noqa\n")
-    keys = tree / "foundation" / "keys.py"
-    keys.write_text(keys.read_text() + "\nimport foundation.sql  # noqa\n")
-    result = lint_imports(tree)
-    assert result.returncode != 0
-    assert "No import cycles among the modules of a package BROKEN" in result.stdout
+    assert broken in result.stdout

@@ -29,10 +29,10 @@ from cdc.streaming import BinlogSource, StreamFailed
 from cdc.table_shapes import TableShapes
 from foundation.catalog import Catalog
 from foundation.config import Settings
-from foundation.kafka import consumer, producer, where
-from foundation.links import LinkRegistry, LinkSpec
+from foundation.dead_letters import DeadLetter
+from foundation.kafka import consumer, producer, schema_registry, where
+from foundation.links import MALFORMED, LinkRegistry, LinkSpec
 from foundation.topics import Admin, SchemaTopic, Topics
-from schemas.registry import registry_at
 
 log = logging.getLogger(__name__)
 MAX_BATCH_UNITS = 1000  # source transactions per Kafka transaction
@@ -129,9 +129,9 @@ class Capture:
         p = producer(s, transactional_id=name)
         p.init_transactions(60)  # fences a crashed predecessor and aborts its open transaction
         offsets = OffsetContext(s, self.topics, name)
-        schema_registry = registry_at(s.schema_registry_url)
+        registry_client = schema_registry(s)
         dispatcher = EventDispatcher(
-            p, self.topics, admin, self._shapes, SchemaTopic(s, self.topics), offsets, schema_registry
+            p, self.topics, admin, self._shapes, SchemaTopic(s, self.topics), offsets, registry_client
         )
         checkpoint = offsets.load()
         if checkpoint is None:
@@ -170,15 +170,24 @@ class Capture:
                     self._capture(registry.links)
                 msg = signals.poll(0) if not held and reading is None else None
                 if msg is not None and msg.error() is None and msg.value():
-                    signal = codec.decode(msg.value())
-                    link = LinkSpec.from_avro(signal["link"])
-                    registry.links[link.link_id] = link
-                    self._capture(registry.links)
                     # The signal's offset commits with its last chunk: a crash re-reads the whole signal.
                     topic, partition, offset = where(msg)
                     consumed = ([TopicPartition(topic, partition, offset + 1)], signals.consumer_group_metadata())
-                    if signal["keys"]:
-                        reading = snapshots.read(link, signal["keys"], signal["request_id"])
+                    try:
+                        signal = codec.decode(msg.value())
+                        link = LinkSpec.from_avro(signal["link"])
+                        keys, request_id = list(signal["keys"]), signal["request_id"]
+                    except MALFORMED as exc:  # dead-lettered with its offset: it never stops the capture again
+                        reason = f"not a snapshot signal: {exc}"
+                        dead = DeadLetter(topic, partition, offset, msg.key(), msg.value(), reason, "decode")
+                        dispatcher.publish([], consumed=consumed, dead_letters=[dead])
+                        log.warning("dead-lettered a malformed signal at offset %d: %s", offset, exc)
+                        consumed = None
+                        continue
+                    registry.links[link.link_id] = link
+                    self._capture(registry.links)
+                    if keys:
+                        reading = snapshots.read(link, keys, request_id)
                     else:  # nothing to read: commit the signal's offsets alone
                         dispatcher.publish([], consumed=consumed)
                 if reading is not None and len(held) < MAX_HELD_CHUNKS:

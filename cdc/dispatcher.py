@@ -22,6 +22,7 @@ import schemas
 from cdc.events import ChangeUnit, RowChange
 from cdc.offsets import Checkpoint, OffsetContext
 from cdc.table_shapes import TableShapes
+from foundation.dead_letters import DeadLetter
 from foundation.kafka import now_ms, produce
 from foundation.topics import Admin, SchemaTopic, Topics
 from schemas import FIXED
@@ -115,8 +116,11 @@ class EventDispatcher:
         checkpoint: Checkpoint | None = None,
         consumed: ConsumedOffsets | None = None,
         progress: tuple[str, str | None, bool] | None = None,
+        dead_letters: Sequence[DeadLetter] = (),
     ) -> None:
         """Publish units, then the checkpoint after the last of them and any consumed offsets: one Kafka transaction.
+
+        `dead_letters`: signals that could not be read, given up with the offsets that move past them.
 
         Many source transactions may share one Kafka transaction (that is what
         makes the capture fast); each stays a unit of its own for consumers,
@@ -132,6 +136,8 @@ class EventDispatcher:
                 self._offsets.record(self._p, checkpoint)
             if progress is not None:
                 self._offsets.record_snapshot(self._p, *progress)
+            for dead in dead_letters:
+                produce(self._p, self._topics.dead_letter, dead.topic, dead.encode(self._codec))
             if consumed is not None:
                 self._p.send_offsets_to_transaction(consumed[0], consumed[1])
             self._p.commit_transaction()

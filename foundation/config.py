@@ -12,7 +12,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pymysql
@@ -60,7 +60,7 @@ class Database:
     host: str
     port: int
     user: str
-    password: str
+    password: str = field(repr=False)  # never in a log line or an error
 
     def connect(self, utc: bool = False, **options: Any) -> pymysql.connections.Connection[Any]:
         """A PyMySQL connection, in utf8mb4 unless `options` name another charset.
@@ -111,6 +111,10 @@ class Settings:
     destination_stores: Any  # {store: DataJoint store spec}: where it writes the destination's
     schema_registry_url: str | None  # a Confluent-compatible registry: change events in its wire format
     applier_state_db: str  # the applier's database on the destination server: offsets, units, entity states
+    # librdkafka properties every Kafka client gets (DJLINK_KAFKA_<PROPERTY>): security.protocol, sasl.*, ssl.*
+    kafka_properties: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # the schema registry client's (DJLINK_SCHEMA_REGISTRY_<PROPERTY>): basic.auth.user.info, ssl.*
+    schema_registry_properties: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -144,6 +148,8 @@ class Settings:
             destination_stores=_stores(env, "DJLINK_DEST_STORES"),
             schema_registry_url=env.get("DJLINK_SCHEMA_REGISTRY_URL") or None,
             applier_state_db=_state_db(env.get("DJLINK_APPLIER_STATE_DB") or "djlink_applier"),
+            kafka_properties=client_properties(env, KAFKA_PREFIX, {"BOOTSTRAP"}),
+            schema_registry_properties=client_properties(env, REGISTRY_PREFIX, {"URL"}),
         )
 
     def database(self, side: str) -> Database:
@@ -163,6 +169,24 @@ def _prefix(value: str) -> str:
             "the prefix from the schema and table names in topic names)"
         )
     return value
+
+
+KAFKA_PREFIX = "DJLINK_KAFKA_"
+REGISTRY_PREFIX = "DJLINK_SCHEMA_REGISTRY_"
+
+
+def property_name(variable: str, prefix: str) -> str:
+    """The client property a variable names: `DJLINK_KAFKA_SASL_MECHANISM` -> `sasl.mechanism` (`__` is `_`)."""
+    return variable[len(prefix) :].lower().replace("__", "\0").replace("_", ".").replace("\0", "_")
+
+
+def client_properties(env: Mapping[str, str], prefix: str, own: set[str]) -> dict[str, str]:
+    """Every `<prefix><PROPERTY>` variable as a client property, but for djlink's own settings (`own`)."""
+    return {
+        property_name(name, prefix): value
+        for name, value in sorted(env.items())
+        if name.startswith(prefix) and name[len(prefix) :] not in own and value != ""
+    }
 
 
 def _state_db(name: str) -> str:

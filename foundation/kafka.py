@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from foundation.config import Settings
+from foundation.config import ConfigError, Settings
+from schemas.registry import Registry, registry_at
 
 KAFKA_LOG = logging.getLogger("djlink.kafka")  # librdkafka's own log lines, through Python logging
 # The largest message on djlink's topics: a row change (two images of a row) or a pull's list of keys.
@@ -25,11 +26,23 @@ KAFKA_LOG = logging.getLogger("djlink.kafka")  # librdkafka's own log lines, thr
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
+T = TypeVar("T")
 
 
 def client_config(settings: Settings, logger: logging.Logger = KAFKA_LOG) -> dict[str, Any]:
-    """What every Kafka client of djlink is configured with, whatever its kind."""
-    return {"bootstrap.servers": settings.kafka_bootstrap, "logger": logger}
+    """What every Kafka client of djlink is configured with, whatever its kind: the bootstrap servers and every
+    `DJLINK_KAFKA_<PROPERTY>` setting (security.protocol, sasl.*, ssl.*, ...), as librdkafka takes them."""
+    return {"bootstrap.servers": settings.kafka_bootstrap, **settings.kafka_properties, "logger": logger}
+
+
+def _client(kind: Callable[[dict[str, Any]], T], conf: dict[str, Any]) -> T:
+    """A client of `kind`; a property librdkafka does not take is one line naming the setting to fix."""
+    try:
+        return kind(conf)
+    except KafkaException as exc:
+        error = exc.args[0] if exc.args else exc
+        text = error.str() if isinstance(error, KafkaError) else str(error)
+        raise ConfigError(f"Kafka client settings (DJLINK_KAFKA_*): {text}") from None
 
 
 def producer(settings: Settings, transactional_id: str | None = None, **extra: Any) -> Producer:
@@ -44,7 +57,7 @@ def producer(settings: Settings, transactional_id: str | None = None, **extra: A
     if transactional_id:
         conf["transactional.id"] = transactional_id
     conf.update(extra)
-    return Producer(conf)
+    return _client(Producer, conf)
 
 
 def consumer(settings: Settings, group_id: str, **extra: Any) -> Consumer:
@@ -58,12 +71,17 @@ def consumer(settings: Settings, group_id: str, **extra: Any) -> Consumer:
         "topic.metadata.refresh.interval.ms": 5000,
     }
     conf.update(extra)
-    return Consumer(conf)
+    return _client(Consumer, conf)
 
 
 def admin_client(settings: Settings, logger: logging.Logger = KAFKA_LOG) -> AdminClient:
     """An admin client (topic creation, metadata, deletion)."""
-    return AdminClient(client_config(settings, logger))  # type: ignore[arg-type]
+    return _client(AdminClient, client_config(settings, logger))
+
+
+def schema_registry(settings: Settings) -> Registry | None:
+    """The schema registry client (DJLINK_SCHEMA_REGISTRY_URL and _<PROPERTY>), or None when none is configured."""
+    return registry_at(settings.schema_registry_url, settings.schema_registry_properties)
 
 
 def produce(

@@ -8,6 +8,7 @@ declared at run time reaches the running services without a restart.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,10 @@ import schemas
 from foundation.config import Settings
 from foundation.kafka import consumer
 from foundation.topics import Topics
+
+log = logging.getLogger(__name__)
+# What a record that is not a link can fail with: bytes that are no Avro of ours, or another event's record.
+MALFORMED = (schemas.DecodeError, KeyError, TypeError, ValueError)
 
 EXTERNAL_PREFIX = "~external_"  # DataJoint 0.14's tracking table of store <store> is `~external_<store>`
 
@@ -124,6 +129,7 @@ class LinkRegistry:
     topics: Topics
     links: dict[str, LinkSpec] = field(default_factory=dict)
     _consumer: Consumer | None = None
+    _skipped: set[int] = field(default_factory=set)  # offsets of malformed records, each said once
 
     def _ensure(self) -> Consumer:
         if self._consumer is None:
@@ -139,7 +145,16 @@ class LinkRegistry:
         for msg in c.consume(500, timeout):
             if msg.error() is not None or msg.value() is None:
                 continue
-            spec = LinkSpec.from_avro(codec.decode(msg.value()))
+            try:
+                spec = LinkSpec.from_avro(codec.decode(msg.value()))
+            except MALFORMED as exc:
+                # Anyone who can write the topic could stop every role for good otherwise: it is compacted, so
+                # the record is read again at every start. Skipped, said once per process.
+                offset = msg.offset() or 0
+                if offset not in self._skipped:
+                    self._skipped.add(offset)
+                    log.warning("skipped a malformed record on %s at offset %d: %s", self.topics.links, offset, exc)
+                continue
             if self.links.get(spec.link_id) != spec:
                 self.links[spec.link_id] = spec
                 changed = True

@@ -31,9 +31,18 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from datajoint.external import subfold
 
 DEFAULT_SUBFOLDING = (2, 2)  # DataJoint 0.14's default
+
+
+def subfold(name: str, folds: tuple[int, ...]) -> tuple[str, ...]:
+    """DataJoint 0.14's folders of an object: `subfold('aBCdefg', (2, 3))` is ('ab', 'cde').
+
+    Written out here rather than imported: importing DataJoint logs to the terminal of every role that copies
+    objects ("No config file was found"), and the layout is part of DataJoint's store format, which does not
+    change within 0.14.
+    """
+    return (name[: folds[0]].lower(), *subfold(name[folds[0] :], folds[1:])) if folds else ()
 CHUNK = 1 << 20  # bytes of an object held in memory at a time while it is copied
 PART = 16 << 20  # bytes of an S3 upload part (minio holds one in memory); S3 wants at least 5 MiB
 

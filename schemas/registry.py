@@ -11,6 +11,7 @@ compacted topic (see `schemas`); its own readers decode both.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from confluent_kafka.schema_registry import Schema as RegisteredSchema
@@ -41,17 +42,18 @@ def _plain(definition: Any, seen: set[str] | None = None) -> Any:
     return definition
 
 
-def registry_at(url: str | None) -> Registry | None:
-    """The registry at `url` (DJLINK_SCHEMA_REGISTRY_URL), or None when none is configured."""
-    return Registry(url) if url else None
+def registry_at(url: str | None, properties: Mapping[str, str] | None = None) -> Registry | None:
+    """The registry at `url` (DJLINK_SCHEMA_REGISTRY_URL), its client given `properties` (authentication, TLS);
+    None when none is configured."""
+    return Registry(url, properties) if url else None
 
 
 class Registry:
     """Ids of our schemas by subject, and schemas by id: each asked of the registry once."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, properties: Mapping[str, str] | None = None) -> None:
         self.url = url
-        self._client = SchemaRegistryClient({"url": url})
+        self._client = SchemaRegistryClient({"url": url, **(properties or {})})
         self._ids: dict[tuple[str, bytes], int] = {}
         self._texts: dict[int, str] = {}
 

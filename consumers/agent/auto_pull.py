@@ -19,10 +19,9 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 import schemas
 from foundation import keys as keycodec
 from foundation.config import Settings
-from foundation.kafka import consumer, where
+from foundation.kafka import consumer, schema_registry, where
 from foundation.links import LinkRegistry
 from foundation.topics import SchemaTopic, Topics
-from schemas.registry import registry_at
 from schemas.tables import EnvelopeReader
 
 log = logging.getLogger(__name__)
@@ -74,9 +73,7 @@ class AutoPull:
         self._topics = topics
         self._registry = registry
         self._c = consumer(settings, topics.auto_pull_group)
-        self._codec = schemas.Codec(
-            SchemaTopic(settings, topics).resolve, registry=registry_at(settings.schema_registry_url)
-        )
+        self._codec = schemas.Codec(SchemaTopic(settings, topics).resolve, registry=schema_registry(settings))
         self._envelopes = EnvelopeReader(self._codec)
         self._following: dict[str, str] = {}  # master topic -> link id
         self.missing: list[str] = []  # wanted topics not assigned yet

@@ -39,11 +39,10 @@ from consumers.integrity import EntityKey, EntityState
 from foundation.config import Settings
 from foundation.dberrors import describe
 from foundation.gtid import parse_gtid
-from foundation.kafka import consumer, now_ms, producer
+from foundation.kafka import consumer, now_ms, producer, schema_registry
 from foundation.links import LinkRegistry, LinkSpec
 from foundation.stores import Stores
 from foundation.topics import Admin, SchemaTopic, Topics
-from schemas.registry import registry_at
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ class Applier:
         self.group = self.topics.applier_group
         self._schema_topic = SchemaTopic(settings, self.topics)
         self._unknown_schemas: dict[bytes, float] = {}
-        self._codec = schemas.Codec(self._resolve_schema, registry=registry_at(settings.schema_registry_url))
+        self._codec = schemas.Codec(self._resolve_schema, registry=schema_registry(settings))
         self._store = StateStore(settings.applier_state_db, self.group)
         self._objects = Objects(
             Stores(settings.source_stores, "DJLINK_SOURCE_STORES"),

@@ -67,3 +67,12 @@ def test_capture_server_id_must_differ_from_the_sources(site: Site) -> None:
 def test_unreachable_kafka_is_one_clear_line(site: Site) -> None:
     line = one_error_line(run(site, "agent", DJLINK_KAFKA_BOOTSTRAP="127.0.0.1:1", DJLINK_STARTUP_TIMEOUT="5"))
     assert line.startswith("error: cannot reach Kafka at 127.0.0.1:1")
+
+
+def test_kafka_client_properties_reach_every_client_and_a_wrong_one_is_one_line(site: Site) -> None:
+    """DJLINK_KAFKA_SECURITY_PROTOCOL=SSL against the plaintext broker: the role cannot reach it (the property
+    reached the client); a property librdkafka does not know is named in one line."""
+    line = one_error_line(run(site, "agent", DJLINK_KAFKA_SECURITY_PROTOCOL="SSL", DJLINK_STARTUP_TIMEOUT="3"))
+    assert line.startswith("error: cannot reach Kafka at ")
+    line = one_error_line(run(site, "applier", DJLINK_KAFKA_NO_SUCH_THING="1"))
+    assert line.startswith("error: Kafka client settings (DJLINK_KAFKA_*): ") and "no.such.thing" in line

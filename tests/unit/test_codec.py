@@ -187,3 +187,43 @@ def test_schemas_for_a_registry_define_each_named_type_once_and_drop_fastavro_ke
 def test_a_confluent_framed_value_without_a_registry_is_a_clear_decode_error() -> None:
     with pytest.raises(schemas.DecodeError, match="no registry configured"):
         schemas.Codec().decode(b"\x00\x00\x00\x00\x07\x02")
+
+
+def test_every_djlink_kafka_variable_becomes_a_client_property_of_every_kafka_client() -> None:
+    from foundation.config import Settings
+    from foundation.kafka import client_config
+
+    env = {
+        "DJLINK_KAFKA_BOOTSTRAP": "k1:9093,k2:9093",
+        "DJLINK_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "DJLINK_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        "DJLINK_KAFKA_SASL_PASSWORD": "s3cret",
+        "DJLINK_KAFKA_SSL_CA_LOCATION": "/etc/ca.pem",
+        "DJLINK_KAFKA_SOME__ODD_NAME": "x",  # `__` stands for an underscore in the property's name
+        "DJLINK_SCHEMA_REGISTRY_URL": "https://registry:8081",
+        "DJLINK_SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO": "u:p",
+        "DJLINK_SOURCE_PASSWORD": "db-s3cret",
+    }
+    settings = Settings.from_env(env)
+    config = client_config(settings)
+    assert config["bootstrap.servers"] == "k1:9093,k2:9093"
+    assert {k: v for k, v in config.items() if k not in ("bootstrap.servers", "logger")} == {
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.password": "s3cret",
+        "ssl.ca.location": "/etc/ca.pem",
+        "some_odd.name": "x",
+    }
+    assert settings.schema_registry_properties == {"basic.auth.user.info": "u:p"}
+    assert "s3cret" not in repr(settings) and "u:p" not in repr(settings)  # secrets stay out of any log line
+    assert "db-s3cret" not in repr(settings)
+
+
+def test_a_kafka_property_librdkafka_does_not_take_is_one_line_naming_the_setting() -> None:
+    import pytest
+
+    from foundation.config import ConfigError, Settings
+    from foundation.kafka import producer
+
+    with pytest.raises(ConfigError, match=r"DJLINK_KAFKA_\*.*no\.such\.property"):
+        producer(Settings.from_env({"DJLINK_KAFKA_NO_SUCH_PROPERTY": "1"}))

@@ -93,3 +93,12 @@ def test_store_settings_errors_say_what_to_fix() -> None:
         Store("x", {"protocol": "ftp", "location": "/"})
     with pytest.raises(StoreError, match="bucket"):
         Store("x", {"protocol": "s3", "location": "l", "endpoint": "e", "access_key": "a", "secret_key": "s"})
+
+
+def test_objects_are_foldered_as_datajoint_folders_them() -> None:
+    import datajoint.external
+
+    from foundation.stores import subfold
+
+    for name, folds in [("aBCdefg", (2, 3)), ("0123456789abcdef", (2, 2)), ("x", ()), ("abcdef", (1, 1, 1))]:
+        assert subfold(name, folds) == datajoint.external.subfold(name, folds)

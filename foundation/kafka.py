@@ -21,6 +21,23 @@ from foundation.config import ConfigError, Settings
 from schemas.registry import Registry, registry_at
 
 KAFKA_LOG = logging.getLogger("djlink.kafka")  # librdkafka's own log lines, through Python logging
+
+
+class ClientLog:
+    """librdkafka's log lines (its internals: GETPID retries while a broker starts, reconnects, ...) at DEBUG.
+
+    What matters to a user reaches djlink as an error it handles or reports in its own words; the lines
+    themselves are for `djlink run --verbose`.
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+
+    def log(self, level: int, msg: str, *args: Any) -> None:
+        self._logger.log(logging.DEBUG, msg, *args)
+
+
+CLIENT_LOG = ClientLog(KAFKA_LOG)
 # The largest message on djlink's topics: a row change (two images of a row) or a pull's list of keys.
 # Bigger values belong in an external store (blob@, attach@), which djlink copies outside Kafka.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -29,7 +46,7 @@ DeliveryCallback = Callable[[KafkaError | None, Message], None]
 T = TypeVar("T")
 
 
-def client_config(settings: Settings, logger: logging.Logger = KAFKA_LOG) -> dict[str, Any]:
+def client_config(settings: Settings, logger: ClientLog | logging.Logger = CLIENT_LOG) -> dict[str, Any]:
     """What every Kafka client of djlink is configured with, whatever its kind: the bootstrap servers and every
     `DJLINK_KAFKA_<PROPERTY>` setting (security.protocol, sasl.*, ssl.*, ...), as librdkafka takes them."""
     return {"bootstrap.servers": settings.kafka_bootstrap, **settings.kafka_properties, "logger": logger}
@@ -74,7 +91,7 @@ def consumer(settings: Settings, group_id: str, **extra: Any) -> Consumer:
     return _client(Consumer, conf)
 
 
-def admin_client(settings: Settings, logger: logging.Logger = KAFKA_LOG) -> AdminClient:
+def admin_client(settings: Settings, logger: ClientLog | logging.Logger = CLIENT_LOG) -> AdminClient:
     """An admin client (topic creation, metadata, deletion)."""
     return _client(AdminClient, client_config(settings, logger))
 
@@ -106,13 +123,19 @@ def read_to_end(settings: Settings, topic: str, timeout_s: float = 30) -> list[M
     read_committed consumer the watermark query answers the last stable
     offset, so an open transaction of an active producer does not keep us
     waiting; at rest the partition-EOF event comes after the transaction
-    markers (they take offsets but are never delivered).
+    markers (they take offsets but are never delivered). A topic that does not exist (yet) holds nothing.
     """
     c = consumer(settings, f"{topic}-reader", **{"enable.partition.eof": True})  # as Topics.reader_group names it
     found: list[Message] = []
     try:
         tp = TopicPartition(topic, 0, OFFSET_BEGINNING)
-        low, high = c.get_watermark_offsets(tp, timeout=10)
+        try:
+            low, high = c.get_watermark_offsets(tp, timeout=10)
+        except KafkaException as exc:
+            code = exc.args[0].code() if exc.args and isinstance(exc.args[0], KafkaError) else None
+            if code in (KafkaError._UNKNOWN_PARTITION, KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC):
+                return found
+            raise
         if high <= low:
             return found
         c.assign([tp])

@@ -31,7 +31,6 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-
 DEFAULT_SUBFOLDING = (2, 2)  # DataJoint 0.14's default
 
 
@@ -43,6 +42,8 @@ def subfold(name: str, folds: tuple[int, ...]) -> tuple[str, ...]:
     change within 0.14.
     """
     return (name[: folds[0]].lower(), *subfold(name[folds[0] :], folds[1:])) if folds else ()
+
+
 CHUNK = 1 << 20  # bytes of an object held in memory at a time while it is copied
 PART = 16 << 20  # bytes of an S3 upload part (minio holds one in memory); S3 wants at least 5 MiB
 

@@ -227,3 +227,15 @@ def test_a_kafka_property_librdkafka_does_not_take_is_one_line_naming_the_settin
 
     with pytest.raises(ConfigError, match=r"DJLINK_KAFKA_\*.*no\.such\.property"):
         producer(Settings.from_env({"DJLINK_KAFKA_NO_SUCH_PROPERTY": "1"}))
+
+
+def test_librdkafkas_own_log_lines_go_to_debug(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from foundation.kafka import CLIENT_LOG
+
+    with caplog.at_level(logging.DEBUG, logger="djlink.kafka"):
+        CLIENT_LOG.log(logging.WARNING, "%s [%s] %s", "GETPID", "rdkafka#producer-1", "Failed to acquire PID")
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.DEBUG, "GETPID [rdkafka#producer-1] Failed to acquire PID")
+    ]

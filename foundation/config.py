@@ -111,6 +111,8 @@ class Settings:
     destination_stores: Any  # {store: DataJoint store spec}: where it writes the destination's
     schema_registry_url: str | None  # a Confluent-compatible registry: change events in its wire format
     applier_state_db: str  # the applier's database on the destination server: offsets, units, entity states
+    topic_replication_factor: int = -1  # of the topics djlink creates; -1: the cluster's default.replication.factor
+    topic_min_insync_replicas: int | None = None  # their min.insync.replicas; None: the cluster's default
     # librdkafka properties every Kafka client gets (DJLINK_KAFKA_<PROPERTY>): security.protocol, sasl.*, ssl.*
     kafka_properties: Mapping[str, str] = field(default_factory=dict, repr=False)
     # the schema registry client's (DJLINK_SCHEMA_REGISTRY_<PROPERTY>): basic.auth.user.info, ssl.*
@@ -148,6 +150,8 @@ class Settings:
             destination_stores=_stores(env, "DJLINK_DEST_STORES"),
             schema_registry_url=env.get("DJLINK_SCHEMA_REGISTRY_URL") or None,
             applier_state_db=_state_db(env.get("DJLINK_APPLIER_STATE_DB") or "djlink_applier"),
+            topic_replication_factor=_replication_factor(env),
+            topic_min_insync_replicas=_optional_number(env, "DJLINK_TOPIC_MIN_INSYNC_REPLICAS"),
             kafka_properties=client_properties(env, KAFKA_PREFIX, {"BOOTSTRAP"}),
             schema_registry_properties=client_properties(env, REGISTRY_PREFIX, {"URL"}),
         )
@@ -169,6 +173,19 @@ def _prefix(value: str) -> str:
             "the prefix from the schema and table names in topic names)"
         )
     return value
+
+
+def _optional_number(env: Mapping[str, str], name: str) -> int | None:
+    """A whole-number setting that may be left unset (None)."""
+    return int(_number(env, name, "1")) if env.get(name) else None
+
+
+def _replication_factor(env: Mapping[str, str]) -> int:
+    """DJLINK_TOPIC_REPLICATION_FACTOR: -1 (the cluster's default) or a number of replicas."""
+    text = env.get("DJLINK_TOPIC_REPLICATION_FACTOR") or "-1"
+    if text.strip() != "-1":
+        return int(_number(env, "DJLINK_TOPIC_REPLICATION_FACTOR", "-1"))
+    return -1
 
 
 KAFKA_PREFIX = "DJLINK_KAFKA_"

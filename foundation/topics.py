@@ -13,6 +13,7 @@ import re
 import threading
 import time
 from collections.abc import Iterable
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import (
@@ -25,7 +26,7 @@ from confluent_kafka.admin import (
 )
 
 import schemas
-from foundation.config import Settings
+from foundation.config import ConfigError, Settings
 from foundation.kafka import MAX_MESSAGE_BYTES, admin_client, produce, read_to_end
 
 _TOPIC_BAD = re.compile(r"[^A-Za-z0-9._]")
@@ -124,15 +125,19 @@ class Admin:
             missing = [n for n in names if n not in self._known]
             if not missing:
                 return
-            existing = set(self._admin.list_topics(timeout=10).topics)
+            metadata = self._admin.list_topics(timeout=10).topics
+            existing = set(metadata)
             create = [n for n in missing if n not in existing]
             # Rows with big blobs, and pulls of many keys, exceed Kafka's default 1 MB per message.
             config = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
             if compacted:
                 config["cleanup.policy"] = "compact"
+            if self._settings.topic_min_insync_replicas is not None:
+                config["min.insync.replicas"] = str(self._settings.topic_min_insync_replicas)
+            replicas = self._settings.topic_replication_factor  # -1: the cluster's default.replication.factor
             if create:
                 futures = self._admin.create_topics(
-                    [NewTopic(n, num_partitions=partitions, replication_factor=1, config=config) for n in create]
+                    [NewTopic(n, num_partitions=partitions, replication_factor=replicas, config=config) for n in create]
                 )
                 for name, fut in futures.items():
                     try:
@@ -143,13 +148,33 @@ class Admin:
                             raise
                         if error.code() == KafkaError.TOPIC_ALREADY_EXISTS:
                             continue
+                        if error.code() in (KafkaError.INVALID_REPLICATION_FACTOR, KafkaError.POLICY_VIOLATION):
+                            raise ConfigError(
+                                f"Kafka cannot create topic {name} with DJLINK_TOPIC_REPLICATION_FACTOR={replicas}: "
+                                f"{error.str()} (-1, the default, takes the cluster's default.replication.factor)"
+                            ) from None
                         if error.code() in (KafkaError.TOPIC_EXCEPTION, KafkaError.INVALID_CONFIG):
                             # e.g. a name that collides with another once '.' and '_' are taken as one
                             raise TopicRefused(f"Kafka refused the topic {name}: {error.str()}") from None
                         raise
+            self._warn_few_replicas({n: metadata[n] for n in missing if n in existing})
             self._raise_message_limit([n for n in missing if n in existing])
             self._known.update(missing)
             _wait_for_metadata(self._admin, create)
+
+    def _warn_few_replicas(self, topics: dict[str, Any]) -> None:
+        """One line per existing topic with fewer replicas than DJLINK_TOPIC_REPLICATION_FACTOR asks for."""
+        wanted = self._settings.topic_replication_factor
+        for name, meta in topics.items():
+            have = min((len(p.replicas) for p in meta.partitions.values()), default=0)
+            if 0 < wanted and have < wanted:
+                log.warning(
+                    "topic %s has %d replica(s), fewer than DJLINK_TOPIC_REPLICATION_FACTOR=%d: losing a broker can "
+                    "lose what it holds; raise them with kafka-reassign-partitions",
+                    name,
+                    have,
+                    wanted,
+                )
 
     def _raise_message_limit(self, names: list[str]) -> None:
         """Topics created before djlink raised the limit (or by hand) take messages up to MAX_MESSAGE_BYTES too."""

@@ -88,3 +88,10 @@ def test_status_of_a_prefix_whose_capture_never_ran_says_so_in_one_line(site: Si
         == f"capture {site.topic_prefix}-capture: no checkpoint yet (it has never run on this prefix)"
     )
     assert "Traceback" not in proc.stderr
+
+
+def test_a_replication_factor_the_cluster_cannot_give_is_one_line_naming_the_setting(site: Site) -> None:
+    """Topics are created with the cluster's default replication unless told otherwise; the single local broker
+    cannot keep three replicas, and says so through djlink in one line."""
+    line = one_error_line(run(site, "agent", DJLINK_TOPIC_REPLICATION_FACTOR="3"))
+    assert line.startswith("error: Kafka cannot create topic ") and "DJLINK_TOPIC_REPLICATION_FACTOR=3" in line

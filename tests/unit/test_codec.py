@@ -239,3 +239,15 @@ def test_librdkafkas_own_log_lines_go_to_debug(caplog: pytest.LogCaptureFixture)
     assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
         (logging.DEBUG, "GETPID [rdkafka#producer-1] Failed to acquire PID")
     ]
+
+
+def test_topics_take_the_clusters_replication_unless_told_and_odd_values_are_refused() -> None:
+    from foundation.config import ConfigError, Settings
+
+    assert Settings.from_env({}).topic_replication_factor == -1
+    assert Settings.from_env({}).topic_min_insync_replicas is None
+    told = Settings.from_env({"DJLINK_TOPIC_REPLICATION_FACTOR": "3", "DJLINK_TOPIC_MIN_INSYNC_REPLICAS": "2"})
+    assert (told.topic_replication_factor, told.topic_min_insync_replicas) == (3, 2)
+    for bad in ("0", "-2", "three"):
+        with pytest.raises(ConfigError, match="DJLINK_TOPIC_REPLICATION_FACTOR"):
+            Settings.from_env({"DJLINK_TOPIC_REPLICATION_FACTOR": bad})

@@ -229,6 +229,7 @@ class SchemaTopic:
         self._topic = topics.schemas
         self._published: set[bytes] = set()
         self._seen: dict[bytes, str] = {}
+        self._skipped: set[int] = set()  # offsets of malformed records, each said once
 
     def publish(self, p: Producer, schema: schemas.Schema) -> None:
         """Produce the schema once per process (inside the caller's transaction, if any)."""
@@ -255,6 +256,17 @@ class SchemaTopic:
 
     def _read_all(self) -> None:
         for msg in read_to_end(self._settings, self._topic):
-            if msg.value():
+            if not msg.value():
+                continue
+            try:
                 body = json.loads(msg.value())  # type: ignore[arg-type]
-                self._seen[bytes.fromhex(body["fingerprint"])] = body["schema"]
+                fingerprint, text = bytes.fromhex(body["fingerprint"]), body["schema"]
+                if not isinstance(text, str):
+                    raise TypeError("its schema is not a JSON string")
+            except (ValueError, KeyError, TypeError) as exc:
+                # Compacted and read at every start: a record that is not a schema must not stop anyone.
+                if msg.offset() not in self._skipped:
+                    self._skipped.add(msg.offset() or 0)
+                    log.warning("skipped a malformed record on %s at offset %s: %s", self._topic, msg.offset(), exc)
+                continue
+            self._seen[fingerprint] = text

@@ -1,7 +1,8 @@
 """Hostile records on the control topics every role reads: skipped (or dead-lettered), and no role stops.
 
 The links topic is compacted and read from its beginning by every role at every start; the signals topic is
-read by the capture. A record there that is not what the topic carries once stopped the capture, the agent
+read by the capture; the schemas topic (compacted too) by every reader of change events that meets a schema
+it does not know yet. A record there that is not what the topic carries once stopped the capture, the agent
 and the applier for good (each restart read it again). Now the roles go on, and a pull afterwards works.
 """
 
@@ -17,7 +18,7 @@ from tests.conftest import Site, wait_for
 from tests.integration.test_pull import linked_recording
 
 
-def test_garbage_on_the_links_and_signals_topics_stops_no_role_and_a_later_pull_arrives(site: Site) -> None:
+def test_garbage_on_the_links_signals_and_schemas_topics_stops_no_role_and_a_later_pull_arrives(site: Site) -> None:
     _, Recording = linked_recording(site, n=4)
     assert (Recording().source & "recording_id <= 2").pull().pulled == 2
     settings = Settings.from_env(site.pipeline_env())
@@ -33,6 +34,8 @@ def test_garbage_on_the_links_and_signals_topics_stops_no_role_and_a_later_pull_
     for key, value in garbage.items():
         produce(p, topics.links, key, value)
         produce(p, topics.signals, key, value)
+        produce(p, topics.schemas, key, value)  # read whenever a fingerprint is not known yet
+    produce(p, topics.schemas, "half", b'{"fingerprint": "zz", "schema": 1}')
     p.flush(30)
 
     # The capture gives each malformed signal up on the dead-letter topic, with its offset and bytes.

@@ -76,7 +76,7 @@ class Change:
     event: Event
     before: dict[str, Any] | None
     after: dict[str, Any] | None
-    key_columns: tuple[str, ...]
+    key_columns: tuple[str, ...]  # of a source transaction's changes (a processing unit needs none)
 
     @property
     def image(self) -> dict[str, Any]:
@@ -102,14 +102,18 @@ class Prepared:
 def prepare(
     unit_id: str, unit: PendingUnit, link: LinkSpec | None, key_columns: Callable[[Event], Sequence[str]]
 ) -> Prepared:
-    """Convert a unit's events (raises ValueError, TypeError, KeyError, ArithmeticError, DecodeError on bad data)."""
+    """Convert a unit's events (raises ValueError, TypeError, KeyError, ArithmeticError, DecodeError on bad data).
+
+    Key columns are looked up for source transactions only: a processing unit writes whole rows by upsert and
+    deletes entities by the link's primary key.
+    """
     events = sorted(unit.events.values(), key=lambda e: e.envelope["transaction"]["total_order"])
     changes = tuple(
         Change(
             e,
             EnvelopeReader.image(e.envelope, e.convert, "before"),
             EnvelopeReader.image(e.envelope, e.convert, "after"),
-            tuple(key_columns(e)),
+            tuple(key_columns(e)) if link is None else (),
         )
         for e in events
     )
@@ -190,6 +194,11 @@ class UnitPlanner:
         self._tracked: dict[TrackedKey, dict[str, Any] | None] = {}
         for change in prepared.changes:
             self._take_state_change(change)
+        # Computed once, on first need: the planner is asked in turn, and each answer builds on the last.
+        self._entity_list: list[EntityKey] | None = None
+        self._outcomes_of: tuple[frozenset[str], dict[EntityKey, tuple[Outcome, str]]] | None = None
+        self._applied: tuple[frozenset[EntityKey], list[tuple[Change, EntityKey]]] | None = None
+        self._refs_of: dict[int, list[ObjectRef]] = {}  # id of a change -> its row's objects
 
     def _state(self, key: EntityKey) -> EntityState:
         return self._local.get(key) or self._known.state(key)
@@ -233,16 +242,26 @@ class UnitPlanner:
             link = self._p.link
             outcomes = self._outcomes(link, present)
             for change, key in self._applied_rows(link, outcomes):
-                if key not in self._excluded:
-                    refs.setdefault(key, []).extend(self._refs(link, change.event.collection, change.after))
+                if key not in self._excluded and (found := self._refs(link, change)):
+                    refs.setdefault(key, []).extend(found)
         else:
             for change, link, key in self._mirrored():
-                if change.after is not None:
-                    refs.setdefault(key, []).extend(self._refs(link, change.event.collection, change.after))
+                if change.after is not None and (found := self._refs(link, change)):
+                    refs.setdefault(key, []).extend(found)
         return {k: r for k, r in refs.items() if r}
 
-    def _refs(self, link: LinkSpec, collection: str, row: dict[str, Any] | None) -> list[ObjectRef]:
+    def _refs(self, link: LinkSpec, change: Change) -> list[ObjectRef]:
+        """The objects the change's new row references (computed once per change)."""
+        found = self._refs_of.get(id(change))
+        if found is None:
+            found = self._refs_of[id(change)] = self._find_refs(link, change.event.collection, change.after)
+        return found
+
+    def _find_refs(self, link: LinkSpec, collection: str, row: dict[str, Any] | None) -> list[ObjectRef]:
         assert row is not None
+        in_store = self._routes.in_store.get(collection)
+        if not in_store:
+            return []
         db = collection.split(".", 1)[0]
         return [
             ObjectRef(
@@ -252,7 +271,7 @@ class UnitPlanner:
                 link.destination_store(store),
                 link.destination_db,
             )
-            for column, store in self._routes.in_store.get(collection, ())
+            for column, store in in_store
             if row.get(column) is not None
         ]
 
@@ -294,7 +313,7 @@ class UnitPlanner:
                 assert before is not None
                 plan.write(WriteKind.DELETE, target, {c: before[c] for c in row_key})
                 continue
-            self._write_objects(plan, link, self._refs(link, change.event.collection, after), staged)
+            self._write_objects(plan, link, self._refs(link, change), staged)
             if before is not None and any(before[c] != after[c] for c in row_key):
                 # The primary key changed: an UPDATE, so that the parts' foreign keys cascade as at the source.
                 plan.write(WriteKind.REKEY, target, {"key": {c: before[c] for c in row_key}, "row": after})
@@ -310,6 +329,8 @@ class UnitPlanner:
 
     def _entities(self, link: LinkSpec) -> list[EntityKey]:
         """A processing unit's entities: those whose helper row it read, and those whose master row it read."""
+        if self._entity_list is not None:
+            return self._entity_list
         master = f"{link.source_db}.{link.source_table}"
         pk = list(link.primary_key)
         read = [
@@ -317,21 +338,30 @@ class UnitPlanner:
             for c in self._p.changes
             if c.event.collection == master and c.after
         ]
-        return list(dict.fromkeys([*self._helpers, *read]))
+        self._entity_list = list(dict.fromkeys([*self._helpers, *read]))
+        return self._entity_list
 
     def _outcomes(self, link: LinkSpec, present: set[str]) -> dict[EntityKey, tuple[Outcome, str]]:
         """Each entity's outcome; `present` as queried, corrected by what earlier units of the batch did."""
+        asked = frozenset(present)
+        if self._outcomes_of is not None and self._outcomes_of[0] == asked:
+            return dict(self._outcomes_of[1])
         present = set(present)
         for key in self.presence_needed():  # applied or removed earlier in this batch: the query cannot see it
             earlier = self._known.batch.get(key)
             if earlier is not None:
                 (present.add if earlier.at_destination else present.discard)(key.key)
-        return {k: decide_process(self._helpers.get(k), k.key in present) for k in self._entities(link)}
+        outcomes = {k: decide_process(self._helpers.get(k), k.key in present) for k in self._entities(link)}
+        self._outcomes_of = (asked, outcomes)
+        return dict(outcomes)
 
     def _applied_rows(
         self, link: LinkSpec, outcomes: Mapping[EntityKey, tuple[Outcome, str]]
     ) -> list[tuple[Change, EntityKey]]:
         """The data rows (master and parts) of the entities to apply, in order."""
+        applying = frozenset(k for k, (o, _) in outcomes.items() if o is Outcome.APPLY)
+        if self._applied is not None and self._applied[0] == applying:
+            return self._applied[1]
         pk = list(link.primary_key)
         rows = []
         for change in self._p.changes:
@@ -340,6 +370,7 @@ class UnitPlanner:
             key = EntityKey(link.link_id, keycodec.encode(change.after, pk))
             if outcomes.get(key, (Outcome.SKIP, ""))[0] is Outcome.APPLY:
                 rows.append((change, key))
+        self._applied = (applying, rows)
         return rows
 
     def _plan_processing(self, plan: Plan, link: LinkSpec, present: set[str], staged: Staged) -> None:
@@ -352,7 +383,7 @@ class UnitPlanner:
             if key in failed:
                 continue
             written += 1
-            self._write_objects(plan, link, self._refs(link, change.event.collection, change.after), staged)
+            self._write_objects(plan, link, self._refs(link, change), staged)
             target = Target(link.destination_db, destination_name(change.event.collection.split(".", 1)[1]))
             assert change.after is not None
             plan.write(WriteKind.UPSERT, target, change.after)

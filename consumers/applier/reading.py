@@ -101,7 +101,8 @@ class Reader:
     def _route(self, msg: Message, registry: LinkRegistry) -> bool:
         """Take one message into its unit; True when it taught us of new links."""
         at = Offset(*where(msg))
-        self._gathering.read(at, kafka_ts(msg))
+        ts_ms = kafka_ts(msg)
+        self._gathering.read(at, ts_ms)
         value = msg.value()
         if value is None:
             return False  # tombstone
@@ -116,7 +117,7 @@ class Reader:
                 return False
             if record["status"] != "END":
                 return False
-            self._gathering.end(record["id"], record, at, kafka_ts(msg))
+            self._gathering.end(record["id"], record, at, ts_ms)
             # Links are published before their first event; a unit of a table not known yet means
             # the links topic is behind this consumer, not that the unit is someone else's. (Helper
             # tables are known too: their units, one per ack, would otherwise each wait for the links topic.)
@@ -136,7 +137,7 @@ class Reader:
         if not block or not block.get("id"):
             self._reject(msg, f"{vschema.subject}: change event without a transaction block")
             return False
-        event = Event(collection, envelope, convert, msg.key(), value, kafka_ts(msg))
+        event = Event(collection, envelope, convert, msg.key(), value, ts_ms)
         self._gathering.unit(block["id"]).add(at, event)
         return False
 

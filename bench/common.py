@@ -26,7 +26,7 @@ def say(text: str) -> None:
 def services_env() -> dict[str, str]:
     """The local services (started when not running), or external ones with DJLINK_TEST_EXTERNAL=1."""
     if os.environ.get("DJLINK_TEST_EXTERNAL") == "1":
-        return {k: os.environ[k] for k in services.ENV_KEYS}
+        return {k: os.environ[k] for k in services.ENV_KEYS if k in os.environ or k not in services.TLS_ENV_KEYS}
     return services.load_env() or services.up(quiet=True)
 
 

@@ -72,7 +72,7 @@ from confluent_kafka.admin import AdminClient
 
 from foundation.config import Settings
 
-__all__ = ["ENV_KEYS", "ServiceError", "down", "load_env", "state_dir", "status", "up"]
+__all__ = ["ENV_KEYS", "TLS_ENV_KEYS", "ServiceError", "down", "load_env", "state_dir", "status", "up"]
 
 HOST = "127.0.0.1"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -92,6 +92,8 @@ BINLOG_KEEP_S = 86_400  # the local source server purges binlog files older than
 POLL_INTERVAL = 0.2
 SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes; stay clear of it
 
+# Both local servers offer TLS with a certificate from a CA made at the first start; clients verify it.
+TLS_ENV_KEYS = ("DJLINK_SOURCE_TLS", "DJLINK_SOURCE_TLS_CA", "DJLINK_DEST_TLS", "DJLINK_DEST_TLS_CA")
 ENV_KEYS = (
     "DJLINK_SOURCE_HOST",
     "DJLINK_SOURCE_PORT",
@@ -102,6 +104,7 @@ ENV_KEYS = (
     "DJLINK_DEST_USER",
     "DJLINK_DEST_PASSWORD",
     "DJLINK_KAFKA_BOOTSTRAP",
+    *TLS_ENV_KEYS,
 )
 
 log = logging.getLogger(__name__)
@@ -180,15 +183,61 @@ def _locked(sd: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _env_from_state(state: dict[str, Any]) -> dict[str, str]:
+def _env_from_state(sd: Path, state: dict[str, Any]) -> dict[str, str]:
     env: dict[str, str] = {}
     for db in MARIADBS:
         env[f"{db.env_prefix}_HOST"] = HOST
         env[f"{db.env_prefix}_PORT"] = str(state["ports"][db.name])
         env[f"{db.env_prefix}_USER"] = "root"
         env[f"{db.env_prefix}_PASSWORD"] = state["passwords"][db.name]
+        env[f"{db.env_prefix}_TLS"] = "verify"
+        env[f"{db.env_prefix}_TLS_CA"] = str(_tls_paths(sd)["ca"])
     env["DJLINK_KAFKA_BOOTSTRAP"] = f"{HOST}:{state['ports'][KAFKA]}"
-    return env
+    return {k: env[k] for k in ENV_KEYS}
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def _tls_paths(sd: Path) -> dict[str, Path]:
+    folder = sd / "tls"
+    return {
+        "ca": folder / "ca.pem",
+        "ca_key": folder / "ca.key",
+        "cert": folder / "server.pem",
+        "key": folder / "server.key",
+    }
+
+
+def _ensure_certs(sd: Path, say: Callable[[str], None]) -> dict[str, Path]:
+    """A local CA and a server certificate for 127.0.0.1 signed by it (both servers use it), made once."""
+    paths = _tls_paths(sd)
+    if all(p.exists() for p in paths.values()):
+        return paths
+    openssl = _ensure_tool(sd, "openssl", "openssl", say)
+    folder = paths["ca"].parent
+    folder.mkdir(parents=True, exist_ok=True)
+    extensions = folder / "server.ext"
+    extensions.write_text(
+        f"subjectAltName=IP:{HOST}\nbasicConstraints=CA:FALSE\n"
+        "keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+    )
+    steps = [
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650", "-subj", "/CN=djlink local CA",
+         "-keyout", str(paths["ca_key"]), "-out", str(paths["ca"])],
+        [openssl, "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={HOST}",
+         "-keyout", str(paths["key"]), "-out", str(folder / "server.csr")],
+        [openssl, "x509", "-req", "-in", str(folder / "server.csr"), "-CA", str(paths["ca"]),
+         "-CAkey", str(paths["ca_key"]), "-CAcreateserial", "-days", "3650", "-extfile", str(extensions),
+         "-out", str(paths["cert"])],
+    ]  # fmt: skip
+    for argv in steps:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise ServiceError(f"openssl could not make the local TLS certificates: {done.stderr.strip()[-300:]}")
+    for key in ("ca_key", "key"):
+        paths[key].chmod(0o600)
+    return paths
 
 
 def _write_env_files(sd: Path, env: dict[str, str]) -> None:
@@ -485,6 +534,10 @@ def _mariadb_argv(mariadbd: str, sd: Path, db: _MariaDB, port: int) -> list[str]
         # of; InnoDB's own I/O threads are as fast for a test-sized server.
         "--innodb-use-native-aio=0",
         "--max-allowed-packet=64M",
+        # TLS offered (not required): clients verify the certificate against the local CA (DJLINK_*_TLS_CA).
+        f"--ssl-ca={_tls_paths(sd)['ca']}",
+        f"--ssl-cert={_tls_paths(sd)['cert']}",
+        f"--ssl-key={_tls_paths(sd)['key']}",
     ]
     if db.binlog:
         argv += [
@@ -847,6 +900,7 @@ def _start_mariadbs(sd: Path, dbs: list[_MariaDB], ports: dict[str, int], say: C
     if not dbs:
         return {}
     mariadbd, install_db = _ensure_mariadb(sd, say)
+    _ensure_certs(sd, say)
     pids = {}
     for db in dbs:
         (sd / db.name).mkdir(parents=True, exist_ok=True)
@@ -912,6 +966,19 @@ def up(quiet: bool = False) -> dict[str, str]:
     sd = state_dir()
     with _locked(sd):
         running = _running(sd)
+        # A server started before the launcher offered TLS (the services' settings now tell clients to verify
+        # it) is restarted, keeping its data and port.
+        markers = _markers(sd)
+        plain = {
+            db.name: (running[db.name], markers[db.name])
+            for db in MARIADBS
+            if db.name in running and not _pid_alive(running[db.name], "--ssl-cert=")
+        }
+        if plain:
+            say(f"restarting {', '.join(_labels()[n] for n in plain)} to offer TLS")
+            _stop(plain)
+            for name in plain:
+                running.pop(name)
         state = _prepare_state(sd, running)
         to_start = [name for name in _labels() if name not in running]
         logs = {name: _log_sizes(_log_paths(sd, name)) for name in _labels()}
@@ -932,7 +999,7 @@ def up(quiet: bool = False) -> dict[str, str]:
             if _mariadb_probe(port, password) != "ready":
                 raise ServiceError(f"root cannot log in to the {db.label} over TCP; see {sd / db.name / 'error.log'}")
 
-        env = _env_from_state(state)
+        env = _env_from_state(sd, state)
         _write_env_files(sd, env)
     elapsed = time.monotonic() - started_at
     if to_start:

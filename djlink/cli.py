@@ -33,9 +33,11 @@ def expected_error(exc: BaseException) -> str | None:
     from cdc.preconditions import PreconditionError
     from cdc.streaming import UnsupportedTransaction
     from devtools.services import ServiceError
+    from foundation.tls import TlsError
     from foundation.topics import KafkaUnavailable
 
-    if isinstance(exc, PreconditionError | ConfigError | ServiceError | KafkaUnavailable | UnsupportedTransaction):
+    expected = (PreconditionError, ConfigError, ServiceError, KafkaUnavailable, UnsupportedTransaction, TlsError)
+    if isinstance(exc, expected):
         return str(exc)
     if isinstance(exc, pymysql.err.OperationalError):
         code = exc.args[0] if exc.args else 0

@@ -17,6 +17,10 @@ from typing import Any
 
 import pymysql
 
+from foundation.tls import CR_SSL_CONNECTION_ERROR, Tls
+
+_WITHOUT_TLS: set[tuple[str, int]] = set()  # servers found to offer no TLS, where `preferred` means plain text
+
 
 class ConfigError(Exception):
     """A setting is missing or malformed."""
@@ -61,16 +65,32 @@ class Database:
     port: int
     user: str
     password: str = field(repr=False)  # never in a log line or an error
+    tls: Tls = field(default_factory=Tls)
 
     def connect(self, utc: bool = False, **options: Any) -> pymysql.connections.Connection[Any]:
-        """A PyMySQL connection, in utf8mb4 unless `options` name another charset.
+        """A PyMySQL connection, encrypted as `tls` says, in utf8mb4 unless `options` name another charset.
 
         `utc` sets the session's time zone to UTC (TIMESTAMP values as the binlog carries them); `options` go
         to PyMySQL (autocommit, cursorclass, ...)."""
         if utc:
             options.setdefault("init_command", "SET time_zone='+00:00'")
         options.setdefault("charset", "utf8mb4")
-        return pymysql.connect(host=self.host, port=self.port, user=self.user, password=self.password, **options)
+        plain = {"host": self.host, "port": self.port, "user": self.user, "password": self.password, **options}
+        if self.tls.mode == "off":  # PyMySQL 2 encrypts whenever the server offers TLS, unless told not to
+            return pymysql.connect(**plain, ssl_disabled=True)
+        ctx = self.tls.context() if (self.host, self.port) not in _WITHOUT_TLS else None
+        if ctx is None:
+            return pymysql.connect(**plain)
+        try:
+            return pymysql.connect(**plain, ssl=ctx)
+        except pymysql.err.OperationalError as exc:
+            if self.tls.mode == "preferred" and exc.args and exc.args[0] == CR_SSL_CONNECTION_ERROR:
+                _WITHOUT_TLS.add((self.host, self.port))  # said once: the server offers none
+                return pymysql.connect(**plain)
+            refused = self.tls.refused(exc, f"{self.host}:{self.port}")
+            if refused is not None:
+                raise refused from None
+            raise
 
     @classmethod
     def at(cls, address: str, user: str, password: str) -> Database:
@@ -82,14 +102,34 @@ class Database:
             raise ConfigError(f"{address!r} is not host[:port]") from None
 
     def datajoint(self, use_tls: Any = None) -> Any:
-        """A DataJoint connection to this server, `use_tls` as DataJoint's own `database.use_tls` takes it."""
+        """A DataJoint connection to this server, `use_tls` as DataJoint's own `database.use_tls` takes it.
+
+        None (DataJoint's default) tries TLS and falls back to plain text when the server offers none, as
+        DataJoint means it to; DataJoint 0.14 itself no longer falls back with current PyMySQL.
+        """
         import datajoint as dj  # only the façade needs DataJoint's connection
 
-        return dj.Connection(f"{self.host}:{self.port}", self.user, self.password, use_tls=use_tls)
+        address = f"{self.host}:{self.port}"
+        if use_tls is not None:
+            return dj.Connection(address, self.user, self.password, use_tls=use_tls)
+        try:
+            return dj.Connection(address, self.user, self.password, use_tls=True)
+        except pymysql.err.OperationalError as exc:
+            if exc.args and exc.args[0] == CR_SSL_CONNECTION_ERROR:
+                return dj.Connection(address, self.user, self.password, use_tls=False)
+            raise
 
     def binlog_settings(self, **options: Any) -> dict[str, Any]:
-        """python-mysql-replication's `connection_settings` for this server."""
-        return {"host": self.host, "port": self.port, "user": self.user, "password": self.password, **options}
+        """python-mysql-replication's `connection_settings` for this server, encrypted as `tls` says."""
+        settings = {"host": self.host, "port": self.port, "user": self.user, "password": self.password, **options}
+        if self.tls.mode == "preferred" and (self.host, self.port) not in _WITHOUT_TLS:
+            self.connect().close()  # learns whether the server offers TLS (the reader cannot fall back itself)
+        ctx = self.tls.context() if (self.host, self.port) not in _WITHOUT_TLS else None
+        if ctx is not None:
+            settings["ssl"] = ctx
+        elif self.tls.mode == "off":
+            settings["ssl_disabled"] = True
+        return settings
 
 
 @dataclass(frozen=True)
@@ -129,6 +169,7 @@ class Settings:
                 port,
                 env.get(f"DJLINK_{side}_USER", "root"),
                 env.get(f"DJLINK_{side}_PASSWORD", ""),
+                Tls.from_env(env, f"DJLINK_{side}"),
             )
 
         allowed = tuple(p.strip() for p in env.get("DJLINK_ALLOWED_SCHEMAS", "").split(",") if p.strip())

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def services_env() -> dict[str, str]:
     if os.environ.get("DJLINK_TEST_EXTERNAL") == "1":
-        return {k: os.environ[k] for k in ENV_KEYS}
+        return {k: os.environ[k] for k in ENV_KEYS if k in os.environ or k not in services.TLS_ENV_KEYS}
     started = time.monotonic()
     env = services.up(quiet=True)
     print(f"\nservices ready in {time.monotonic() - started:.1f} s", file=sys.stderr)

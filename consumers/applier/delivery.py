@@ -17,11 +17,29 @@ from confluent_kafka import KafkaError, Message
 
 import schemas
 from consumers.applier.gathering import Offset
+from consumers.integrity import EntityKey, EntityState
 from foundation.dead_letters import DeadLetter
-from foundation.kafka import produce
+from foundation.kafka import now_ms, produce
 
 log = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)
+
+
+def flag_value(codec: schemas.Codec, key: EntityKey, state: EntityState, source_ts_ms: int) -> bytes | None:
+    """What the compacted flags topic says of an entity: a record while it is flagged or deprecated, a tombstone
+    (None) once it is neither."""
+    if state.flag() == (False, False):
+        return None
+    record = {
+        "link_id": key.link_id,
+        "key": key.key,
+        "is_flagged": state.is_flagged,
+        "is_deprecated": state.is_deprecated,
+        "process": state.process.value if state.process is not None else None,
+        "source_ts_ms": source_ts_ms,
+        "ts_ms": now_ms(),
+    }
+    return codec.encode(schemas.FIXED["flag"], record)
 
 
 class DeadLetterUndelivered(Exception):

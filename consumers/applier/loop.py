@@ -27,12 +27,12 @@ from typing import Any
 import schemas
 from consumers.applier import writes
 from consumers.applier.batches import BatchPlanner, prepare_all
-from consumers.applier.delivery import DeadLetters, Outbox
+from consumers.applier.delivery import DeadLetters, Outbox, flag_value
 from consumers.applier.destination import Destination
-from consumers.applier.gathering import Event, Gathering, Partition, PendingUnit, changed
+from consumers.applier.gathering import Gathering, Partition, PendingUnit, changed
 from consumers.applier.objects import Objects
 from consumers.applier.planning import Plan, Prepared
-from consumers.applier.reading import Reader
+from consumers.applier.reading import KnownSchemas, Reader
 from consumers.applier.state_store import PRUNE_EVERY_S, Finished, StateStore
 from consumers.applier.writes import Unappliable
 from consumers.integrity import EntityKey, EntityState
@@ -51,17 +51,18 @@ PROGRESS_EVERY_S = 1.0  # store offsets that moved without applying anything at 
 ORPHAN_AFTER_MS = 30_000
 WAITING_WARN_S = 5.0  # warn when the next unit in order has been incomplete this long
 MAX_BATCH_EVENTS = 20_000  # events per destination transaction, at most (a unit is never split)
-UNKNOWN_SCHEMA_TTL_S = 10.0  # a fingerprint the schema topic lacked is not looked up again this soon
 
 
 class Applier:
+    """The destination site's role: `run` until told to stop."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.topics = Topics(settings.topic_prefix)
         self.group = self.topics.applier_group
         self._schema_topic = SchemaTopic(settings, self.topics)
-        self._unknown_schemas: dict[bytes, float] = {}
-        self._codec = schemas.Codec(self._resolve_schema, registry=schema_registry(settings))
+        self._schemas = KnownSchemas(self._schema_topic)
+        self._codec = self._schemas.codec = schemas.Codec(self._schemas.resolve, registry=schema_registry(settings))
         self._store = StateStore(settings.applier_state_db, self.group)
         self._objects = Objects(
             Stores(settings.source_stores, "DJLINK_SOURCE_STORES"),
@@ -74,7 +75,6 @@ class Applier:
         self._flags: Outbox[EntityKey] = Outbox("flag changes", self._flags_sent)
         self._entities: dict[EntityKey, EntityState] = {}
         self._positions: dict[int, int] = {}  # replication domain -> seq no of the last source transaction applied
-        self._key_columns_of: dict[bytes, list[str]] = {}  # key schema fingerprint -> primary key columns
         self._waiting_for: tuple[str, float, bool] | None = None  # unit id, since, warned
         self._stored: dict[Partition, int] = {}
         self._last_progress = 0.0
@@ -93,15 +93,6 @@ class Applier:
 
     def _flags_sent(self, entities: list[EntityKey]) -> None:
         self._destination.transact(partial(self._store.flags_sent, entities=entities))
-
-    def _resolve_schema(self, fingerprint: bytes) -> str | None:
-        """The schema topic, asked at most once per UNKNOWN_SCHEMA_TTL_S for a fingerprint it lacked."""
-        if self._unknown_schemas.get(fingerprint, 0.0) > time.monotonic():
-            return None
-        text = self._schema_topic.resolve(fingerprint)
-        if text is None:
-            self._unknown_schemas[fingerprint] = time.monotonic() + UNKNOWN_SCHEMA_TTL_S
-        return text
 
     # -- the loop ----------------------------------------------------------------
 
@@ -267,7 +258,7 @@ class Applier:
                 log.info("source transaction %s was applied before; skipped", unit_id)
             else:
                 fresh.append((unit_id, unit))
-        prepared = prepare_all(fresh, partial(self._link_of, registry), self._key_columns)
+        prepared = prepare_all(fresh, partial(self._link_of, registry), self._schemas.key_columns)
         for refused in prepared.refused:
             self._give_up(refused.unit_id, refused.unit, refused.link_id, refused.reason, store_offsets=False)
         return prepared.units
@@ -292,15 +283,6 @@ class Applier:
         strict: it was applied then)."""
         gtid = parse_gtid(unit_id)
         return gtid is not None and gtid.seq_no <= self._positions.get(gtid.domain, -1)
-
-    def _key_columns(self, event: Event) -> list[str]:
-        """The primary key columns of an event's table, from its Kafka key's schema."""
-        if event.key is None:
-            raise ValueError(f"a change event of {event.collection} without a key")
-        vschema = self._codec.schema_of(event.key)
-        if vschema.fingerprint not in self._key_columns_of:
-            self._key_columns_of[vschema.fingerprint] = [f["name"] for f in vschema.definition["fields"]]
-        return self._key_columns_of[vschema.fingerprint]
 
     def _settle(self, unit: Prepared, plans: list[Plan], refusal: Unappliable, store_offsets: bool) -> None:
         """A unit the destination refused. A pull's or delete's, when only some of its entities are refused, is
@@ -394,19 +376,7 @@ class Applier:
     def _owe_flag(self, key: EntityKey, source_ts: int) -> None:
         """Owe the flags topic the entity's flags as they are now: a record while flagged or deprecated, a
         tombstone once neither (compacted, keyed `<link id> <entity key>`)."""
-        state = self._entities.get(key) or EntityState()
-        value = None
-        if state.flag() != (False, False):
-            record = {
-                "link_id": key.link_id,
-                "key": key.key,
-                "is_flagged": state.is_flagged,
-                "is_deprecated": state.is_deprecated,
-                "process": state.process.value if state.process is not None else None,
-                "source_ts_ms": source_ts,
-                "ts_ms": now_ms(),
-            }
-            value = self._codec.encode(schemas.FIXED["flag"], record)
+        value = flag_value(self._codec, key, self._entities.get(key) or EntityState(), source_ts)
         self._flags.put(key, self.topics.flags, f"{key.link_id} {key.key}", value)
 
     def _give_up(

@@ -23,13 +23,43 @@ from consumers.applier.gathering import Event, Gathering, Offset, Partition, Pen
 from consumers.applier.routing import Routes
 from foundation.kafka import where
 from foundation.links import LinkRegistry, LinkSpec
-from foundation.topics import Topics
+from foundation.topics import SchemaTopic, Topics
 from schemas.tables import EnvelopeReader
 
 log = logging.getLogger(__name__)
+UNKNOWN_SCHEMA_TTL_S = 10.0  # a fingerprint the schema topic lacked is not looked up again this soon
 TRANSACTION_FIELDS = frozenset({"status", "id", "data_collections", "request_id", "link_id"})
 POLL_S = 0.05  # how long a round waits for its first message
 MAX_TAKEN = 500  # messages taken per round, at most
+
+
+class KnownSchemas:
+    """The schemas events are written with, looked up on the schema topic when not known yet."""
+
+    def __init__(self, schema_topic: SchemaTopic) -> None:
+        self._schema_topic = schema_topic
+        self._unknown: dict[bytes, float] = {}
+        self._key_columns_of: dict[bytes, list[str]] = {}  # key schema fingerprint -> primary key columns
+        self.codec: schemas.Codec | None = None  # the codec resolving through `resolve`, once made
+
+    def resolve(self, fingerprint: bytes) -> str | None:
+        """The schema topic, asked at most once per UNKNOWN_SCHEMA_TTL_S for a fingerprint it lacked."""
+        if self._unknown.get(fingerprint, 0.0) > time.monotonic():
+            return None
+        text = self._schema_topic.resolve(fingerprint)
+        if text is None:
+            self._unknown[fingerprint] = time.monotonic() + UNKNOWN_SCHEMA_TTL_S
+        return text
+
+    def key_columns(self, event: Event) -> list[str]:
+        """The primary key columns of an event's table, from its Kafka key's schema."""
+        if event.key is None:
+            raise ValueError(f"a change event of {event.collection} without a key")
+        assert self.codec is not None
+        vschema = self.codec.schema_of(event.key)
+        if vschema.fingerprint not in self._key_columns_of:
+            self._key_columns_of[vschema.fingerprint] = [f["name"] for f in vschema.definition["fields"]]
+        return self._key_columns_of[vschema.fingerprint]
 
 
 class Reader:

@@ -11,7 +11,6 @@ djlink demo                                # the README's end-to-end example
 from __future__ import annotations
 
 import contextlib
-import logging
 import signal
 import sys
 import threading
@@ -21,6 +20,7 @@ from collections.abc import Iterator
 import pymysql
 import typer
 
+from djlink.health import Readiness, configure_logging, serve
 from djlink.process import READY
 from djlink.run import Role, run_roles
 from foundation.config import ConfigError, Settings
@@ -77,17 +77,21 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="log at DEBUG level"),
 ) -> None:
     """Run djlink services until interrupted. Configured by DJLINK_* variables (see README)."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with user_errors(show_bugs=True):
         try:
             settings = Settings.from_env()
+            configure_logging(settings.log_format, verbose)
+            readiness = Readiness()
             if settings.metrics_port:
-                from prometheus_client import start_http_server
+                serve(settings.metrics_port, readiness)
 
-                start_http_server(settings.metrics_port, addr="127.0.0.1")
-            run_roles(list(role), settings, stop, lambda: print(READY, flush=True))
+            def ready() -> None:
+                readiness.ready()
+                print(READY, flush=True)
+
+            run_roles(list(role), settings, stop, ready, readiness.failed)
         except KeyboardInterrupt:
             stop.set()
 

@@ -37,16 +37,29 @@ def service(role: Role, settings: Settings) -> Any:
     return Applier(settings)
 
 
-def run_roles(roles: list[Role], settings: Settings, stop: threading.Event, on_ready: Callable[[], None]) -> None:
-    """Run each role in a thread until `stop` is set or one of them fails (then raise its error)."""
+def run_roles(
+    roles: list[Role],
+    settings: Settings,
+    stop: threading.Event,
+    on_ready: Callable[[], None],
+    on_failure: Callable[[str], None] | None = None,
+) -> None:
+    """Run each role in a thread until `stop` is set or one of them fails (then raise its error).
+
+    `on_ready` is called once every role is ready; `on_failure` with the role's name when one fails."""
     failures: list[BaseException] = []
     ready = threading.Semaphore(0)
+    # Made here, one after another: imported by the roles' threads at once, confluent-kafka's modules (which
+    # import each other) could be met half initialized ("cannot import name ... partially initialized module").
+    services = {role: service(role, settings) for role in roles}
 
     def body(role: Role) -> None:
         try:
-            service(role, settings).run(stop, ready.release)
+            services[role].run(stop, ready.release)
         except BaseException as exc:
             failures.append(exc)
+            if on_failure is not None:
+                on_failure(f"{role.value}: {type(exc).__name__}")
             stop.set()
             ready.release()
 

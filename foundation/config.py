@@ -151,6 +151,7 @@ class Settings:
     destination_stores: Any  # {store: DataJoint store spec}: where it writes the destination's
     schema_registry_url: str | None  # a Confluent-compatible registry: change events in its wire format
     applier_state_db: str  # the applier's database on the destination server: offsets, units, entity states
+    log_format: str = "text"  # DJLINK_LOG_FORMAT: text (for people) or json (one object per line, for collectors)
     topic_replication_factor: int = -1  # of the topics djlink creates; -1: the cluster's default.replication.factor
     topic_min_insync_replicas: int | None = None  # their min.insync.replicas; None: the cluster's default
     # librdkafka properties every Kafka client gets (DJLINK_KAFKA_<PROPERTY>): security.protocol, sasl.*, ssl.*
@@ -191,6 +192,7 @@ class Settings:
             destination_stores=_stores(env, "DJLINK_DEST_STORES"),
             schema_registry_url=env.get("DJLINK_SCHEMA_REGISTRY_URL") or None,
             applier_state_db=_state_db(env.get("DJLINK_APPLIER_STATE_DB") or "djlink_applier"),
+            log_format=_choice(env, "DJLINK_LOG_FORMAT", ("text", "json")),
             topic_replication_factor=_replication_factor(env),
             topic_min_insync_replicas=_optional_number(env, "DJLINK_TOPIC_MIN_INSYNC_REPLICAS"),
             kafka_properties=client_properties(env, KAFKA_PREFIX, {"BOOTSTRAP"}),

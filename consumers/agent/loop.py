@@ -22,7 +22,7 @@ import pymysql.cursors
 from confluent_kafka import KafkaException, Message, Producer, TopicPartition
 
 import schemas
-from consumers.agent import requests
+from consumers.agent import metrics, requests
 from consumers.agent.auto_pull import AutoPull
 from consumers.agent.errors import Refused
 from consumers.agent.outgoing import Outgoing
@@ -139,6 +139,7 @@ class SourceAgent:
                 requests.pull_or_delete(self._db, self._out, link, f"auto:{uuid.uuid4()}", "PULL", keys)
             self._p.send_offsets_to_transaction(approved.offsets, self._auto.group_metadata(), 30)
         if approved.keys:
+            metrics.AUTO_PULLS.inc(sum(len(k) for k in approved.keys.values()))
             log.info("auto-pull: %s", ", ".join(f"{len(k)} new rows of {i}" for i, k in approved.keys.items()))
 
     def _handle(self, msg: Message) -> None:
@@ -159,6 +160,7 @@ class SourceAgent:
     def _command(self, cmd: dict[str, Any]) -> None:
         """A REGISTER, PULL or DELETE: the link registered (again), then the request; refusals are replied."""
         rid = cmd["request_id"]
+        metrics.COMMANDS.labels(cmd["kind"]).inc()
         try:
             requested = LinkSpec.from_avro(cmd["link"])
             registered = self._registry.links.get(requested.link_id)
@@ -171,6 +173,7 @@ class SourceAgent:
                 self._out.reply(rid, "ACCEPTED", message=f"link {done.link.link_id} registered")
         except Refused as exc:
             self._db.rollback()
+            metrics.REFUSALS.labels("request").inc()
             self._out.reply(rid, "REFUSED", message=str(exc))
         except pymysql.err.MySQLError as exc:
             if is_transient(exc):
@@ -178,6 +181,7 @@ class SourceAgent:
             # The request's fault (an identifier too long, a foreign key the server cannot make, a missing
             # privilege): refused with the server's words, and the agent goes on with the next one.
             self._db.rollback()
+            metrics.REFUSALS.labels("request").inc()
             self._out.reply(rid, "REFUSED", message=f"the source server refused it: {describe(exc)}")
             log.warning("request %s refused by the source server: %s", rid, describe(exc))
 
@@ -189,3 +193,4 @@ class SourceAgent:
             self._registry.catch_up()
             link = self._registry.links[ack["link_id"]]
         requests.acknowledge(self._db, self._out, link, ack)
+        metrics.ACKS.inc()

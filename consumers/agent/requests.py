@@ -21,6 +21,7 @@ from typing import Any
 
 import pymysql
 
+from consumers.agent import metrics
 from consumers.agent.helper_table import HelperTable
 from consumers.agent.outgoing import Outgoing
 from consumers.integrity import Acked, Action, decide_delete, decide_pull
@@ -64,6 +65,9 @@ def pull_or_delete(
                 )
         moves[Action.ACTIVATE] = [k for k in moves[Action.ACTIVATE] if k in present]
     table.activate(moves[Action.ACTIVATE])
+    metrics.ACTIVATIONS.inc(len(moves[Action.ACTIVATE]))
+    if refused:
+        metrics.REFUSALS.labels("entity").inc(len(refused))
     for action in (Action.REPULL, Action.MARK_DELETE):
         if moves[action]:
             # Every entity moved by one action has the same process afterwards (PULL or DELETE).

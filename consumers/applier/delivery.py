@@ -17,6 +17,7 @@ from confluent_kafka import KafkaError, Message
 
 import schemas
 from consumers.applier.gathering import Offset
+from consumers.applier.metrics import DEAD_LETTERS
 from consumers.integrity import EntityKey, EntityState
 from foundation.dead_letters import DeadLetter
 from foundation.kafka import now_ms, produce
@@ -64,6 +65,7 @@ class DeadLetters:
         produce(self._p, self._topic, at.topic, data, self._delivered)
         self._unconfirmed += 1
         self.sent += 1
+        DEAD_LETTERS.inc()
 
     def _delivered(self, err: KafkaError | None, msg: Message) -> None:
         self._unconfirmed -= 1

@@ -25,7 +25,7 @@ from functools import partial
 from typing import Any
 
 import schemas
-from consumers.applier import writes
+from consumers.applier import metrics, writes
 from consumers.applier.batches import BatchPlanner, prepare_all
 from consumers.applier.delivery import DeadLetters, Outbox, flag_value
 from consumers.applier.destination import Destination
@@ -132,6 +132,9 @@ class Applier:
                     self._reader.follow(registry.links, self._stored)
                 self._dead_letters.confirm()
                 self._apply_complete(registry)
+                metrics.PENDING_UNITS.set(len(self._gathering.pending))
+                if not self._gathering.pending:
+                    metrics.behind(0)  # nothing waiting: not behind
                 self._acks.send(self._p)
                 self._flags.send(self._p)
                 self._store_progress()
@@ -255,6 +258,7 @@ class Applier:
         for unit_id, unit in batch:
             if self._applied_before(unit_id):
                 self.units_skipped += 1
+                metrics.finished("skipped")
                 log.info("source transaction %s was applied before; skipped", unit_id)
             else:
                 fresh.append((unit_id, unit))
@@ -343,12 +347,16 @@ class Applier:
             self._store.save_offsets(cur, offsets)
             return before, [p for p in plans if p.unit_id in ours or p.unit_id not in finished]  # in order
 
+        started = time.monotonic()
         before, live = self._destination.transact(work)
+        metrics.COMMIT_SECONDS.observe(time.monotonic() - started)
+        metrics.BATCH_UNITS.observe(len(plans))
         self._stored.update(offsets)
         for plan in live:
             self._remember(plan, acks.get(plan.unit_id))
         for unit_id, finished in before.items():
             self.units_skipped += 1
+            metrics.finished("skipped")
             log.info("unit %s was finished before (%s); skipped", unit_id, finished.outcome)
             link_id = next(p.link_id for p in plans if p.unit_id == unit_id)
             if finished.pending_ack is not None and link_id is not None:
@@ -370,8 +378,13 @@ class Applier:
             self._acks.put(plan.unit_id, self.topics.acks, plan.link_id, ack)
         if plan.link_id is not None:
             self.units_applied += 1
+            metrics.finished("applied")
+            if plan.ack is not None:
+                metrics.acknowledged(plan.ack)
         else:
             self.units_mirrored += 1
+            metrics.finished("mirrored")
+        metrics.behind(plan.unit.end_ts_ms)
 
     def _owe_flag(self, key: EntityKey, source_ts: int) -> None:
         """Owe the flags topic the entity's flags as they are now: a record while flagged or deprecated, a
@@ -412,6 +425,7 @@ class Applier:
         self._destination.transact(work)
         self._stored.update(offsets)
         self.units_dead_lettered += 1
+        metrics.finished("dead_lettered")
         log.warning("unit %s of link %s: %d events dead-lettered: %s", unit_id, link_id, len(unit.events), reason)
 
     # -- offsets, housekeeping -------------------------------------------------

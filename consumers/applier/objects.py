@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from consumers.applier.metrics import OBJECT_BYTES, OBJECTS
 from consumers.applier.state_store import TrackedKey
 from consumers.integrity import EntityKey
 from foundation.links import external_table
@@ -101,9 +102,11 @@ class Objects:
             if len(self._copied) >= MAX_COPIED_REMEMBERED:  # a filepath rewritten again and again
                 self._copied.clear()
             source = self._source[ref.tracked.store]
-            copy_object(tracked, source, ref.tracked.source_db, target, ref.destination_db)
+            size = copy_object(tracked, source, ref.tracked.source_db, target, ref.destination_db)
             self._copied.add(done)
             self.copied += 1
+            OBJECTS.inc()
+            OBJECT_BYTES.inc(size)
         self._checked.add(done)
         return tracked
 

@@ -105,26 +105,32 @@ def services(ctx: typer.Context, action: str = typer.Argument(..., help="up, dow
 
 
 @app.command()
-def status() -> None:
-    """Print where the capture has committed up to (read from Kafka; the capture need not run here)."""
-    import datetime as dt
+def status(
+    as_json: bool = typer.Option(False, "--json", help="one JSON object, for scripts"),
+    max_lag: int = typer.Option(
+        -1, "--max-lag", help="exit 5 when the applier is more than this many messages behind (-1: never)"
+    ),
+) -> None:
+    """Where the capture has committed up to and how far the applier is behind, read from Kafka (no role need run
+    here). Exit code 3 when the capture has never run on this prefix, 5 when --max-lag is exceeded."""
+    import json
 
-    from cdc.offsets import OffsetContext
-    from foundation.topics import Admin, Topics
+    from djlink import status as pipeline
+    from foundation.topics import Admin
 
     with user_errors():
         settings = Settings.from_env()
-        topics = Topics(settings.topic_prefix)
         Admin(settings).check()
-        checkpoint = OffsetContext(settings, topics, topics.capture_group).load()
-    if checkpoint is None:
-        print(f"capture {topics.capture_group}: no checkpoint yet (it has never run on this prefix)")
+        found = pipeline.read(settings)
+    if as_json:
+        print(json.dumps(found.as_json(), sort_keys=True))
+    else:
+        for line in found.lines():
+            print(line)
+    if found.capture_gtid is None:
         raise typer.Exit(3)
-    when = "-"
-    if checkpoint.ts_ms:
-        when = dt.datetime.fromtimestamp(checkpoint.ts_ms / 1000, dt.UTC).isoformat(timespec="seconds")
-    print(f"capture {topics.capture_group}: committed up to GTID {checkpoint.gtid_position or '(start)'}")
-    print(f"  binlog {checkpoint.file or '-'}:{checkpoint.pos}, source commit time {when}")
+    if 0 <= max_lag < found.applier_lag:
+        raise typer.Exit(5)
 
 
 @app.command("dead-letters")

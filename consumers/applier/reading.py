@@ -196,8 +196,24 @@ class Reader:
         return read_past(partitions, unit.end_ts_ms, self._gathering.read_ts, consumed, high)
 
     def commit(self, stored: Mapping[Partition, int]) -> None:
-        """The stored offsets, also as the group's Kafka offsets: for lag monitoring only."""
-        todo = {a: o for a, o in stored.items() if a in self._assigned and self._committed.get(a) != o}
+        """The stored offsets, also as the group's Kafka offsets: for lag monitoring only (`djlink status`).
+
+        Where nothing is pending (the stored offset is what was consumed), the consumer's position counts:
+        it has moved past the commit marker a transactional partition ends with, which no consumer receives,
+        so an applier at rest shows no lag.
+        """
+        mine = [a for a in stored if a in self._assigned]
+        positions = {
+            (tp.topic, tp.partition): tp.offset
+            for tp in (self._c.position([TopicPartition(*a) for a in mine]) if mine else [])
+            if tp.offset >= 0
+        }
+        wanted = {
+            a: max(o, positions.get(a, o)) if o == self._gathering.consumed.get(a) else o
+            for a, o in stored.items()
+            if a in self._assigned
+        }
+        todo = {a: o for a, o in wanted.items() if self._committed.get(a) != o}
         if not todo:
             return
         try:

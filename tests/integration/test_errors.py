@@ -78,15 +78,15 @@ def test_kafka_client_properties_reach_every_client_and_a_wrong_one_is_one_line(
     assert line.startswith("error: Kafka client settings (DJLINK_KAFKA_*): ") and "no.such.thing" in line
 
 
-def test_status_of_a_prefix_whose_capture_never_ran_says_so_in_one_line(site: Site) -> None:
+def test_status_of_a_prefix_whose_capture_never_ran_says_so_without_a_traceback(site: Site) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "djlink", "status"], env=site.pipeline_env(), capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 3, proc.stderr
-    assert (
-        proc.stdout.strip()
-        == f"capture {site.topic_prefix}-capture: no checkpoint yet (it has never run on this prefix)"
-    )
+    assert proc.stdout.splitlines() == [
+        f"capture {site.topic_prefix}-capture: no checkpoint yet (it has never run on this prefix)",
+        f"applier {site.topic_prefix}-applier: no links on this prefix yet",
+    ]
     assert "Traceback" not in proc.stderr
 
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from djlink.process import start_roles
-from tests.conftest import ROOT, Site, wait_for
-from tests.integration.test_pull import declare_source
+from tests.conftest import ROOT, Site, admin, wait_for
+from tests.integration.test_pull import declare_source, linked_recording
 
 
 def free_port() -> int:
@@ -94,3 +97,41 @@ def test_with_json_logs_every_line_a_role_writes_is_one_json_object(site: Site, 
     records = [json.loads(line) for line in lines]  # fails on any line that is not one JSON object
     assert all({"ts", "level", "logger", "message"} <= r.keys() for r in records)
     assert any("link" in r["message"] for r in records)
+
+
+def status(site: Site, *args: str) -> tuple[int, dict[str, Any]]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "djlink", "status", "--json", *args],
+        env=site.pipeline_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode in (0, 3, 5), proc.stderr
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def test_status_shows_how_far_the_applier_is_behind_and_max_lag_fails_when_exceeded(site: Site) -> None:
+    _, Recording = linked_recording(site, n=2)
+    assert (Recording().source & "recording_id = 1").pull().pulled == 1
+    code, found = wait_for(lambda: (s := status(site))[1]["applier_lag"] == 0 and s, 30, "the applier at rest")
+    assert code == 0 and found["links"] == 1 and found["capture_gtid"]
+    assert {p["topic"] for p in found["applier"]} >= {f"{site.topic_prefix}.transaction"}
+
+    applier = site.processes.pop()  # the applier (started last): stopped, the source goes on
+    applier.terminate()
+    applier.wait(30)
+    src = admin(site.env, "SOURCE")
+    with src.cursor() as cur:
+        for i in range(5):
+            cur.execute(f"UPDATE `{site.source_schema}`.recording SET subject=%s WHERE recording_id=1", (f"s{i}",))
+            src.commit()
+    src.close()
+    code, found = wait_for(lambda: (s := status(site))[1]["applier_lag"] >= 10 and s, 30, "a lag of the 5 updates")
+    assert code == 0  # no --max-lag: a lag alone is not a failure
+    code, _ = status(site, "--max-lag", "0")
+    assert code == 5
+    text = subprocess.run(
+        [sys.executable, "-m", "djlink", "status"], env=site.pipeline_env(), capture_output=True, text=True, timeout=60
+    ).stdout
+    assert f"applier {site.topic_prefix}-applier: " in text and "messages behind" in text

@@ -75,7 +75,7 @@ class Database:
         if utc:
             options.setdefault("init_command", "SET time_zone='+00:00'")
         options.setdefault("charset", "utf8mb4")
-        plain = {"host": self.host, "port": self.port, "user": self.user, "password": self.password, **options}
+        plain = {**self._credentials(), **options}
         if self.tls.mode == "off":  # PyMySQL 2 encrypts whenever the server offers TLS, unless told not to
             return pymysql.connect(**plain, ssl_disabled=True)
         ctx = self.tls.context() if (self.host, self.port) not in _WITHOUT_TLS else None
@@ -91,6 +91,9 @@ class Database:
             if refused is not None:
                 raise refused from None
             raise
+
+    def _credentials(self) -> dict[str, Any]:
+        return {"host": self.host, "port": self.port, "user": self.user, "password": self.password}
 
     @classmethod
     def at(cls, address: str, user: str, password: str) -> Database:
@@ -121,7 +124,7 @@ class Database:
 
     def binlog_settings(self, **options: Any) -> dict[str, Any]:
         """python-mysql-replication's `connection_settings` for this server, encrypted as `tls` says."""
-        settings = {"host": self.host, "port": self.port, "user": self.user, "password": self.password, **options}
+        settings = {**self._credentials(), **options}
         if self.tls.mode == "preferred" and (self.host, self.port) not in _WITHOUT_TLS:
             self.connect().close()  # learns whether the server offers TLS (the reader cannot fall back itself)
         ctx = self.tls.context() if (self.host, self.port) not in _WITHOUT_TLS else None
@@ -225,10 +228,9 @@ def _optional_number(env: Mapping[str, str], name: str) -> int | None:
 
 def _replication_factor(env: Mapping[str, str]) -> int:
     """DJLINK_TOPIC_REPLICATION_FACTOR: -1 (the cluster's default) or a number of replicas."""
-    text = env.get("DJLINK_TOPIC_REPLICATION_FACTOR") or "-1"
-    if text.strip() != "-1":
-        return int(_number(env, "DJLINK_TOPIC_REPLICATION_FACTOR", "-1"))
-    return -1
+    if (env.get("DJLINK_TOPIC_REPLICATION_FACTOR") or "-1").strip() == "-1":
+        return -1
+    return int(_number(env, "DJLINK_TOPIC_REPLICATION_FACTOR", "-1"))
 
 
 KAFKA_PREFIX = "DJLINK_KAFKA_"

@@ -38,6 +38,27 @@ class ClientLog:
 
 
 CLIENT_LOG = ClientLog(KAFKA_LOG)
+log = logging.getLogger(__name__)
+
+
+class Malformed:
+    """Records of a topic that are not what it carries, skipped: said once per offset and process.
+
+    For compacted topics every role reads from the beginning at every start (links, schemas): a record there
+    that stopped a reader would stop it for good, since the next start reads it again.
+    """
+
+    def __init__(self, topic: str) -> None:
+        self._topic = topic
+        self._said: set[int] = set()
+
+    def skip(self, msg: Message, reason: BaseException | str) -> None:
+        offset = msg.offset() or 0
+        if offset not in self._said:
+            self._said.add(offset)
+            log.warning("skipped a malformed record on %s at offset %d: %s", self._topic, offset, reason)
+
+
 # The largest message on djlink's topics: a row change (two images of a row) or a pull's list of keys.
 # Bigger values belong in an external store (blob@, attach@), which djlink copies outside Kafka.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024

@@ -8,7 +8,6 @@ declared at run time reaches the running services without a restart.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,10 +16,9 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 import schemas
 from foundation.config import Settings
-from foundation.kafka import consumer
+from foundation.kafka import Malformed, consumer
 from foundation.topics import Topics
 
-log = logging.getLogger(__name__)
 # What a record that is not a link can fail with: bytes that are no Avro of ours, or another event's record.
 MALFORMED = (schemas.DecodeError, KeyError, TypeError, ValueError)
 
@@ -129,7 +127,10 @@ class LinkRegistry:
     topics: Topics
     links: dict[str, LinkSpec] = field(default_factory=dict)
     _consumer: Consumer | None = None
-    _skipped: set[int] = field(default_factory=set)  # offsets of malformed records, each said once
+    _malformed: Malformed = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._malformed = Malformed(self.topics.links)
 
     def _ensure(self) -> Consumer:
         if self._consumer is None:
@@ -147,13 +148,8 @@ class LinkRegistry:
                 continue
             try:
                 spec = LinkSpec.from_avro(codec.decode(msg.value()))
-            except MALFORMED as exc:
-                # Anyone who can write the topic could stop every role for good otherwise: it is compacted, so
-                # the record is read again at every start. Skipped, said once per process.
-                offset = msg.offset() or 0
-                if offset not in self._skipped:
-                    self._skipped.add(offset)
-                    log.warning("skipped a malformed record on %s at offset %d: %s", self.topics.links, offset, exc)
+            except MALFORMED as exc:  # anyone who can write the topic could otherwise stop every role for good
+                self._malformed.skip(msg, exc)
                 continue
             if self.links.get(spec.link_id) != spec:
                 self.links[spec.link_id] = spec

@@ -27,7 +27,7 @@ from confluent_kafka.admin import (
 
 import schemas
 from foundation.config import ConfigError, Settings
-from foundation.kafka import MAX_MESSAGE_BYTES, admin_client, produce, read_to_end
+from foundation.kafka import MAX_MESSAGE_BYTES, Malformed, admin_client, produce, read_to_end
 
 _TOPIC_BAD = re.compile(r"[^A-Za-z0-9._]")
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ class SchemaTopic:
         self._topic = topics.schemas
         self._published: set[bytes] = set()
         self._seen: dict[bytes, str] = {}
-        self._skipped: set[int] = set()  # offsets of malformed records, each said once
+        self._malformed = Malformed(self._topic)
 
     def publish(self, p: Producer, schema: schemas.Schema) -> None:
         """Produce the schema once per process (inside the caller's transaction, if any)."""
@@ -263,10 +263,7 @@ class SchemaTopic:
                 fingerprint, text = bytes.fromhex(body["fingerprint"]), body["schema"]
                 if not isinstance(text, str):
                     raise TypeError("its schema is not a JSON string")
-            except (ValueError, KeyError, TypeError) as exc:
-                # Compacted and read at every start: a record that is not a schema must not stop anyone.
-                if msg.offset() not in self._skipped:
-                    self._skipped.add(msg.offset() or 0)
-                    log.warning("skipped a malformed record on %s at offset %s: %s", self._topic, msg.offset(), exc)
+            except (ValueError, KeyError, TypeError) as exc:  # a record that is not a schema must not stop anyone
+                self._malformed.skip(msg, exc)
                 continue
             self._seen[fingerprint] = text

@@ -122,7 +122,7 @@ class _Link:
         if not user or password is None:
             raise LinkError("set LINK_USER and LINK_PASS to the link user's credentials on the source server")
         self.settings = Settings.from_env()
-        self.source_conn = Database.at(host, user, password).datajoint(use_tls=_source_tls())
+        self.source_conn = Database.at(host, user, password).datajoint(use_tls=_source_tls(self.settings.source.tls))
         self.source_schema = source_schema
         self.helper_schema = helper_schema
         self.helper_table = _sql_name(helper_table)
@@ -251,12 +251,12 @@ class _Link:
             summary.deleted = done_count
 
 
-def _source_tls() -> Any:
+def _source_tls(site: Tls) -> Any:
     """TLS of the façade's source connection, as DataJoint's `use_tls` takes it: the source site's setting
-    (DJLINK_SOURCE_TLS, with its CA and client certificate) when given, else `dj.config["database.use_tls"]`
-    (None by default: TLS when the server offers it)."""
+    (`site`, from DJLINK_SOURCE_TLS with its CA and client certificate) when given, else
+    `dj.config["database.use_tls"]` (None by default: TLS when the server offers it)."""
     if os.environ.get("DJLINK_SOURCE_TLS"):
-        return Tls.from_env(os.environ, "DJLINK_SOURCE").datajoint()
+        return site.datajoint()
     return dj.config.get("database.use_tls")
 
 

@@ -109,6 +109,18 @@ def state_of(helper: HelperRow | None, at_destination: bool) -> State:
     return State.TAINTED if helper.is_flagged else State.SHARED
 
 
+def expected_at_destination(helper: HelperRow | None) -> bool | None:
+    """Whether an entity's rows belong at the destination, from its helper row alone (what `djlink verify`
+    checks): True for Shared and Tainted (process NONE, not deprecated: `state_of` has no state for them
+    elsewhere), False for Unshared (no helper row) and Deprecated, None while a pull or a delete is in
+    flight (PULL or DELETE: Activated and Received are both legal)."""
+    if helper is None:
+        return False
+    if helper.process is not Process.NONE:
+        return None
+    return not helper.is_deprecated
+
+
 # -- step 1: the source agent's decision on a request ------------------------------------------------------------
 
 

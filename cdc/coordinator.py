@@ -30,7 +30,7 @@ from cdc.table_shapes import TableShapes
 from foundation.catalog import Catalog
 from foundation.config import Settings
 from foundation.dead_letters import DeadLetter
-from foundation.kafka import consumer, producer, schema_registry, where
+from foundation.kafka import consumer, ok, producer, schema_registry, where
 from foundation.links import MALFORMED, LinkRegistry, LinkSpec
 from foundation.topics import Admin, SchemaTopic, Topics
 
@@ -169,7 +169,7 @@ class Capture:
                 if registry.refresh(0):
                     self._capture(registry.links)
                 msg = signals.poll(0) if not held and reading is None else None
-                if msg is not None and msg.error() is None and msg.value():
+                if ok(msg) and msg.value():
                     # The signal's offset commits with its last chunk: a crash re-reads the whole signal.
                     topic, partition, offset = where(msg)
                     consumed = ([TopicPartition(topic, partition, offset + 1)], signals.consumer_group_metadata())

@@ -4,8 +4,9 @@ djlink run --role capture --role agent     # source site
 djlink run --role applier                  # destination site
 djlink status                              # where the capture has committed up to
 djlink dead-letters [--json]               # what the applier gave up, why, and what to do
+djlink acls --site S --principal User:P    # the Kafka ACLs a site needs (--apply creates them)
 djlink services up|down|status|env         # local MariaDB x2 + Kafka for development
-djlink demo                                # the README's end-to-end example
+djlink demo [--secure]                     # the README's end-to-end example
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from djlink.health import Readiness, configure_logging, serve
 from djlink.process import READY
 from djlink.run import Role, run_roles
 from foundation.config import ConfigError, Settings
+from foundation.kafka import refusal
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 
@@ -39,6 +41,9 @@ def expected_error(exc: BaseException) -> str | None:
     expected = (PreconditionError, ConfigError, ServiceError, KafkaUnavailable, UnsupportedTransaction, TlsError)
     if isinstance(exc, expected):
         return str(exc)
+    refused = refusal(exc)
+    if refused:
+        return refused
     if isinstance(exc, pymysql.err.OperationalError):
         code = exc.args[0] if exc.args else 0
         if code == 1045:
@@ -159,12 +164,44 @@ def dead_letters(
 
 
 @app.command()
-def demo() -> None:
+def acls(
+    site: str = typer.Option(..., "--site", help="source (capture and agent) or destination (applier and façade)"),
+    principal: str = typer.Option(..., "--principal", help="the site's Kafka principal, e.g. User:lab-a"),
+    apply: bool = typer.Option(
+        False, "--apply", help="create them, with the DJLINK_KAFKA_* credentials of an operator allowed to alter ACLs"
+    ),
+) -> None:
+    """The Kafka ACLs a site's principal needs for this deployment (DJLINK_TOPIC_PREFIX), and nothing more:
+    printed as kafka-acls.sh commands, or created with --apply. See docs/security.md."""
+    from foundation import acls as entries
+    from foundation.kafka import admin_client
+    from foundation.topics import Topics
+
+    with user_errors():
+        if site not in {s.value for s in entries.Site}:
+            raise ConfigError(f"--site must be source or destination, not {site!r}")
+        if not principal.startswith("User:"):
+            raise ConfigError(f"--principal is a Kafka principal such as User:lab-a, not {principal!r}")
+        settings = Settings.from_env()
+        wanted = entries.site_acls(Topics(settings.topic_prefix), entries.Site(site), principal)
+        if apply:
+            entries.apply(admin_client(settings), wanted)
+            print(f"{len(wanted)} ACL entries for {principal} on prefix {settings.topic_prefix!r} are in place")
+        else:
+            print("\n".join(entries.commands(wanted, settings.kafka_bootstrap)))
+
+
+@app.command()
+def demo(
+    secure: bool = typer.Option(
+        False, "--secure", help="Kafka in secure mode: SASL_SSL only, a SCRAM principal per site, ACLs on"
+    ),
+) -> None:
     """Bring up local services, run the pipeline, pull a small table through Kafka, print what arrived."""
     from devtools import demo as demo_module
 
     with user_errors():
-        demo_module.main()
+        demo_module.main(secure)
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ from foundation.catalog import Catalog
 from foundation.config import Settings
 from foundation.dberrors import describe, is_transient
 from foundation.dead_letters import DeadLetter
-from foundation.kafka import consumer, producer, where
+from foundation.kafka import consumer, ok, producer, where
 from foundation.links import LinkRegistry, LinkSpec
 from foundation.topics import Admin, SchemaTopic, Topics
 
@@ -92,7 +92,7 @@ class SourceAgent:
                 self._answer_registrations()
                 self._auto_pulls()
                 msg = c.poll(0.1)
-                if msg is None or msg.error() is not None:
+                if not ok(msg):
                     continue
                 with transaction(self._p):
                     if msg.value() is not None:

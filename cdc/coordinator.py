@@ -27,6 +27,7 @@ from cdc.placement import Held, coordinate, place
 from cdc.snapshot import SnapshotSource
 from cdc.streaming import BinlogSource, StreamFailed
 from cdc.table_shapes import TableShapes
+from foundation import grants
 from foundation.catalog import Catalog
 from foundation.config import Settings
 from foundation.dead_letters import DeadLetter
@@ -46,6 +47,7 @@ class Capture:
         self.topics = Topics(settings.topic_prefix)
         self._captured: frozenset[tuple[str, str]] = frozenset()
         self._shapes = TableShapes(Catalog(self._connect))
+        self._checked: set[LinkSpec] = set()
         self.metrics = CaptureMetrics()
         self.report_host = f"djlink-{self.topics.prefix}"[:60]  # how SHOW SLAVE HOSTS names this capture
 
@@ -56,6 +58,14 @@ class Capture:
         return (db, table) in self._captured
 
     def _capture(self, links: dict[str, LinkSpec]) -> None:
+        unchecked = [spec for spec in links.values() if spec not in self._checked]
+        if unchecked:  # its SELECT on each new link's tables, before a snapshot would need it
+            conn = self._connect()
+            try:
+                grants.check(conn, grants.RoleName.capture, unchecked)
+            finally:
+                conn.close()
+            self._checked.update(unchecked)
         captured = frozenset(t for spec in links.values() for t in spec.captured_tables())
         if captured - getattr(self, "_captured", frozenset()):
             log.info("capturing %s", ", ".join(sorted(f"{db}.{t}" for db, t in captured - self._captured)))

@@ -4,6 +4,7 @@ djlink run --role capture --role agent     # source site
 djlink run --role applier                  # destination site
 djlink status                              # where the capture has committed up to
 djlink dead-letters [--json]               # what the applier gave up, why, and what to do
+djlink grants --role R --user U            # the MariaDB grants a role needs, as GRANT statements
 djlink acls --site S --principal User:P    # the Kafka ACLs a site needs (--apply creates them)
 djlink services up|down|status|env         # local MariaDB x2 + Kafka for development
 djlink demo [--secure]                     # the README's end-to-end example
@@ -35,10 +36,13 @@ def expected_error(exc: BaseException) -> str | None:
     from cdc.preconditions import PreconditionError
     from cdc.streaming import UnsupportedTransaction
     from devtools.services import ServiceError
+    from foundation.grants import MissingGrant
     from foundation.tls import TlsError
     from foundation.topics import KafkaUnavailable
 
-    expected = (PreconditionError, ConfigError, ServiceError, KafkaUnavailable, UnsupportedTransaction, TlsError)
+    expected = (
+        PreconditionError, ConfigError, ServiceError, KafkaUnavailable, UnsupportedTransaction, TlsError, MissingGrant,
+    )  # fmt: skip
     if isinstance(exc, expected):
         return str(exc)
     refused = refusal(exc)
@@ -50,8 +54,8 @@ def expected_error(exc: BaseException) -> str | None:
             return f"database refused the login: {exc.args[1]} (check DJLINK_*_USER / DJLINK_*_PASSWORD)"
         if code in (2002, 2003):
             return f"cannot reach the database: {exc.args[1]} (check DJLINK_*_HOST / DJLINK_*_PORT)"
-        if code in (1142, 1227, 1044):
-            return f"missing privilege: {exc.args[1]}"
+        if code in (1142, 1143, 1227, 1044, 1370):
+            return f"missing privilege: {exc.args[1]} (docs/security.md lists each role's grants)"
         return f"database error {code}: {exc.args[1] if len(exc.args) > 1 else exc}"
     return None
 
@@ -189,6 +193,26 @@ def acls(
             print(f"{len(wanted)} ACL entries for {principal} on prefix {settings.topic_prefix!r} are in place")
         else:
             print("\n".join(entries.commands(wanted, settings.kafka_bootstrap)))
+
+
+@app.command()
+def grants(
+    role: str = typer.Option(..., "--role", help="capture, agent, applier or facade (the link user)"),
+    user: str = typer.Option(..., "--user", help="the role's database account, e.g. \"'djlink-capture'@'%'\""),
+    source_schema: str = typer.Option("<source_schema>", "--source-schema", help="the linked table's schema"),
+    helper_schema: str = typer.Option("<helper_schema>", "--helper-schema", help="the link's helper schema"),
+    destination_schema: str = typer.Option("<destination_schema>", "--destination-schema", help="the copy's schema"),
+    state_db: str = typer.Option("djlink_applier", "--state-db", help="the applier's DJLINK_APPLIER_STATE_DB"),
+) -> None:
+    """The MariaDB grants a role's database user needs for one link, and nothing more, as GRANT statements
+    (the source server's for capture, agent and facade; the destination's for applier). See docs/security.md."""
+    from foundation.grants import RoleName, role_grants
+
+    with user_errors():
+        if role not in {r.value for r in RoleName}:
+            raise ConfigError(f"--role must be capture, agent, applier or facade, not {role!r}")
+        for g in role_grants(RoleName(role), source_schema, helper_schema, destination_schema, state_db):
+            print(f"{g.statement(user)};  -- {g.why}")
 
 
 @app.command()

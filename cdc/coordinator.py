@@ -27,10 +27,11 @@ from cdc.placement import Held, coordinate, place
 from cdc.snapshot import SnapshotSource
 from cdc.streaming import BinlogSource, StreamFailed
 from cdc.table_shapes import TableShapes
+from foundation import grants
 from foundation.catalog import Catalog
 from foundation.config import Settings
 from foundation.dead_letters import DeadLetter
-from foundation.kafka import consumer, producer, schema_registry, where
+from foundation.kafka import consumer, ok, producer, schema_registry, where
 from foundation.links import MALFORMED, LinkRegistry, LinkSpec
 from foundation.topics import Admin, SchemaTopic, Topics
 
@@ -46,6 +47,7 @@ class Capture:
         self.topics = Topics(settings.topic_prefix)
         self._captured: frozenset[tuple[str, str]] = frozenset()
         self._shapes = TableShapes(Catalog(self._connect))
+        self._checked: set[LinkSpec] = set()
         self.metrics = CaptureMetrics()
         self.report_host = f"djlink-{self.topics.prefix}"[:60]  # how SHOW SLAVE HOSTS names this capture
 
@@ -56,6 +58,14 @@ class Capture:
         return (db, table) in self._captured
 
     def _capture(self, links: dict[str, LinkSpec]) -> None:
+        unchecked = [spec for spec in links.values() if spec not in self._checked]
+        if unchecked:  # its SELECT on each new link's tables, before a snapshot would need it
+            conn = self._connect()
+            try:
+                grants.check(conn, grants.RoleName.capture, unchecked)
+            finally:
+                conn.close()
+            self._checked.update(unchecked)
         captured = frozenset(t for spec in links.values() for t in spec.captured_tables())
         if captured - getattr(self, "_captured", frozenset()):
             log.info("capturing %s", ", ".join(sorted(f"{db}.{t}" for db, t in captured - self._captured)))
@@ -169,7 +179,7 @@ class Capture:
                 if registry.refresh(0):
                     self._capture(registry.links)
                 msg = signals.poll(0) if not held and reading is None else None
-                if msg is not None and msg.error() is None and msg.value():
+                if ok(msg) and msg.value():
                     # The signal's offset commits with its last chunk: a crash re-reads the whole signal.
                     topic, partition, offset = where(msg)
                     consumed = ([TopicPartition(topic, partition, offset + 1)], signals.consumer_group_metadata())

@@ -78,7 +78,7 @@ def _check_server_id(conn: Any, server_id: int, report_host: str) -> None:
             cur.execute("SHOW SLAVE HOSTS")
             replicas = cur.fetchall()
         except pymysql.err.OperationalError:
-            log.info("cannot list the source's replicas (needs REPLICATION MASTER ADMIN); server id not checked")
+            log.debug("cannot list the source's replicas (needs REPLICATION MASTER ADMIN); server id not checked")
             return
     for row in replicas:
         if int(row[0]) == server_id and row[1] != report_host:

@@ -4,6 +4,10 @@ It brings up the local services, declares a DataJoint table with a part table
 and a longblob at the source, grants a link user only datajoint-link's
 privileges (plus binlog reading), runs capture, source agent and applier,
 links the table from the destination side and pulls two of its three rows.
+
+With `secure` (`./dev demo --secure`) the services run in secure mode: the
+source roles authenticate to Kafka as the source site's principal, the applier
+and the façade as the destination's, each limited by its ACLs.
 """
 
 from __future__ import annotations
@@ -64,9 +68,25 @@ def prepare_source(env: dict[str, str]) -> None:
     source.close()
 
 
-def main() -> None:
+def _secure_sites(operator: dict[str, str], prefix: str) -> dict[str, Settings]:
+    """Each site's settings with its own Kafka principal, and its ACLs for the demo's topic prefix."""
+    from foundation import acls
+    from foundation.kafka import admin_client
+    from foundation.topics import Topics
+
+    sites = {site: Settings.from_env({**os.environ, **services.site_env(site)}) for site in services.SITES}
+    entries = [
+        entry
+        for site, user in services.SITES.items()
+        for entry in acls.site_acls(Topics(prefix), acls.Site(site), f"User:{user}")
+    ]
+    acls.apply(admin_client(Settings.from_env({**os.environ, **operator})), entries)
+    return sites
+
+
+def main(secure: bool = False) -> None:
     started = time.monotonic()
-    env = services.up(quiet=True)
+    env = services.up(quiet=True, secure=secure)
     conn = services.admin_connection(env, "DEST")
     with conn.cursor() as cur:
         cur.execute(f"DROP DATABASE IF EXISTS `{DEST}`")
@@ -86,22 +106,32 @@ def main() -> None:
             "LINK_PASS": LINK_PASS,
         }
     )
-    stop, ready = threading.Event(), threading.Event()
+    if secure:
+        sites = _secure_sites(env, os.environ["DJLINK_TOPIC_PREFIX"])
+        runs = [([Role.capture, Role.agent], sites["source"]), ([Role.applier], sites["destination"])]
+        os.environ.update(services.site_env("destination"))  # the notebook is at the destination site
+    else:
+        runs = [([Role.capture, Role.agent, Role.applier], Settings.from_env())]
+    stop = threading.Event()
     failure: list[BaseException] = []
+    threads = []
+    for roles, settings in runs:
+        ready = threading.Event()
 
-    def pipeline() -> None:
-        try:
-            run_roles([Role.capture, Role.agent, Role.applier], Settings.from_env(), stop, ready.set)
-        except BaseException as exc:
-            failure.append(exc)
-            ready.set()
+        def pipeline(roles: list[Role] = roles, settings: Settings = settings, ready: threading.Event = ready) -> None:
+            try:
+                run_roles(roles, settings, stop, ready.set)
+            except BaseException as exc:
+                failure.append(exc)
+                ready.set()
 
-    thread = threading.Thread(target=pipeline, daemon=True)
-    thread.start()
-    ready.wait(120)
-    if failure:
-        raise failure[0]
-    print(f"pipeline: capture, source agent and applier running ({time.monotonic() - started:.1f} s)")
+        threads.append(threading.Thread(target=pipeline, daemon=True))
+        threads[-1].start()
+        ready.wait(120)
+        if failure:
+            raise failure[0]
+    how = "over SASL_SSL, one Kafka principal per site" if secure else "over PLAINTEXT"
+    print(f"pipeline: capture, source agent and applier running {how} ({time.monotonic() - started:.1f} s)")
 
     dj.config.update(
         {
@@ -126,7 +156,8 @@ def main() -> None:
     print(f"destination part rows: {len(Recording.Channel())}")
     print(f"pulled at {time.monotonic() - started:.1f} s")
     stop.set()
-    thread.join(30)
+    for thread in threads:
+        thread.join(30)
     print(f"done in {time.monotonic() - started:.1f} s")
 
 

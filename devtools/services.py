@@ -72,7 +72,19 @@ from confluent_kafka.admin import AdminClient
 
 from foundation.config import Settings
 
-__all__ = ["ENV_KEYS", "TLS_ENV_KEYS", "ServiceError", "down", "load_env", "state_dir", "status", "up"]
+__all__ = [
+    "ENV_KEYS",
+    "KAFKA_SECURITY_KEYS",
+    "SITES",
+    "TLS_ENV_KEYS",
+    "ServiceError",
+    "down",
+    "load_env",
+    "site_env",
+    "state_dir",
+    "status",
+    "up",
+]
 
 HOST = "127.0.0.1"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -94,6 +106,14 @@ SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes; stay clear of it
 
 # Both local servers offer TLS with a certificate from a CA made at the first start; clients verify it.
 TLS_ENV_KEYS = ("DJLINK_SOURCE_TLS", "DJLINK_SOURCE_TLS_CA", "DJLINK_DEST_TLS", "DJLINK_DEST_TLS_CA")
+# What a Kafka client needs on the broker's SASL_SSL listener (librdkafka properties, DJLINK_KAFKA_<PROPERTY>).
+KAFKA_SECURITY_KEYS = (
+    "DJLINK_KAFKA_SECURITY_PROTOCOL",
+    "DJLINK_KAFKA_SASL_MECHANISM",
+    "DJLINK_KAFKA_SASL_USERNAME",
+    "DJLINK_KAFKA_SASL_PASSWORD",
+    "DJLINK_KAFKA_SSL_CA_LOCATION",
+)
 ENV_KEYS = (
     "DJLINK_SOURCE_HOST",
     "DJLINK_SOURCE_PORT",
@@ -132,6 +152,11 @@ DEST = _MariaDB("dest", "destination MariaDB", "DJLINK_DEST", server_id=2, binlo
 MARIADBS = (SOURCE, DEST)
 KAFKA = "kafka"
 KAFKA_LABEL = "Kafka broker"
+# The broker's principals: its own (inter-broker and controller traffic, and the operator: a super user, PLAIN),
+# and one per site (SCRAM-SHA-512), whose ACLs for the default topic prefix are made at every start.
+KAFKA_ADMIN = "admin"
+SITES = {"source": "djlink-source", "destination": "djlink-dest"}
+DEFAULT_PREFIX = "djlink"
 
 
 # --------------------------------------------------------------------------- paths and state
@@ -183,7 +208,9 @@ def _locked(sd: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _env_from_state(sd: Path, state: dict[str, Any]) -> dict[str, str]:
+def _env_from_state(sd: Path, state: dict[str, Any], site: str | None = None) -> dict[str, str]:
+    """The clients' settings: in the default mode plain Kafka; in secure mode (or for a `site`) the SASL_SSL
+    listener with the operator's (or that site's) SCRAM principal."""
     env: dict[str, str] = {}
     for db in MARIADBS:
         env[f"{db.env_prefix}_HOST"] = HOST
@@ -193,7 +220,18 @@ def _env_from_state(sd: Path, state: dict[str, Any]) -> dict[str, str]:
         env[f"{db.env_prefix}_TLS"] = "verify"
         env[f"{db.env_prefix}_TLS_CA"] = str(_tls_paths(sd)["ca"])
     env["DJLINK_KAFKA_BOOTSTRAP"] = f"{HOST}:{state['ports'][KAFKA]}"
-    return {k: env[k] for k in ENV_KEYS}
+    if site is None and not state.get("kafka_secure"):
+        return {k: env[k] for k in ENV_KEYS}
+    user = SITES[site] if site else KAFKA_ADMIN
+    env |= {
+        "DJLINK_KAFKA_BOOTSTRAP": f"{HOST}:{state['ports']['kafka_sasl']}",
+        "DJLINK_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "DJLINK_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512" if site else "PLAIN",
+        "DJLINK_KAFKA_SASL_USERNAME": user,
+        "DJLINK_KAFKA_SASL_PASSWORD": state["kafka_users"][user],
+        "DJLINK_KAFKA_SSL_CA_LOCATION": str(_tls_paths(sd)["ca"]),
+    }
+    return {k: env[k] for k in (*ENV_KEYS, *KAFKA_SECURITY_KEYS)}
 
 
 # --------------------------------------------------------------------------- TLS
@@ -206,13 +244,15 @@ def _tls_paths(sd: Path) -> dict[str, Path]:
         "ca_key": folder / "ca.key",
         "cert": folder / "server.pem",
         "key": folder / "server.key",
+        "broker": folder / "broker.pem",  # the server key and certificate in one file, Kafka's PEM keystore
     }
 
 
 def _ensure_certs(sd: Path, say: Callable[[str], None]) -> dict[str, Path]:
     """A local CA and a server certificate for 127.0.0.1 signed by it (both servers use it), made once."""
     paths = _tls_paths(sd)
-    if all(p.exists() for p in paths.values()):
+    if all(p.exists() for k, p in paths.items() if k != "broker"):
+        _write_atomic(paths["broker"], paths["key"].read_text() + paths["cert"].read_text())
         return paths
     openssl = _ensure_tool(sd, "openssl", "openssl", say)
     folder = paths["ca"].parent
@@ -237,6 +277,7 @@ def _ensure_certs(sd: Path, say: Callable[[str], None]) -> dict[str, Path]:
             raise ServiceError(f"openssl could not make the local TLS certificates: {done.stderr.strip()[-300:]}")
     for key in ("ca_key", "key"):
         paths[key].chmod(0o600)
+    _write_atomic(paths["broker"], paths["key"].read_text() + paths["cert"].read_text())
     return paths
 
 
@@ -615,19 +656,49 @@ def _provision_root(sd: Path, db: _MariaDB, password: str) -> None:
 # --------------------------------------------------------------------------- Kafka
 
 
-def _kafka_properties(sd: Path, broker_port: int, controller_port: int) -> str:
+def _kafka_properties(sd: Path, state: dict[str, Any]) -> str:
+    """The broker's configuration. A SASL_SSL listener always (SCRAM for the sites, PLAIN for the broker itself
+    and the operator), with the StandardAuthorizer; in the default mode also a PLAINTEXT listener whose
+    unauthenticated clients are super users, for development and the tests."""
     data = sd / KAFKA / "data"
+    ports, secure = state["ports"], bool(state.get("kafka_secure"))
+    tls = _tls_paths(sd)
+    admin_password = state["kafka_users"][KAFKA_ADMIN]
+    plain = (
+        "org.apache.kafka.common.security.plain.PlainLoginModule required "
+        f'username="{KAFKA_ADMIN}" password="{admin_password}" user_{KAFKA_ADMIN}="{admin_password}";'
+    )
+    scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+    listeners = [f"SASL_SSL://{HOST}:{ports['kafka_sasl']}"]
+    if not secure:
+        listeners.insert(0, f"PLAINTEXT://{HOST}:{ports[KAFKA]}")
+    super_users = [f"User:{KAFKA_ADMIN}"] + ([] if secure else ["User:ANONYMOUS"])
     return "\n".join(
         [
             "# Written by devtools.services on every start; edits are overwritten.",
             "process.roles=broker,controller",
             "node.id=1",
-            f"controller.quorum.voters=1@{HOST}:{controller_port}",
-            f"listeners=PLAINTEXT://{HOST}:{broker_port},CONTROLLER://{HOST}:{controller_port}",
-            f"advertised.listeners=PLAINTEXT://{HOST}:{broker_port}",
+            f"controller.quorum.voters=1@{HOST}:{ports['kafka_controller']}",
+            f"listeners={','.join(listeners)},CONTROLLER://{HOST}:{ports['kafka_controller']}",
+            f"advertised.listeners={','.join(listeners)}",
             "controller.listener.names=CONTROLLER",
-            "inter.broker.listener.name=PLAINTEXT",
-            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "inter.broker.listener.name=SASL_SSL",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,CONTROLLER:SASL_SSL",
+            "sasl.enabled.mechanisms=SCRAM-SHA-512,SCRAM-SHA-256,PLAIN",
+            "sasl.mechanism.inter.broker.protocol=PLAIN",
+            "sasl.mechanism.controller.protocol=PLAIN",
+            "listener.name.controller.sasl.enabled.mechanisms=PLAIN",
+            f"listener.name.controller.plain.sasl.jaas.config={plain}",
+            f"listener.name.sasl_ssl.plain.sasl.jaas.config={plain}",
+            f"listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config={scram}",
+            f"listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config={scram}",
+            "ssl.keystore.type=PEM",
+            f"ssl.keystore.location={tls['broker']}",
+            "ssl.truststore.type=PEM",
+            f"ssl.truststore.location={tls['ca']}",
+            "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            f"super.users={';'.join(super_users)}",
+            "allow.everyone.if.no.acl.found=false",
             f"log.dirs={data}",
             "num.partitions=1",
             "default.replication.factor=1",
@@ -705,19 +776,50 @@ def _new_cluster_id() -> str:
             return cid
 
 
-def _kafka_probe(port: int) -> Callable[[], bool]:
+def _kafka_admin_config(sd: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """The operator's client settings (the super user, over the SASL_SSL listener, which every mode has)."""
+    env = _env_from_state(sd, {**state, "kafka_secure": True})
+    properties = Settings.from_env(env).kafka_properties
+    return {**properties, "bootstrap.servers": env["DJLINK_KAFKA_BOOTSTRAP"], "logger": log}
+
+
+def _provision_kafka(sd: Path, state: dict[str, Any]) -> None:
+    """The sites' SCRAM principals (their passwords from state.json) and their ACLs for the default prefix."""
+    from confluent_kafka.admin import (
+        ScramCredentialInfo,
+        ScramMechanism,
+        UserScramCredentialAlteration,
+        UserScramCredentialUpsertion,
+    )
+
+    from foundation import acls
+    from foundation.topics import Topics
+
+    admin = AdminClient(_kafka_admin_config(sd, state))
+    info = ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, 8192)
+    upserts: list[UserScramCredentialAlteration] = [
+        UserScramCredentialUpsertion(user, info, state["kafka_users"][user].encode()) for user in SITES.values()
+    ]
+    try:
+        for future in admin.alter_user_scram_credentials(upserts, request_timeout=30).values():
+            future.result(timeout=30)
+        topics = Topics(DEFAULT_PREFIX)
+        for site, user in SITES.items():
+            acls.apply(admin, acls.site_acls(topics, acls.Site(site), f"User:{user}"))
+    except KafkaException as exc:
+        raise ServiceError(f"could not make the Kafka principals and their ACLs: {exc.args[0]}") from None
+
+
+def _kafka_probe(sd: Path, state: dict[str, Any]) -> Callable[[], bool]:
     """A readiness probe: the broker lists topics and reports itself as an (unfenced) broker."""
     admin: list[AdminClient] = []
+    port = state["ports"]["kafka_sasl"]
 
     def probe() -> bool:
         if not _port_open(port):
             return False
         if not admin:
-            config: dict[str, Any] = {
-                "bootstrap.servers": f"{HOST}:{port}",
-                "logger": log,
-            }
-            admin.append(AdminClient(config))
+            admin.append(AdminClient(_kafka_admin_config(sd, state)))
         try:
             return bool(admin[0].list_topics(timeout=1).brokers)
         except KafkaException:  # not answering yet
@@ -840,11 +942,22 @@ def load_env() -> dict[str, str] | None:
     if not path.exists() or len(_running(sd)) < len(_markers(sd)):
         return None
     env: dict[str, str] = json.loads(path.read_text())
-    if set(env) != set(ENV_KEYS):
+    if not set(ENV_KEYS) <= set(env):
         return None
     ports = [int(env[f"{db.env_prefix}_PORT"]) for db in MARIADBS]
     ports.append(int(env["DJLINK_KAFKA_BOOTSTRAP"].rsplit(":", 1)[1]))
     return env if all(_port_open(p) for p in ports) else None
+
+
+def site_env(site: str) -> dict[str, str]:
+    """The settings of one site's roles (`source` or `destination`): the services' env with that site's Kafka
+    principal on the SASL_SSL listener (in either mode)."""
+    if load_env() is None:
+        raise ServiceError("services are not running; start them with `djlink services up`")
+    if site not in SITES:
+        raise ServiceError(f"no site {site!r}: choose one of {', '.join(SITES)}")
+    sd = state_dir()
+    return _env_from_state(sd, _load_state(sd), site)
 
 
 def status() -> dict[str, str]:
@@ -856,6 +969,13 @@ def status() -> dict[str, str]:
         pid = running.get(name)
         port = state.get("ports", {}).get(name)
         lines[name] = f"{label}: running, pid {pid}, {HOST}:{port}" if pid else f"{label}: stopped"
+    if running.get(KAFKA):
+        plain = f"PLAINTEXT {HOST}:{state['ports'][KAFKA]}"
+        if state.get("kafka_secure"):
+            plain = "no PLAINTEXT listener (secure mode)"
+        lines[KAFKA] = (
+            f"{KAFKA_LABEL}: running, pid {running[KAFKA]}, SASL_SSL {HOST}:{state['ports']['kafka_sasl']}, {plain}"
+        )
     return lines
 
 
@@ -868,6 +988,7 @@ def _assign_ports(state: dict[str, Any], running: dict[str, int]) -> None:
     owners = {db.name: db.name for db in MARIADBS} | {
         KAFKA: KAFKA,
         "kafka_controller": KAFKA,
+        "kafka_sasl": KAFKA,
     }
     stale = [
         key
@@ -890,6 +1011,9 @@ def _prepare_state(sd: Path, running: dict[str, int]) -> dict[str, Any]:
             )
         passwords.setdefault(db.name, secrets.token_urlsafe(18))
     state.setdefault("kafka_cluster_id", _new_cluster_id())
+    users: dict[str, str] = state.setdefault("kafka_users", {})
+    for user in (KAFKA_ADMIN, *SITES.values()):
+        users.setdefault(user, secrets.token_urlsafe(18))
     _assign_ports(state, running)
     _save_state(sd, state)
     return state
@@ -919,11 +1043,7 @@ def _start_kafka(sd: Path, state: dict[str, Any], say: Callable[[str], None]) ->
     ports = state["ports"]
     props = sd / KAFKA / "server.properties"
     (sd / KAFKA / "logs").mkdir(parents=True, exist_ok=True)
-    _write_atomic(
-        props,
-        _kafka_properties(sd, ports[KAFKA], ports["kafka_controller"]),
-        mode=0o644,
-    )
+    _write_atomic(props, _kafka_properties(sd, state))  # 0600: it holds the broker's own password
     _format_kafka(java, sd, lib, state["kafka_cluster_id"])
     say(f"starting {KAFKA_LABEL} on {HOST}:{ports[KAFKA]}")
     pid = _spawn(
@@ -942,20 +1062,21 @@ def _log_paths(sd: Path, name: str) -> tuple[Path, ...]:
     return sd / name / "error.log", sd / name / "console.log"
 
 
-def _readiness(name: str, state: dict[str, Any]) -> tuple[Callable[[], bool], float]:
+def _readiness(sd: Path, name: str, state: dict[str, Any]) -> tuple[Callable[[], bool], float]:
     """How to tell that a service answers, and how long to wait for it."""
     port = state["ports"][name]
     if name == KAFKA:
-        return _kafka_probe(port), KAFKA_START_TIMEOUT
+        return _kafka_probe(sd, state), KAFKA_START_TIMEOUT
     password = state["passwords"][name]
     return (lambda: _mariadb_probe(port, password) != "down"), MARIADB_START_TIMEOUT
 
 
-def up(quiet: bool = False) -> dict[str, str]:
+def up(quiet: bool = False, secure: bool = False) -> dict[str, str]:
     """Start whatever of the three services is not running, wait until all answer, return their env.
 
-    Idempotent: services that already run and answer are left alone. Raises
-    :class:`ServiceError` with a one-line message if something cannot start.
+    Idempotent: services that already run and answer are left alone (the broker is restarted, keeping its data,
+    when its configuration changes, e.g. into or out of `secure` mode: no PLAINTEXT listener, every client
+    authenticated). Raises :class:`ServiceError` with a one-line message if something cannot start.
     """
     started_at = time.monotonic()
 
@@ -980,6 +1101,13 @@ def up(quiet: bool = False) -> dict[str, str]:
             for name in plain:
                 running.pop(name)
         state = _prepare_state(sd, running)
+        state["kafka_secure"] = secure
+        _save_state(sd, state)
+        _ensure_certs(sd, say)
+        props = sd / KAFKA / "server.properties"
+        if KAFKA in running and (not props.exists() or props.read_text() != _kafka_properties(sd, state)):
+            say(f"restarting the {KAFKA_LABEL} {'in secure mode' if secure else 'with its new configuration'}")
+            _stop({KAFKA: (running.pop(KAFKA), markers[KAFKA])})
         to_start = [name for name in _labels() if name not in running]
         logs = {name: _log_sizes(_log_paths(sd, name)) for name in _labels()}
         pids = dict(running)
@@ -990,7 +1118,7 @@ def up(quiet: bool = False) -> dict[str, str]:
         # All spawned first, so the waits overlap; a running service may still be starting.
         markers = _markers(sd)
         for name, label in _labels().items():
-            probe, timeout = _readiness(name, state)
+            probe, timeout = _readiness(sd, name, state)
             _wait_ready(label, probe, pids[name], markers[name], logs[name], timeout)
         for db in MARIADBS:
             port, password = state["ports"][db.name], state["passwords"][db.name]
@@ -998,6 +1126,7 @@ def up(quiet: bool = False) -> dict[str, str]:
                 _provision_root(sd, db, password)
             if _mariadb_probe(port, password) != "ready":
                 raise ServiceError(f"root cannot log in to the {db.label} over TCP; see {sd / db.name / 'error.log'}")
+        _provision_kafka(sd, state)
 
         env = _env_from_state(sd, state)
         _write_env_files(sd, env)
@@ -1053,6 +1182,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     up_cmd = commands.add_parser("up", help="start what is not running; print export lines")
     up_cmd.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    up_cmd.add_argument(
+        "--secure",
+        action="store_true",
+        help="Kafka only on its SASL_SSL listener (SCRAM principals per site, ACLs on); without it a PLAINTEXT "
+        "listener serves unauthenticated clients as super users, for development",
+    )
     down_cmd = commands.add_parser("down", help="stop all three services")
     down_cmd.add_argument(
         "--purge",
@@ -1060,12 +1195,17 @@ def main(argv: list[str] | None = None) -> int:
         help="also delete data and logs (keeps the jar cache)",
     )
     commands.add_parser("status", help="what runs where; exit 3 unless all three run")
-    commands.add_parser("env", help="print export lines for the running services")
+    env_cmd = commands.add_parser("env", help="print export lines for the running services")
+    env_cmd.add_argument(
+        "--site",
+        choices=sorted(SITES),
+        help="the settings of that site's roles: its own Kafka principal (SCRAM over SASL_SSL), limited by its ACLs",
+    )
     commands.add_parser("registry", help="start the local schema registry (for registry mode); print its URL")
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
-            print(_export_lines(up(quiet=args.quiet)), end="")
+            print(_export_lines(up(quiet=args.quiet, secure=args.secure)), end="")
         elif args.command == "down":
             down(purge=args.purge)
             print(f"services stopped{' and state purged' if args.purge else ''} ({state_dir()})")
@@ -1077,7 +1217,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "registry":
             print(registry_up())
         elif args.command == "env":
-            env = load_env()
+            env = site_env(args.site) if args.site else load_env()
             if env is None:
                 raise ServiceError("services are not running; start them with `python -m devtools.services up`")
             print(_export_lines(env), end="")

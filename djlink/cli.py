@@ -5,8 +5,10 @@ djlink run --role applier                  # destination site
 djlink status                              # where the capture has committed up to
 djlink verify [LINK] [--json]              # the destination equals what the source shares, byte for byte
 djlink dead-letters [--json]               # what the applier gave up, why, and what to do
+djlink grants --role R --user U            # the MariaDB grants a role needs, as GRANT statements
+djlink acls --site S --principal User:P    # the Kafka ACLs a site needs (--apply creates them)
 djlink services up|down|status|env         # local MariaDB x2 + Kafka for development
-djlink demo                                # the README's end-to-end example
+djlink demo [--secure]                     # the README's end-to-end example
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from djlink.health import Readiness, configure_logging, serve
 from djlink.process import READY
 from djlink.run import Role, run_roles
 from foundation.config import ConfigError, Settings
+from foundation.kafka import refusal
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 
@@ -36,24 +39,28 @@ def expected_error(exc: BaseException) -> str | None:
     from devtools.services import ServiceError
     from djlink.verify.command import UnknownLink
     from foundation.catalog import UnknownTable
+    from foundation.grants import MissingGrant
     from foundation.stores import StoreError
     from foundation.tls import TlsError
     from foundation.topics import KafkaUnavailable
 
     expected = (
         PreconditionError, ConfigError, ServiceError, KafkaUnavailable, UnsupportedTransaction, TlsError,
-        UnknownLink, UnknownTable, StoreError,
+        MissingGrant, UnknownLink, UnknownTable, StoreError,
     )  # fmt: skip
     if isinstance(exc, expected):
         return str(exc)
+    refused = refusal(exc)
+    if refused:
+        return refused
     if isinstance(exc, pymysql.err.OperationalError):
         code = exc.args[0] if exc.args else 0
         if code == 1045:
             return f"database refused the login: {exc.args[1]} (check DJLINK_*_USER / DJLINK_*_PASSWORD)"
         if code in (2002, 2003):
             return f"cannot reach the database: {exc.args[1]} (check DJLINK_*_HOST / DJLINK_*_PORT)"
-        if code in (1142, 1227, 1044):
-            return f"missing privilege: {exc.args[1]}"
+        if code in (1142, 1143, 1227, 1044, 1370):
+            return f"missing privilege: {exc.args[1]} (docs/security.md lists each role's grants)"
         return f"database error {code}: {exc.args[1] if len(exc.args) > 1 else exc}"
     return None
 
@@ -207,12 +214,64 @@ def dead_letters(
 
 
 @app.command()
-def demo() -> None:
+def acls(
+    site: str = typer.Option(..., "--site", help="source (capture and agent) or destination (applier and façade)"),
+    principal: str = typer.Option(..., "--principal", help="the site's Kafka principal, e.g. User:lab-a"),
+    apply: bool = typer.Option(
+        False, "--apply", help="create them, with the DJLINK_KAFKA_* credentials of an operator allowed to alter ACLs"
+    ),
+) -> None:
+    """The Kafka ACLs a site's principal needs for this deployment (DJLINK_TOPIC_PREFIX), and nothing more:
+    printed as kafka-acls.sh commands, or created with --apply. See docs/security.md."""
+    from foundation import acls as entries
+    from foundation.kafka import admin_client
+    from foundation.topics import Topics
+
+    with user_errors():
+        if site not in {s.value for s in entries.Site}:
+            raise ConfigError(f"--site must be source or destination, not {site!r}")
+        if not principal.startswith("User:"):
+            raise ConfigError(f"--principal is a Kafka principal such as User:lab-a, not {principal!r}")
+        settings = Settings.from_env()
+        wanted = entries.site_acls(Topics(settings.topic_prefix), entries.Site(site), principal)
+        if apply:
+            entries.apply(admin_client(settings), wanted)
+            print(f"{len(wanted)} ACL entries for {principal} on prefix {settings.topic_prefix!r} are in place")
+        else:
+            print("\n".join(entries.commands(wanted, settings.kafka_bootstrap)))
+
+
+@app.command()
+def grants(
+    role: str = typer.Option(..., "--role", help="capture, agent, applier or facade (the link user)"),
+    user: str = typer.Option(..., "--user", help="the role's database account, e.g. \"'djlink-capture'@'%'\""),
+    source_schema: str = typer.Option("<source_schema>", "--source-schema", help="the linked table's schema"),
+    helper_schema: str = typer.Option("<helper_schema>", "--helper-schema", help="the link's helper schema"),
+    destination_schema: str = typer.Option("<destination_schema>", "--destination-schema", help="the copy's schema"),
+    state_db: str = typer.Option("djlink_applier", "--state-db", help="the applier's DJLINK_APPLIER_STATE_DB"),
+) -> None:
+    """The MariaDB grants a role's database user needs for one link, and nothing more, as GRANT statements
+    (the source server's for capture, agent and facade; the destination's for applier). See docs/security.md."""
+    from foundation.grants import RoleName, role_grants
+
+    with user_errors():
+        if role not in {r.value for r in RoleName}:
+            raise ConfigError(f"--role must be capture, agent, applier or facade, not {role!r}")
+        for g in role_grants(RoleName(role), source_schema, helper_schema, destination_schema, state_db):
+            print(f"{g.statement(user)};  -- {g.why}")
+
+
+@app.command()
+def demo(
+    secure: bool = typer.Option(
+        False, "--secure", help="Kafka in secure mode: SASL_SSL only, a SCRAM principal per site, ACLs on"
+    ),
+) -> None:
     """Bring up local services, run the pipeline, pull a small table through Kafka, print what arrived."""
     from devtools import demo as demo_module
 
     with user_errors():
-        demo_module.main()
+        demo_module.main(secure)
 
 
 def main() -> None:

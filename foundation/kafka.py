@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
@@ -57,6 +57,47 @@ class Malformed:
         if offset not in self._said:
             self._said.add(offset)
             log.warning("skipped a malformed record on %s at offset %d: %s", self._topic, offset, reason)
+
+
+# What the broker answers a principal whose ACLs lack what it asked for: fatal for a role (it will not pass by
+# waiting), and the user's to fix with the site's ACLs (foundation.acls, `djlink acls`).
+AUTHORIZATION_ERRORS = frozenset(
+    {
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.GROUP_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+        KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+    }
+)
+
+
+def ok(msg: Message | None) -> TypeGuard[Message]:
+    """True for a message that carries a record; False for None and consumer events (EOF, transient errors).
+
+    An authorization error raises: a consumer told it may not read a topic or use its group would otherwise
+    wait for ever, polling nothing.
+    """
+    if msg is None:
+        return False
+    error = msg.error()
+    if error is None:
+        return True
+    if error.code() in AUTHORIZATION_ERRORS:
+        raise KafkaException(error)
+    return False
+
+
+def refusal(exc: BaseException) -> str | None:
+    """One line for an authorization error of the broker, naming what to grant; None for anything else."""
+    error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+    if not isinstance(error, KafkaError) or error.code() not in AUTHORIZATION_ERRORS:
+        return None
+    parts = error.str().split(": Broker: ")[-1].rstrip(".").split(": ")
+    text = ": ".join(p for i, p in enumerate(parts) if p not in parts[:i])  # the broker repeats itself
+    return (
+        f"Kafka refused this principal ({error.name()}: {text}); grant it the ACLs of its site "
+        "(`djlink acls --site source|destination` prints them)"
+    )
 
 
 # The largest message on djlink's topics: a row change (two images of a row) or a pull's list of keys.

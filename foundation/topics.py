@@ -89,6 +89,25 @@ class Topics:
         }
 
 
+class _Said(logging.Handler):
+    """What librdkafka logged while a probe waited: the cause of a failure it reports only as a timeout."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.lines) < 1000:
+            self.lines.append(record.getMessage())
+
+    def has(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
+
+    def first(self, text: str) -> str:
+        found = next((line for line in self.lines if text in line), "")
+        return found[found.find(text) :][:200]
+
+
 class TopicRefused(Exception):
     """Kafka will not create a topic by that name (it collides with another, or is invalid)."""
 
@@ -110,15 +129,35 @@ class Admin:
         """Raise KafkaUnavailable, in words for the user, when the broker does not answer in time."""
         quiet = logging.getLogger("djlink.kafka.check")
         quiet.propagate = False  # librdkafka's per-attempt connection errors would bury the one line we print
+        quiet.setLevel(logging.DEBUG)  # to `said` only: the connection failures are INFO
+        said = _Said()
+        quiet.addHandler(said)
         probe = admin_client(self._settings, quiet)
         try:
             probe.list_topics(timeout=self._settings.startup_timeout_s)
         except KafkaException as exc:
+            probe.poll(0)  # serves the log queue: what librdkafka said while it waited
+            bootstrap = self._settings.kafka_bootstrap
+            if said.has("SASL authentication error"):
+                raise KafkaUnavailable(
+                    f"Kafka refused the credentials of {bootstrap}: check DJLINK_KAFKA_SASL_USERNAME, "
+                    "DJLINK_KAFKA_SASL_PASSWORD and DJLINK_KAFKA_SASL_MECHANISM"
+                ) from None
+            if said.has("SSL handshake failed") or said.has("certificate verify failed"):
+                raise KafkaUnavailable(
+                    f"TLS with Kafka at {bootstrap} failed ({said.first('SSL handshake failed')}): check that "
+                    "this listener speaks TLS (DJLINK_KAFKA_SECURITY_PROTOCOL), DJLINK_KAFKA_SSL_CA_LOCATION, and "
+                    "that the broker's certificate names the host you connect to"
+                ) from None
+            hint = "check DJLINK_KAFKA_BOOTSTRAP and that the broker runs"
+            if said.has("APIVERSION_QUERY"):  # a listener that speaks TLS or SASL hangs up on a plain client
+                hint = "the broker hangs up on this client: does it need DJLINK_KAFKA_SECURITY_PROTOCOL=SASL_SSL?"
             raise KafkaUnavailable(
-                f"cannot reach Kafka at {self._settings.kafka_bootstrap} "
-                f"within {self._settings.startup_timeout_s:.0f} s ({exc.args[0].str() if exc.args else exc}); "
-                "check DJLINK_KAFKA_BOOTSTRAP and that the broker runs"
-            ) from exc
+                f"cannot reach Kafka at {bootstrap} "
+                f"within {self._settings.startup_timeout_s:.0f} s ({exc.args[0].str() if exc.args else exc}); {hint}"
+            ) from None
+        finally:
+            quiet.removeHandler(said)
 
     def ensure(self, names: Iterable[str], compacted: bool = False, partitions: int = 1) -> None:
         with self._lock:
@@ -178,6 +217,7 @@ class Admin:
 
     def _raise_message_limit(self, names: list[str]) -> None:
         """Topics created before djlink raised the limit (or by hand) take messages up to MAX_MESSAGE_BYTES too."""
+        names = self._below_message_limit(names)
         if not names:
             return
         entry = ConfigEntry("max.message.bytes", str(MAX_MESSAGE_BYTES), incremental_operation=AlterConfigOpType.SET)
@@ -191,6 +231,21 @@ class Admin:
                     resource.name,
                     exc.args[0].str(),
                 )
+
+    def _below_message_limit(self, names: list[str]) -> list[str]:
+        """Those of `names` whose max.message.bytes is below djlink's (or cannot be read: then try to raise it)."""
+        if not names:
+            return []
+        below = []
+        resources = [ConfigResource(ResourceType.TOPIC, n) for n in names]
+        for resource, fut in self._admin.describe_configs(resources).items():
+            try:
+                entry = fut.result(timeout=30).get("max.message.bytes")
+            except KafkaException:
+                entry = None
+            if entry is None or int(entry.value or 0) < MAX_MESSAGE_BYTES:
+                below.append(resource.name)
+        return below
 
     def ensure_control(self, topics: Topics) -> None:
         self.check()

@@ -11,7 +11,7 @@ from confluent_kafka import TopicPartition
 
 import schemas
 from foundation.config import Settings
-from foundation.kafka import consumer, now_ms, produce, producer
+from foundation.kafka import consumer, now_ms, ok, produce, producer
 from foundation.links import LinkSpec
 from foundation.topics import Admin, Topics
 
@@ -38,7 +38,7 @@ class Requests:
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline:
                 msg = c.poll(min(0.2, max(0.0, deadline - time.monotonic())))
-                if msg is None or msg.error() is not None or msg.key() != rid.encode():
+                if not ok(msg) or msg.key() != rid.encode():
                     continue
                 yield self._codec.decode(msg.value())
         finally:

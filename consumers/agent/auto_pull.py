@@ -19,7 +19,7 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 import schemas
 from foundation import keys as keycodec
 from foundation.config import Settings
-from foundation.kafka import consumer, schema_registry, where
+from foundation.kafka import consumer, ok, schema_registry, where
 from foundation.links import LinkRegistry
 from foundation.topics import SchemaTopic, Topics
 from schemas.tables import EnvelopeReader
@@ -130,7 +130,7 @@ class AutoPull:
         """The new rows approved since the last call, and the offsets after what was read; None when nothing was."""
         if not self._following:
             return None
-        messages = [m for m in self._c.consume(500, 0) if m.error() is None]
+        messages = [m for m in self._c.consume(500, 0) if ok(m)]
         if not messages:
             return None
         approved: dict[str, list[str]] = {}

@@ -27,11 +27,12 @@ from consumers.agent.auto_pull import AutoPull
 from consumers.agent.errors import Refused
 from consumers.agent.outgoing import Outgoing
 from consumers.agent.registration import Registrar
+from foundation import grants
 from foundation.catalog import Catalog
 from foundation.config import Settings
 from foundation.dberrors import describe, is_transient
 from foundation.dead_letters import DeadLetter
-from foundation.kafka import consumer, producer, where
+from foundation.kafka import consumer, ok, producer, where
 from foundation.links import LinkRegistry, LinkSpec
 from foundation.topics import Admin, SchemaTopic, Topics
 
@@ -70,6 +71,8 @@ class SourceAgent:
         self._registry = LinkRegistry(s, topics)
         self._registry.catch_up()
         self._db = self._connect(cursorclass=pymysql.cursors.DictCursor, autocommit=False)
+        grants.check(self._db, grants.RoleName.agent, self._registry.links.values())
+        self._account = grants.account(self._db)
         # Transactional: what a message makes the agent say (replies, snapshot signals, links) commits
         # with the message's offset, so a crash at any point neither loses it nor says it twice. The
         # helper table is written first; handling a message again finds it moved and does nothing twice.
@@ -92,7 +95,7 @@ class SourceAgent:
                 self._answer_registrations()
                 self._auto_pulls()
                 msg = c.poll(0.1)
-                if msg is None or msg.error() is not None:
+                if not ok(msg):
                     continue
                 with transaction(self._p):
                     if msg.value() is not None:
@@ -182,8 +185,10 @@ class SourceAgent:
             # privilege): refused with the server's words, and the agent goes on with the next one.
             self._db.rollback()
             metrics.REFUSALS.labels("request").inc()
-            self._out.reply(rid, "REFUSED", message=f"the source server refused it: {describe(exc)}")
-            log.warning("request %s refused by the source server: %s", rid, describe(exc))
+            missing = grants.from_error(exc, "agent", self._account)
+            why = str(missing) if missing else f"the source server refused it: {describe(exc)}"
+            self._out.reply(rid, "REFUSED", message=why)
+            log.warning("request %s refused: %s", rid, why)
 
     def _ack(self, ack: dict[str, Any]) -> None:
         """An acknowledgement from the applier, for the link it names (read to the links topic's end if new)."""

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
+from foundation import grants
 from foundation.config import ConfigError, Database
 from foundation.dberrors import describe, is_transient
+from foundation.links import LinkSpec
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -29,9 +31,11 @@ class Destination:
         self._stop = stop
         self._db: Any = None
         self._lock: Any = None
+        self._account: str | None = None
 
     def connect(self) -> None:
         self._db = self._database.connect(utc=True, autocommit=False)
+        self._account = grants.account(self._db)
 
     def transact(self, work: Callable[[Any], T], commit: bool = True) -> T:
         """Run `work(cursor)` as one transaction (rolled back instead when not `commit`: a trial)."""
@@ -48,11 +52,22 @@ class Destination:
                 return result
             except BaseException as exc:
                 self._rollback()
+                missing = grants.from_error(exc, "applier", self._account)
+                if missing is not None:  # the deployment's fault, not the unit's: stop, naming the grant
+                    raise missing from None
                 if not is_transient(exc) or self._stop.is_set():
                     raise
                 log.warning("destination database: %s; retrying in %.1f s", describe(exc), delay)
                 self._stop.wait(delay)
                 delay = min(delay * 2, 5.0)
+
+    def check_grants(self, links: Iterable[LinkSpec], state_tables: Sequence[tuple[str, str]]) -> None:
+        """MissingGrant when the applier's user lacks a privilege on these links' tables or its state tables."""
+        conn = self._database.connect(utc=True)
+        try:
+            grants.check(conn, grants.RoleName.applier, links, state_tables)
+        finally:
+            conn.close()
 
     def _rollback(self) -> None:
         try:

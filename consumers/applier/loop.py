@@ -83,6 +83,7 @@ class Applier:
         self.units_skipped = 0
         self.units_mirrored = 0
         self.units_dead_lettered = 0
+        self._checked: set[LinkSpec] = set()
 
     @property
     def objects_copied(self) -> int:
@@ -93,6 +94,13 @@ class Applier:
 
     def _flags_sent(self, entities: list[EntityKey]) -> None:
         self._destination.transact(partial(self._store.flags_sent, entities=entities))
+
+    def _check_grants(self, links: dict[str, LinkSpec]) -> None:
+        """Its privileges on each link's destination tables (and its own), before a unit would need them."""
+        unchecked = [spec for spec in links.values() if spec not in self._checked]
+        if unchecked:
+            self._destination.check_grants(unchecked, ())
+            self._checked.update(unchecked)
 
     # -- the loop ----------------------------------------------------------------
 
@@ -105,6 +113,8 @@ class Applier:
         self._planner = BatchPlanner(self._destination, self._store, self._objects)
         self._destination.connect()
         self._destination.fence(f"djlink-applier:{self.group}", self.topics.prefix)
+        self._destination.check_grants(registry.links.values(), self._store.tables)  # its own tables' too
+        self._checked.update(registry.links.values())
         self._destination.transact(self._store.ensure)
         self._p = producer(s)
         self._schema_topic.publish_fixed(self._p)
@@ -129,6 +139,7 @@ class Applier:
         try:
             while not stop.is_set():
                 if registry.refresh(0) or self._reader.behind() or self._reader.take(registry):
+                    self._check_grants(registry.links)
                     self._reader.follow(registry.links, self._stored)
                 self._dead_letters.confirm()
                 self._apply_complete(registry)

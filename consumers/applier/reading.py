@@ -21,7 +21,7 @@ import schemas
 from consumers.applier.delivery import DeadLetters
 from consumers.applier.gathering import Event, Gathering, Offset, Partition, PendingUnit, kafka_ts, read_past
 from consumers.applier.routing import Routes
-from foundation.kafka import where
+from foundation.kafka import ok, where
 from foundation.links import LinkRegistry, LinkSpec
 from foundation.topics import SchemaTopic, Topics
 from schemas.tables import EnvelopeReader
@@ -124,7 +124,7 @@ class Reader:
         first = self._c.poll(POLL_S)
         learned = False
         for msg in [first, *self._c.consume(MAX_TAKEN - 1, 0)] if first is not None else []:
-            if msg.error() is None and self._route(msg, registry):
+            if ok(msg) and self._route(msg, registry):
                 learned = True
         return learned
 

@@ -87,6 +87,14 @@ class StateStore:
         self._positions = f"{quote(database)}.`source_positions`"
         self._objects = f"{quote(database)}.`tracked_objects`"
 
+    @property
+    def tables(self) -> list[tuple[str, str]]:
+        """(database, table) of each of its tables."""
+        return [
+            (self.database, name)
+            for name in ("offsets", "applied_units", "entities", "source_positions", "tracked_objects")
+        ]
+
     def ensure(self, cur: Any) -> None:
         """Create the database and tables when missing."""
         cur.execute(f"CREATE DATABASE IF NOT EXISTS {quote(self.database)}")

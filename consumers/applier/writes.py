@@ -13,6 +13,7 @@ from typing import Any
 import pymysql
 
 from consumers.applier.planning import Plan, Write, WriteKind, merged_writes
+from foundation import grants
 from foundation import keys as keycodec
 from foundation.dberrors import describe, is_transient
 from foundation.links import LinkSpec, destination_name
@@ -31,7 +32,7 @@ def write(cur: Any, plans: Sequence[Plan]) -> None:
         for w in merged_writes(plans):
             _WRITERS[w.kind](cur, w)
     except pymysql.err.MySQLError as exc:
-        if is_transient(exc):
+        if is_transient(exc) or grants.from_error(exc, "applier"):  # not the unit's fault: never dead-lettered
             raise
         raise Unappliable(f"destination refused the unit: {describe(exc)}") from exc
 

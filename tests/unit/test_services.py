@@ -89,18 +89,19 @@ def test_a_port_taken_while_its_service_was_stopped_is_replaced_and_a_running_on
         taken.bind((services.HOST, 0))
         taken.listen()
         port = taken.getsockname()[1]
-        stopped = {"ports": {"source": port, "dest": port, "kafka": port, "kafka_controller": port}}
+        stopped = {"ports": {"source": port, "dest": port, "kafka": port, "kafka_controller": port, "kafka_sasl": port}}
         services._assign_ports(stopped, running={})
         new = stopped["ports"]
         assert port not in new.values()
-        assert len(set(new.values())) == 4  # four distinct free ports
+        assert len(set(new.values())) == 5  # five distinct free ports
         assert all(services._port_free(p) for p in new.values())
 
         # A service that runs holds its own port: it is kept, as is a free one of a stopped service.
         free = new["dest"]
-        running = {"ports": {"source": port, "dest": free, "kafka": port, "kafka_controller": port}}
+        ports = {"source": port, "dest": free, "kafka": port, "kafka_controller": port, "kafka_sasl": port}
+        running = {"ports": dict(ports)}
         services._assign_ports(running, running={"source": 1, "kafka": 2})
-        assert running["ports"] == {"source": port, "dest": free, "kafka": port, "kafka_controller": port}
+        assert running["ports"] == ports
 
 
 def test_a_server_that_dies_at_start_is_explained_by_the_error_line_of_its_log(tmp_path: Path) -> None:
@@ -122,3 +123,46 @@ def test_a_server_that_dies_at_start_is_explained_by_the_error_line_of_its_log(t
         "source MariaDB exited during start (2026-11-27  6:00:00 0 [ERROR] Can't start server: Bind on TCP/IP "
         f"port. Got error: 98: Address already in use); see {log}"
     )
+
+
+def _kafka_state(secure: bool) -> dict[str, object]:
+    ports = {"kafka": 9092, "kafka_sasl": 9093, "kafka_controller": 9094}
+    users = {"admin": "admin-secret", "djlink-source": "s", "djlink-dest": "d"}
+    return {"ports": ports, "kafka_users": users, "kafka_secure": secure}
+
+
+def _properties(text: str) -> dict[str, str]:
+    lines = [ln.split("=", 1) for ln in text.splitlines() if ln and not ln.startswith("#")]
+    return {k: v for k, v in lines}
+
+
+def test_the_broker_always_authorizes_and_in_secure_mode_has_no_plaintext_listener(tmp_path: Path) -> None:
+    development = _properties(services._kafka_properties(tmp_path, _kafka_state(secure=False)))
+    secure = _properties(services._kafka_properties(tmp_path, _kafka_state(secure=True)))
+    for props in (development, secure):
+        assert props["authorizer.class.name"] == "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
+        assert props["allow.everyone.if.no.acl.found"] == "false"
+        assert "SASL_SSL://127.0.0.1:9093" in props["listeners"]
+        assert props["listener.security.protocol.map"].endswith("CONTROLLER:SASL_SSL")
+    assert "PLAINTEXT://127.0.0.1:9092" in development["listeners"]
+    assert "User:ANONYMOUS" in development["super.users"]
+    # Secure mode: no way in without credentials, and nobody anonymous is trusted.
+    assert "PLAINTEXT://" not in secure["listeners"] and "PLAINTEXT://" not in secure["advertised.listeners"]
+    assert secure["super.users"] == "User:admin"
+
+
+def test_each_site_gets_its_own_principal_and_the_operator_the_super_user(tmp_path: Path) -> None:
+    state = {
+        **_kafka_state(secure=True),
+        "ports": {"source": 1, "dest": 2, "kafka": 9092, "kafka_sasl": 9093, "kafka_controller": 9094},
+        "passwords": {"source": "rs", "dest": "rd"},
+    }
+    operator = services._env_from_state(tmp_path, state)
+    source = services._env_from_state(tmp_path, state, "source")
+    dest = services._env_from_state(tmp_path, state, "destination")
+    assert operator["DJLINK_KAFKA_SASL_USERNAME"] == "admin" and operator["DJLINK_KAFKA_SASL_MECHANISM"] == "PLAIN"
+    assert (source["DJLINK_KAFKA_SASL_USERNAME"], source["DJLINK_KAFKA_SASL_PASSWORD"]) == ("djlink-source", "s")
+    assert (dest["DJLINK_KAFKA_SASL_USERNAME"], dest["DJLINK_KAFKA_SASL_PASSWORD"]) == ("djlink-dest", "d")
+    assert {e["DJLINK_KAFKA_BOOTSTRAP"] for e in (operator, source, dest)} == {"127.0.0.1:9093"}
+    plain = services._env_from_state(tmp_path, {**state, "kafka_secure": False})
+    assert plain["DJLINK_KAFKA_BOOTSTRAP"] == "127.0.0.1:9092" and "DJLINK_KAFKA_SASL_USERNAME" not in plain

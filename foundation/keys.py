@@ -75,6 +75,61 @@ def decode(text: str) -> dict[str, Any]:
     return {k: base64.b64decode(v["$b64"]) if isinstance(v, dict) else v for k, v in raw.items()}
 
 
+# The most entities one pull or delete request may name: the façade sends larger ones in parts, and the agent
+# refuses a request naming more (one helper-table transaction and one snapshot signal per request).
+MAX_REQUEST_KEYS = 100_000
+
+_INTEGER = frozenset({"tinyint", "smallint", "mediumint", "int", "bigint", "year"})
+_NUMBER = frozenset({"float", "double", "decimal"})
+_BINARY = frozenset({"binary", "varbinary", "tinyblob", "blob", "mediumblob", "longblob"})
+
+
+class BadKey(ValueError):
+    """A key text from another site that is not a key of the table: says what is wrong with it."""
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 80 else text[:77] + "...")
+
+
+def _fits(data_type: str, value: Any) -> bool:
+    """Whether a JSON value is what `encode` writes for a column of this type."""
+    if isinstance(value, bool) or value is None:
+        return False
+    if data_type in _INTEGER:
+        return isinstance(value, int)
+    if data_type in _NUMBER:
+        return isinstance(value, int | float) or (data_type == "decimal" and isinstance(value, str))
+    if data_type in _BINARY:
+        if not (isinstance(value, dict) and set(value) == {"$b64"} and isinstance(value["$b64"], str)):
+            return False
+        try:
+            base64.b64decode(value["$b64"], validate=True)
+        except ValueError:
+            return False
+        return True
+    return isinstance(value, str | int | float)
+
+
+def parse(text: str, columns: Mapping[str, str]) -> dict[str, Any]:
+    """A key text another site sent, checked against the table's primary key (`columns`: name -> data type),
+    as SQL parameters (see `decode`); BadKey naming what is wrong: not a JSON object, other attributes than the
+    primary key's, or a value that is not of its column's kind."""
+    try:
+        raw = json.loads(text)
+    except (ValueError, TypeError):
+        raise BadKey(f"key {_shown(str(text))} is not JSON") from None
+    if not isinstance(raw, dict):
+        raise BadKey(f"key {_shown(text)} is not a JSON object")
+    if set(raw) != set(columns):
+        raise BadKey(f"key {_shown(text)} does not name the primary key ({', '.join(columns)}) and nothing else")
+    wrong = [n for n, v in raw.items() if not _fits(columns[n], v)]
+    if wrong:
+        kinds = ", ".join(f"{n} is {columns[n]}" for n in wrong)
+        raise BadKey(f"key {_shown(text)} has a value of the wrong kind ({kinds})")
+    return {k: base64.b64decode(v["$b64"]) if isinstance(v, dict) else v for k, v in raw.items()}
+
+
 @dataclass(frozen=True)
 class KeyReason:
     """An entity that was not done, and why: how refusals and failures cross Kafka (Avro `djlink.KeyReason`)."""

@@ -26,6 +26,7 @@ from foundation import keys as keycodec
 from foundation.config import Database, Settings
 from foundation.keys import KeyReason
 from foundation.links import LinkSpec
+from foundation.sql import chunks
 from foundation.tls import Tls
 from link.requests import Requests
 
@@ -208,47 +209,75 @@ class _Link:
         timeout: float | None,
         summary: PullSummary | DeleteSummary,
     ) -> None:
-        """Send a pull or delete and follow its replies until every entity is done, refused or the time is up."""
-        texts = list(dict.fromkeys(keycodec.encode(k) for k in keys))
-        waiting: set[str] = set()
-        done_count = 0
-        bar = tqdm(total=len(texts), desc=kind.lower(), unit="entity", disable=not display_progress)
-        started, rows = time.monotonic(), 0
+        """Send a pull or delete and follow its replies until every entity is done, refused or the time is up:
+        as requests of at most MAX_REQUEST_KEYS entities (what the agent takes), one after the other."""
+        everything = list(dict.fromkeys(keycodec.encode(k) for k in keys))
+        bar = tqdm(total=len(everything), desc=kind.lower(), unit="entity", disable=not display_progress)
+        progress = _Progress(bar)
         try:
-            for reply in self.requests.ask(kind, spec, texts, timeout or self.settings.timeout_s):
-                if reply["status"] == "REFUSED":
-                    raise LinkError(f"the source site refused the {kind.lower()}: {reply['message']}")
-                refused = [KeyReason.from_avro(r) for r in reply["refused"]]
-                refused_keys = {r.key for r in refused}
-                if reply["status"] == "ACCEPTED":
-                    summary.refused = [str(r) for r in refused]
-                    summary.skipped = len(reply["done"])
-                    waiting = set(texts) - set(reply["done"]) - refused_keys
-                    bar.update(len(texts) - len(waiting))
-                else:
-                    done = waiting.intersection(reply["done"])
-                    late = [r for r in refused if r.key in waiting]
-                    failed = [f for f in map(KeyReason.from_avro, reply.get("failed") or []) if f.key in waiting]
-                    waiting -= done | refused_keys | {f.key for f in failed}
-                    summary.refused += [str(r) for r in late]
-                    summary.failed += [str(f) for f in failed]
-                    done_count += len(done)
-                    rows += reply.get("rows") or 0
-                    summary.rows = rows
-                    bar.set_postfix_str(f"{rows / max(time.monotonic() - started, 1e-3):,.0f} rows/s", refresh=False)
-                    bar.update(len(done) + len(late) + len(failed))
-                if not waiting:
-                    break
-            else:
-                summary.in_flight = sorted(waiting) if waiting else texts
-                if not waiting:
-                    summary.message = "no answer from the source site's agent (is `djlink run` running there?)"
+            for texts in chunks(everything, keycodec.MAX_REQUEST_KEYS):
+                self._one_request(kind, spec, list(texts), timeout, summary, progress)
         finally:
             bar.close()
         if isinstance(summary, PullSummary):
-            summary.pulled = done_count
+            summary.pulled = progress.done
         else:
-            summary.deleted = done_count
+            summary.deleted = progress.done
+
+    def _one_request(
+        self,
+        kind: str,
+        spec: LinkSpec,
+        texts: list[str],
+        timeout: float | None,
+        summary: PullSummary | DeleteSummary,
+        progress: _Progress,
+    ) -> None:
+        waiting: set[str] = set()
+        bar = progress.bar
+        accepted = False
+        for reply in self.requests.ask(kind, spec, texts, timeout or self.settings.timeout_s):
+            if reply["status"] == "REFUSED":
+                raise LinkError(f"the source site refused the {kind.lower()}: {reply['message']}")
+            refused = [KeyReason.from_avro(r) for r in reply["refused"]]
+            refused_keys = {r.key for r in refused}
+            if reply["status"] == "ACCEPTED":
+                if accepted:  # a second one: the late registration reply of a pull whose link changed
+                    continue
+                accepted = True
+                summary.refused += [str(r) for r in refused]
+                summary.skipped += len(reply["done"])
+                waiting = set(texts) - set(reply["done"]) - refused_keys
+                bar.update(len(texts) - len(waiting))
+            else:
+                done = waiting.intersection(reply["done"])
+                late = [r for r in refused if r.key in waiting]
+                failed = [f for f in map(KeyReason.from_avro, reply.get("failed") or []) if f.key in waiting]
+                waiting -= done | refused_keys | {f.key for f in failed}
+                summary.refused += [str(r) for r in late]
+                summary.failed += [str(f) for f in failed]
+                progress.done += len(done)
+                progress.rows += reply.get("rows") or 0
+                summary.rows = progress.rows
+                rate = progress.rows / max(time.monotonic() - progress.started, 1e-3)
+                bar.set_postfix_str(f"{rate:,.0f} rows/s", refresh=False)
+                bar.update(len(done) + len(late) + len(failed))
+            if not waiting:
+                break
+        else:
+            summary.in_flight += sorted(waiting) if waiting else texts
+            if not waiting:
+                summary.message = "no answer from the source site's agent (is `djlink run` running there?)"
+
+
+@dataclass
+class _Progress:
+    """What the requests of one pull or delete have done so far, and its progress bar."""
+
+    bar: Any
+    done: int = 0
+    rows: int = 0
+    started: float = field(default_factory=time.monotonic)
 
 
 def _source_tls(site: Tls) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,6 +15,8 @@ from foundation.config import Settings
 from foundation.kafka import consumer, now_ms, ok, produce, producer
 from foundation.links import LinkSpec
 from foundation.topics import Admin, Topics
+
+log = logging.getLogger(__name__)
 
 
 class Requests:
@@ -40,6 +43,11 @@ class Requests:
                 msg = c.poll(min(0.2, max(0.0, deadline - time.monotonic())))
                 if not ok(msg) or msg.key() != rid.encode():
                     continue
-                yield self._codec.decode(msg.value())
+                try:
+                    reply = self._codec.decode(msg.value())
+                except schemas.DecodeError as exc:  # not a reply, whoever wrote it: not this request's answer
+                    log.warning("skipped an undecodable record on %s: %s", self.topics.replies, exc)
+                    continue
+                yield reply
         finally:
             c.close()

@@ -28,12 +28,14 @@ from consumers.agent.errors import Refused
 from consumers.agent.outgoing import Outgoing
 from consumers.agent.registration import Registrar
 from foundation import grants
-from foundation.catalog import Catalog
+from foundation import keys as keycodec
+from foundation.catalog import Catalog, UnknownTable
 from foundation.config import Settings
 from foundation.dberrors import describe, is_transient
 from foundation.dead_letters import DeadLetter
 from foundation.kafka import consumer, ok, producer, where
 from foundation.links import LinkRegistry, LinkSpec
+from foundation.sql import chunks
 from foundation.topics import Admin, SchemaTopic, Topics
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,10 @@ def transaction(p: Producer) -> Iterator[None]:
         raise
 
 
+class _Forged(Exception):
+    """A record that decodes but is not about this deployment's links and keys: dead-lettered, never applied."""
+
+
 class SourceAgent:
     """The only writer of helper tables, on the source site; `run` until told to stop."""
 
@@ -60,6 +66,7 @@ class SourceAgent:
         self.topics = Topics(settings.topic_prefix)
         self._codec = schemas.Codec()
         self._catalog = Catalog(self._connect)
+        self._key_types: dict[LinkSpec, dict[str, str]] = {}
 
     def _connect(self, **extra: Any) -> Any:
         return self.settings.source.connect(**extra)
@@ -139,24 +146,44 @@ class SourceAgent:
             self._db.ping(reconnect=True)
             for link_id, keys in approved.keys.items():
                 link = self._registry.links[link_id]
-                requests.pull_or_delete(self._db, self._out, link, f"auto:{uuid.uuid4()}", "PULL", keys)
+                columns = self._key_columns(link)
+                for part in chunks(keys, keycodec.MAX_REQUEST_KEYS):
+                    requests.pull_or_delete(self._db, self._out, link, f"auto:{uuid.uuid4()}", "PULL", part, columns)
             self._p.send_offsets_to_transaction(approved.offsets, self._auto.group_metadata(), 30)
         if approved.keys:
             metrics.AUTO_PULLS.inc(sum(len(k) for k in approved.keys.values()))
             log.info("auto-pull: %s", ", ".join(f"{len(k)} new rows of {i}" for i, k in approved.keys.items()))
 
+    def _key_columns(self, link: LinkSpec) -> dict[str, str]:
+        """The link's primary key as the source table has it: name -> data type, in key order (read once per
+        link and process)."""
+        found = self._key_types.get(link)
+        if found is None:
+            try:
+                shape = self._catalog.shape(link.source_db, link.source_table)
+            except UnknownTable as exc:
+                raise Refused(str(exc)) from None
+            types = {c.name: c.data_type for c in shape.columns}
+            found = self._key_types[link] = {name: types.get(name, "") for name in link.primary_key}
+        return found
+
     def _handle(self, msg: Message) -> None:
-        """Decode the message and hand it to its handler; an undecodable one is dead-lettered."""
+        """Decode the message and hand it to its handler; an undecodable one, or an acknowledgement that is not
+        about a link and keys of this deployment, is dead-lettered with the reason."""
         try:
             record = self._codec.decode(msg.value() or b"")
-        except schemas.DecodeError as exc:
+            if msg.topic() == self.topics.acks:
+                link = self._acked_link(record)
+        except (schemas.DecodeError, _Forged) as exc:
+            stage = "decode" if isinstance(exc, schemas.DecodeError) else "validate"
             topic, partition, offset = where(msg)
-            self._out.dead_letter(DeadLetter(topic, partition, offset, msg.key(), msg.value(), str(exc), "decode"))
-            log.warning("dead-lettered undecodable message %s[%d]@%d: %s", topic, partition, offset, exc)
+            self._out.dead_letter(DeadLetter(topic, partition, offset, msg.key(), msg.value(), str(exc), stage))
+            log.warning("dead-lettered message %s[%d]@%d: %s", topic, partition, offset, exc)
             return
         self._db.ping(reconnect=True)
         if msg.topic() == self.topics.acks:
-            self._ack(record)
+            requests.acknowledge(self._db, self._out, link, record)
+            metrics.ACKS.inc()
         else:
             self._command(record)
 
@@ -171,7 +198,8 @@ class SourceAgent:
                 requested = dataclasses.replace(requested, auto_pull=registered.auto_pull if registered else None)
             done = self._registrar.register(requested, rid)
             if cmd["kind"] != "REGISTER":
-                requests.pull_or_delete(self._db, self._out, done.link, rid, cmd["kind"], cmd["keys"])
+                columns = self._key_columns(done.link)
+                requests.pull_or_delete(self._db, self._out, done.link, rid, cmd["kind"], cmd["keys"], columns)
             elif not done.answered_later:
                 self._out.reply(rid, "ACCEPTED", message=f"link {done.link.link_id} registered")
         except Refused as exc:
@@ -190,12 +218,24 @@ class SourceAgent:
             self._out.reply(rid, "REFUSED", message=why)
             log.warning("request %s refused: %s", rid, why)
 
-    def _ack(self, ack: dict[str, Any]) -> None:
-        """An acknowledgement from the applier, for the link it names (read to the links topic's end if new)."""
+    def _acked_link(self, ack: dict[str, Any]) -> LinkSpec:
+        """The registered link an acknowledgement is about (read to the links topic's end if new), its keys
+        checked; _Forged when it names a link or keys this deployment does not have."""
         self._registry.refresh(0)
         link = self._registry.links.get(ack["link_id"])
         if link is None:
             self._registry.catch_up()
-            link = self._registry.links[ack["link_id"]]
-        requests.acknowledge(self._db, self._out, link, ack)
-        metrics.ACKS.inc()
+            link = self._registry.links.get(ack["link_id"])
+        if link is None:
+            raise _Forged(f"an acknowledgement for link {ack['link_id']!r}, which is not registered")
+        try:
+            columns = self._key_columns(link)
+        except Refused as exc:
+            raise _Forged(f"an acknowledgement for link {link.link_id}: {exc}") from None
+        for field in ("keys", "deleted", "deprecate"):
+            for text in ack.get(field) or []:
+                try:
+                    keycodec.parse(text, columns)
+                except keycodec.BadKey as exc:
+                    raise _Forged(f"an acknowledgement with a bad {field} entry: {exc}") from None
+        return link

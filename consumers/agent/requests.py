@@ -16,12 +16,13 @@ helper rows moved and does nothing twice.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pymysql
 
 from consumers.agent import metrics
+from consumers.agent.errors import Refused
 from consumers.agent.helper_table import HelperTable
 from consumers.agent.outgoing import Outgoing
 from consumers.integrity import Acked, Action, decide_delete, decide_pull
@@ -40,10 +41,23 @@ def pull_or_delete(
     request_id: str,
     kind: str,
     key_texts: Sequence[str],
+    columns: Mapping[str, str],
 ) -> None:
-    """A pull (`kind` PULL) or a delete (DELETE): move each entity's helper row, reply, then have them processed."""
+    """A pull (`kind` PULL) or a delete (DELETE): move each entity's helper row, reply, then have them processed.
+
+    `columns` are the primary key's (name -> data type): a request naming anything but keys of the table, or
+    more than MAX_REQUEST_KEYS of them, is Refused whole, before anything is read or written.
+    """
     pk = list(link.primary_key)
-    key_texts = list(dict.fromkeys(keycodec.encode(keycodec.decode(k), pk) for k in key_texts))
+    if len(key_texts) > keycodec.MAX_REQUEST_KEYS:
+        raise Refused(
+            f"the request names {len(key_texts):,} entities, more than the {keycodec.MAX_REQUEST_KEYS:,} one "
+            "request may (the façade sends larger pulls and deletes in parts); nothing was done"
+        )
+    try:
+        key_texts = list(dict.fromkeys(keycodec.encode(keycodec.parse(k, columns), pk) for k in key_texts))
+    except keycodec.BadKey as exc:
+        raise Refused(f"{exc}, for {link.source_db}.{link.source_table}; nothing was done") from None
     table = HelperTable(db, link)
     helpers = table.rows(key_texts)
     decide = decide_pull if kind == "PULL" else decide_delete

@@ -24,6 +24,7 @@ from foundation.kafka import admin_client, produce, producer
 from foundation.topics import Admin, Topics
 from tests.conftest import ROOT, Site, wait_for
 from tests.integration.test_errors import one_error_line, run
+from tests.integration.test_metrics import free_port, get
 from tests.integration.test_mirror import source_sql, view
 from tests.integration.test_pull import declare_source
 
@@ -87,8 +88,9 @@ def test_a_pull_a_mirrored_update_a_flag_and_a_flagged_delete_over_sasl_ssl_with
     source_kafka, dest_kafka = kafka_of("source"), kafka_of("destination")
     assert source_kafka["DJLINK_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
     logs = {"source": tmp_path / "source.log", "destination": tmp_path / "destination.log"}
-    start(site, logs["source"], "capture", "agent", **source_kafka)
-    start(site, logs["destination"], "applier", **dest_kafka)
+    ports = {"source": free_port(), "destination": free_port()}
+    start(site, logs["source"], "capture", "agent", DJLINK_METRICS_PORT=str(ports["source"]), **source_kafka)
+    start(site, logs["destination"], "applier", DJLINK_METRICS_PORT=str(ports["destination"]), **dest_kafka)
     declare_source(site, 3)
     site.connect_facade()
     os.environ.update(dest_kafka)  # the notebook is at the destination site (open_site restores the environment)
@@ -113,18 +115,30 @@ def test_a_pull_a_mirrored_update_a_flag_and_a_flagged_delete_over_sasl_ssl_with
     assert view(site, "DEST", (2,)) == ([], [])
     assert view(site, "DEST", (1,)) == view(site, "SOURCE", (1,))
 
-    # Nothing leaks: no secret in what the roles logged at DEBUG, nor in what an operator's commands print.
+    # Nothing leaks: no secret in what the roles logged at DEBUG, served as metrics or gave up as dead letters,
+    # nor in what an operator's commands print. (A record the agent cannot read, to have a dead letter.)
+    def djlink(*args: str) -> tuple[int, str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "djlink", *args],
+            env=site.pipeline_env(**dest_kafka),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+        return done.returncode, done.stdout + done.stderr
+
+    dest_settings = Settings.from_env(site.pipeline_env(**dest_kafka))
+    assert refused(dest_settings, Topics(site.topic_prefix).commands) is None
+    code, dead = wait_for(lambda: (answer := djlink("dead-letters", "--json"))[0] == 4 and answer, 60, "a dead letter")
+    assert '"reason"' in dead
+    metrics = {f"{name} metrics": get(port, "/metrics")[1] for name, port in ports.items()}
+    assert all("djlink_" in text for text in metrics.values())
     site.stop()
-    status = subprocess.run(
-        [sys.executable, "-m", "djlink", "status", "--json"],
-        env=site.pipeline_env(**dest_kafka),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
-    assert status.returncode == 0, status.stderr
-    outputs = {name: path.read_text() for name, path in logs.items()} | {"status": status.stdout + status.stderr}
+    code, status = djlink("status", "--json")
+    assert code == 0, status
+    outputs = {name: path.read_text() for name, path in logs.items()} | metrics
+    outputs |= {"status": status, "dead letters": dead}
     assert "djlink: ready" not in outputs["source"]  # the log holds stderr only; READY went to stdout
     assert len(outputs["source"]) > 1000, "the roles logged at DEBUG"
     secrets = {

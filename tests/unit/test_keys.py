@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import uuid
 from decimal import Decimal
 from typing import Any
@@ -64,3 +65,35 @@ def test_a_refused_key_crosses_kafka_as_a_record_whatever_its_strings_hold() -> 
     decoded = codec.decode(codec.encode(schemas.FIXED["reply"], record))
     assert [KeyReason.from_avro(r) for r in decoded["refused"]] == [entry]
     assert str(entry) == f"{key}: deprecated at the source"
+
+
+def test_parse_takes_what_encode_writes_for_each_kind_of_key_column() -> None:
+    columns = {"id": "int", "at": "datetime", "raw": "binary", "price": "decimal", "ratio": "double"}
+    key = {"id": 7, "at": dt.datetime(2026, 1, 2, 3, 4, 5), "raw": b"\x00\xff", "price": Decimal("1.50"), "ratio": 0.5}
+    text = keys.encode(key)
+    assert keys.parse(text, columns) == keys.decode(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("not json", "is not JSON"),
+        ("[1]", "is not a JSON object"),
+        ('{"id":1,"other":2}', "does not name the primary key (id) and nothing else"),
+        ('{"id) OR 1=1 --":1}', "does not name the primary key"),
+        ('{"id":"1 OR 1=1"}', "wrong kind (id is int)"),
+        ('{"id":true}', "wrong kind"),
+        ('{"id":null}', "wrong kind"),
+        ('{"id":[1]}', "wrong kind"),
+    ],
+)
+def test_parse_refuses_what_is_not_a_key_of_the_table_and_says_why(text: str, why: str) -> None:
+    with pytest.raises(keys.BadKey, match=re.escape(why)):
+        keys.parse(text, {"id": "int"})
+
+
+def test_parse_refuses_a_binary_value_that_is_not_base64() -> None:
+    with pytest.raises(keys.BadKey, match="wrong kind"):
+        keys.parse('{"raw":{"$b64":"***"}}', {"raw": "binary"})
+    with pytest.raises(keys.BadKey, match="wrong kind"):
+        keys.parse('{"raw":"plain"}', {"raw": "varbinary"})

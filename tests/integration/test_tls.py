@@ -6,15 +6,21 @@ The local servers offer TLS with a certificate from a CA the launcher made (DJLI
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from devtools import services
 from foundation.tls import Tls, TlsError
 from tests.conftest import Site, admin
 from tests.integration.test_errors import one_error_line, run
+from tests.integration.test_metrics import free_port
 from tests.integration.test_pull import linked_recording
 
 
@@ -65,6 +71,37 @@ def test_a_server_certificate_that_does_not_verify_is_one_line(site: Site, tmp_p
     )  # fmt: skip
     line = one_error_line(run(site, "agent", DJLINK_SOURCE_TLS="verify", DJLINK_SOURCE_TLS_CA=str(other_ca)))
     assert line.startswith("error: the certificate of the server at ") and "DJLINK_SOURCE_TLS_CA" in line
+
+
+@pytest.fixture(scope="module")
+def plaintext_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A real MariaDB server that offers no TLS at all (`--skip-ssl`), on a free loopback port."""
+    sd = tmp_path_factory.mktemp("plain")
+    db = services._MariaDB("plain", "plain-text MariaDB", "DJLINK_PLAIN", server_id=9, binlog=False)
+    mariadbd, install_db = services._ensure_mariadb(sd, print)
+    (sd / db.name).mkdir()
+    services._init_datadir(install_db, sd, db)
+    port = free_port()
+    argv = [a for a in services._mariadb_argv(mariadbd, sd, db, port) if not a.startswith("--ssl")] + ["--skip-ssl"]
+    pid = services._spawn(argv, sd / db.name / "console.log", sd / db.name)
+    try:
+        deadline = time.monotonic() + 60
+        while services._mariadb_probe(port, "") == "down":
+            assert time.monotonic() < deadline, (sd / db.name / "error.log").read_text()[-2000:]
+            time.sleep(0.2)
+        yield port
+    finally:
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("role", ["agent", "capture"])
+def test_required_tls_against_a_server_without_tls_is_one_line(site: Site, plaintext_server: int, role: str) -> None:
+    host = f"127.0.0.1:{plaintext_server}"
+    proc = run(site, role, DJLINK_SOURCE_PORT=str(plaintext_server), DJLINK_SOURCE_TLS="required")
+    assert one_error_line(proc) == (
+        f"error: the server at {host} does not offer TLS but DJLINK_SOURCE_TLS=required: enable TLS on it "
+        "(ssl_cert, ssl_key) or set DJLINK_SOURCE_TLS=preferred"
+    )
 
 
 def test_tls_settings_that_cannot_work_are_refused_before_connecting() -> None:

@@ -191,3 +191,39 @@ def test_hostile_commands_are_refused_forged_acks_and_flags_change_nothing_and_t
     logs = "".join(proc.stderr.read() for proc in [*first, *site.processes] if proc.stderr)
     assert leaked == []
     assert "applier follows" in logs and marker not in logs
+
+
+def test_garbage_bytes_on_every_topic_read_across_sites_are_dead_lettered_once_and_a_pull_arrives(site: Site) -> None:
+    _, Recording = linked_recording(site, n=3)
+    assert (Recording().source & "recording_id = 1").pull().pulled == 1
+    settings = Settings.from_env(site.pipeline_env())
+    topics = Topics(site.topic_prefix)
+    codec = schemas.Codec()
+    # Read by the agent (commands, acks) and the applier (change and transaction topics). The façade reads the
+    # replies, and a reply to no request of its own is not its business; the flags are for other services.
+    read_by_a_role = [topics.commands, topics.acks, topics.transaction, topics.table(site.source_schema, "recording")]
+    p = producer(settings)
+    for topic in [*read_by_a_role, topics.replies, topics.flags]:
+        produce(p, topic, f"garbage-{topic}", os.urandom(48))
+    assert p.flush(30) == 0
+
+    def dead_letters() -> list[dict[str, Any]]:
+        return [codec.decode(m.value()) for m in read_to_end(settings, topics.dead_letter) if m.value()]
+
+    expected = len(read_by_a_role)
+    try:
+        found = wait_for(lambda: len(dead_letters()) >= expected and dead_letters(), 90, "the garbage dead-lettered")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; dead letters of {sorted(d['topic'] for d in dead_letters())}") from None
+    assert sorted(d["topic"] for d in found) == sorted(read_by_a_role)
+    assert all(d["key"] == f"garbage-{d['topic']}".encode() and d["reason"] for d in found)
+    assert (Recording().source & "recording_id = 2").pull().pulled == 1
+    assert all(proc.poll() is None for proc in site.processes)
+
+    site.stop()
+    site.processes.clear()
+    site.start("capture", "agent")
+    site.start("applier")
+    assert (Recording().source & "recording_id = 3").pull().pulled == 1
+    assert len(dead_letters()) == expected  # every offset moved past its garbage: nothing is met twice
+    assert len(Recording()) == 3 and len(Recording.Channel()) == 9

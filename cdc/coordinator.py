@@ -31,7 +31,7 @@ from foundation import grants
 from foundation.catalog import Catalog
 from foundation.config import Settings
 from foundation.dead_letters import DeadLetter
-from foundation.kafka import consumer, ok, producer, schema_registry, where
+from foundation.kafka import Transactional, consumer, ok, schema_registry, where
 from foundation.links import MALFORMED, LinkRegistry, LinkSpec
 from foundation.topics import Admin, SchemaTopic, Topics
 
@@ -136,12 +136,11 @@ class Capture:
         self._capture(registry.links)
 
         name = self.topics.capture_group
-        p = producer(s, transactional_id=name)
-        p.init_transactions(60)  # fences a crashed predecessor and aborts its open transaction
+        txn = Transactional(s, name, "capture")  # fences a crashed predecessor and aborts its open transaction
         offsets = OffsetContext(s, self.topics, name)
         registry_client = schema_registry(s)
         dispatcher = EventDispatcher(
-            p, self.topics, admin, self._shapes, SchemaTopic(s, self.topics), offsets, registry_client
+            txn, self.topics, admin, self._shapes, SchemaTopic(s, self.topics), offsets, registry_client
         )
         checkpoint = offsets.load()
         if checkpoint is None:
@@ -226,5 +225,5 @@ class Capture:
             binlog.stop()
             signals.close()
             registry.close()
-            p.flush(10)
+            txn.producer.flush(10)
             self._shapes.close()

@@ -16,14 +16,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaException, Producer, TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 
 import schemas
 from cdc.events import ChangeUnit, RowChange
 from cdc.offsets import Checkpoint, OffsetContext
 from cdc.table_shapes import TableShapes
 from foundation.dead_letters import DeadLetter
-from foundation.kafka import now_ms, produce
+from foundation.kafka import Transactional, now_ms, produce
 from foundation.topics import Admin, SchemaTopic, Topics
 from schemas import FIXED
 from schemas.registry import Registry
@@ -68,7 +68,7 @@ class _Compiled:
 class EventDispatcher:
     def __init__(
         self,
-        producer: Producer,
+        producer: Transactional,
         topics: Topics,
         admin: Admin,
         shapes: TableShapes,
@@ -76,7 +76,8 @@ class EventDispatcher:
         offsets: OffsetContext,
         registry: Registry | None = None,
     ) -> None:
-        self._p = producer
+        self._txn = producer  # a new producer after a lost broker connection, taken before each transaction
+        self._p = producer.producer
         self._offsets = offsets
         self._topics = topics
         self._admin = admin
@@ -127,6 +128,7 @@ class EventDispatcher:
         and the checkpoint still sits on a source transaction boundary.
         """
         self._admin.ensure({self._topics.table(c.db, c.table) for u in units for c in u.changes})
+        self._p = self._txn.ready()
         self._p.begin_transaction()
         try:
             self._schema_topic.publish_fixed(self._p)  # once per process: published schemas are remembered

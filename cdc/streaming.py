@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pymysql
 from pymysqlreplication import BinLogStreamReader
 from pymysqlreplication.event import HeartbeatLogEvent, MariadbGtidEvent, QueryEvent, RotateEvent, XidEvent
 from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
@@ -28,6 +29,7 @@ from cdc.placement import coordinate
 from cdc.rows import RowReader, decode_rows
 from cdc.table_shapes import shape_from_table_map
 from foundation.config import Database
+from foundation.dberrors import describe, is_transient
 from foundation.gtid import format_position, parse_position
 from schemas.tables import TableShape
 
@@ -37,6 +39,7 @@ MARKER_INTERVAL_S = 1.0
 # snapshot chunk read while the source is idle is placed in the stream (see cdc.placement).
 HEARTBEAT_S = 0.05
 READ_TIMEOUT_S = 30
+MIN_RECONNECT_PAUSE_S, MAX_RECONNECT_PAUSE_S = 0.5, 5.0  # between attempts to reach a source server gone away
 
 
 FL_STANDALONE = 1  # MariaDB GTID event flag: the group is one statement without BEGIN/COMMIT (DDL)
@@ -95,7 +98,7 @@ class BinlogSource(threading.Thread):
 
     def run(self) -> None:
         try:
-            self._read()
+            self._follow()
         except UnsupportedTransaction as exc:  # the user's to fix: the message says how, no traceback
             self._out.put(StreamFailed(exc))
         except BaseException as exc:  # reported to the coordinator
@@ -103,7 +106,41 @@ class BinlogSource(threading.Thread):
                 log.exception("binlog source failed")
                 self._out.put(StreamFailed(exc))
 
+    def _follow(self) -> None:
+        """Read the binlog until stopped; the source server going away (a restart, a failover) is waited for.
+
+        The library reconnects by itself after a lost socket, but not when the server is not there to take
+        the new connection, and it ends the stream when a server shutting down says so. Either way the
+        stream is opened again after the last transaction handed over, once the server answers: a
+        transaction cut off by the restart is read again whole (docs/faults.md).
+        """
+        pause = MIN_RECONNECT_PAUSE_S
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            try:
+                self._read()
+                if self._stopping.is_set():
+                    return
+                why = "the source server ended the binlog stream (shutting down?)"
+            except pymysql.err.MySQLError as exc:
+                if not is_transient(exc) or self._stopping.is_set():
+                    raise
+                why = f"the source server is unreachable: {describe(exc)}"
+            self._close_stream()
+            if time.monotonic() - started > MAX_RECONNECT_PAUSE_S:  # it had been reading: a new outage
+                pause = MIN_RECONNECT_PAUSE_S
+            log.warning("%s; reading the binlog again after %s in %.1f s", why, format_position(self._gtids), pause)
+            self._stopping.wait(pause)
+            pause = min(pause * 2, MAX_RECONNECT_PAUSE_S)
+
+    def _close_stream(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.close()
+
     def _read(self) -> None:
+        self._tables.clear()  # table ids are the server's: a new connection may be to a restarted one
         self._stream = stream = BinLogStreamReader(
             # The server sends a heartbeat every HEARTBEAT_S when idle: silence this long is a dead
             # connection (the library reconnects), not a quiet source. Without it, a half-open

@@ -71,6 +71,42 @@ AUTHORIZATION_ERRORS = frozenset(
 )
 
 
+# What a partition answers while its leader is not (yet) known: a topic created a moment ago, a broker
+# restarting or a leader moving. Not all are flagged retriable; each passes by waiting.
+UNSETTLED_ERRORS = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._UNKNOWN_PARTITION,
+        KafkaError._TIMED_OUT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._TRANSPORT,
+    }
+)
+
+
+def watermarks(c: Consumer, tp: TopicPartition, wait_s: float) -> tuple[int, int]:
+    """The partition's low and high watermarks, waiting up to `wait_s` for a partition whose leader is not
+    known yet (a topic created a moment ago, a broker restarting); the client's error after that."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            low, high = c.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=5)
+            return int(low), int(high)
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            unsettled = isinstance(error, KafkaError) and (error.code() in UNSETTLED_ERRORS or error.retriable())
+            if not unsettled or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def end_offset(c: Consumer, tp: TopicPartition, wait_s: float) -> int:
+    """The partition's end (high watermark), as `watermarks` waits for it."""
+    return watermarks(c, tp, wait_s)[1]
+
+
 def ok(msg: Message | None) -> TypeGuard[Message]:
     """True for a message that carries a record; False for None and consumer events (EOF, transient errors).
 
@@ -137,6 +173,39 @@ def producer(settings: Settings, transactional_id: str | None = None, **extra: A
         conf["transactional.id"] = transactional_id
     conf.update(extra)
     return _client(Producer, conf)
+
+
+class Transactional:
+    """A transactional producer, made anew before the next transaction once a broker connection was lost.
+
+    librdkafka (2.16) can keep a stale group coordinator after a broker restart, and then
+    `send_offsets_to_transaction` waits forever, whatever its timeout (librdkafka issues #5456 and #5511):
+    the role would stop without a word. A new producer looks its coordinators up afresh, and its
+    `init_transactions` fences the old one (docs/faults.md).
+    """
+
+    def __init__(self, settings: Settings, transactional_id: str, name: str) -> None:
+        self._settings, self._id, self._name = settings, transactional_id, name
+        self._lost = False
+        self.producer = self._make()
+
+    def _make(self) -> Producer:
+        p = producer(self._settings, transactional_id=self._id, error_cb=self._on_error)
+        p.init_transactions(60)  # fences a predecessor still running, aborts its open transaction
+        return p
+
+    def _on_error(self, error: KafkaError) -> None:
+        if error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
+            self._lost = True
+
+    def ready(self) -> Producer:
+        """The producer for the next transaction (call between transactions, when Kafka answers again)."""
+        self.producer.poll(0)  # serves the error callback
+        if self._lost:
+            self._lost = False
+            log.info("%s: the Kafka connection was lost and is back: a new transactional producer", self._name)
+            self.producer = self._make()
+        return self.producer
 
 
 def consumer(settings: Settings, group_id: str, **extra: Any) -> Consumer:

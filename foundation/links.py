@@ -16,7 +16,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 import schemas
 from foundation.config import Settings
-from foundation.kafka import Malformed, consumer
+from foundation.kafka import Malformed, consumer, watermarks
 from foundation.topics import Topics
 
 # What a record that is not a link can fail with: bytes that are no Avro of ours, or another event's record.
@@ -160,7 +160,7 @@ class LinkRegistry:
         """Read up to the topic's current end (when an event names a table not yet known)."""
         c = self._ensure()
         tp = TopicPartition(self.topics.links, 0)
-        low, high = c.get_watermark_offsets(tp, timeout=5)
+        low, high = watermarks(c, tp, timeout_s)
         changed = False
         if high <= low:
             return self.refresh(0)

@@ -12,7 +12,7 @@ from confluent_kafka import TopicPartition
 
 import schemas
 from foundation.config import Settings
-from foundation.kafka import consumer, now_ms, ok, produce, producer
+from foundation.kafka import consumer, end_offset, now_ms, ok, produce, producer
 from foundation.links import LinkSpec
 from foundation.topics import Admin, Topics
 
@@ -32,8 +32,8 @@ class Requests:
         rid = str(uuid.uuid4())
         c = consumer(self.settings, self.topics.facade_group(rid))
         try:
-            tp = TopicPartition(self.topics.replies, 0)
-            _, high = c.get_watermark_offsets(tp, timeout=10)
+            # Replies are read from the end as it is now; a broker restarting is waited for within the timeout.
+            high = end_offset(c, TopicPartition(self.topics.replies, 0), timeout_s)
             c.assign([TopicPartition(self.topics.replies, 0, high)])
             command = {"request_id": rid, "kind": kind, "link": link.to_avro(), "keys": keys, "ts_ms": now_ms()}
             produce(self._p, self.topics.commands, link.link_id, self._codec.encode(schemas.FIXED["command"], command))

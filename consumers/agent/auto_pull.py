@@ -14,28 +14,18 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import TopicPartition
 
 import schemas
 from foundation import keys as keycodec
 from foundation.config import Settings
-from foundation.kafka import consumer, ok, schema_registry, where
+from foundation.kafka import consumer, end_offset, ok, schema_registry, where
 from foundation.links import LinkRegistry
 from foundation.topics import SchemaTopic, Topics
 from schemas.tables import EnvelopeReader
 
 log = logging.getLogger(__name__)
 FOLLOW_WAIT_S = 10.0  # how long the agent waits for a change topic created a moment ago to be usable
-# What a topic created a moment ago answers until its leader is elected and known (not all flagged retriable).
-NEW_TOPIC_ERRORS = frozenset(
-    {
-        KafkaError.NOT_LEADER_FOR_PARTITION,
-        KafkaError.LEADER_NOT_AVAILABLE,
-        KafkaError.UNKNOWN_TOPIC_OR_PART,
-        KafkaError._UNKNOWN_PARTITION,
-        KafkaError._TIMED_OUT,
-    }
-)
 
 
 def approves(policy: dict[str, Any], row: dict[str, Any]) -> bool:
@@ -98,22 +88,9 @@ class AutoPull:
                 if done.offset >= 0:
                     tp.offset = done.offset
                 else:
-                    tp.offset = self._end(tp)
+                    tp.offset = end_offset(self._c, tp, FOLLOW_WAIT_S)
             self._c.incremental_assign(new)
         self._following = {t: link_id for t, link_id in wanted.items() if t not in self.missing}
-
-    def _end(self, tp: TopicPartition) -> int:
-        """The partition's end, waiting out a topic created a moment ago (its leader not elected yet)."""
-        deadline = time.monotonic() + FOLLOW_WAIT_S
-        while True:
-            try:
-                return int(self._c.get_watermark_offsets(tp, timeout=5)[1])
-            except KafkaException as exc:
-                error = exc.args[0]
-                settling = error.code() in NEW_TOPIC_ERRORS or error.retriable()
-                if not settling or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
 
     def _partitions(self, topic: str) -> list[int]:
         """The topic's partitions; a topic just created may take a moment to be reported."""

@@ -33,7 +33,7 @@ from foundation.catalog import Catalog, UnknownTable
 from foundation.config import Settings
 from foundation.dberrors import describe, is_transient
 from foundation.dead_letters import DeadLetter
-from foundation.kafka import consumer, ok, producer, where
+from foundation.kafka import Transactional, consumer, ok, where
 from foundation.links import LinkRegistry, LinkSpec
 from foundation.sql import chunks
 from foundation.topics import Admin, SchemaTopic, Topics
@@ -83,8 +83,8 @@ class SourceAgent:
         # Transactional: what a message makes the agent say (replies, snapshot signals, links) commits
         # with the message's offset, so a crash at any point neither loses it nor says it twice. The
         # helper table is written first; handling a message again finds it moved and does nothing twice.
-        self._p = producer(s, transactional_id=topics.agent_group)
-        self._p.init_transactions(60)  # fences a predecessor still running, aborts its open transaction
+        self._txn = Transactional(s, topics.agent_group, "agent")
+        self._p = self._txn.producer
         with transaction(self._p):
             SchemaTopic(s, topics).publish_fixed(self._p)
         self._out = Outgoing(self._p, self._codec, topics)
@@ -104,6 +104,7 @@ class SourceAgent:
                 msg = c.poll(0.1)
                 if not ok(msg):
                     continue
+                self._renew_after_outage()
                 with transaction(self._p):
                     if msg.value() is not None:
                         self._handle(msg)
@@ -117,6 +118,13 @@ class SourceAgent:
             self._registry.close()
             self._db.close()
 
+    def _renew_after_outage(self) -> None:
+        """The producer for the next transaction: a new one after a lost broker connection (Transactional)."""
+        p = self._txn.ready()
+        if p is not self._p:
+            self._p = p
+            self._out.use(p)
+
     def _answer_registrations(self) -> None:
         """Reply ACCEPTED to the registrations whose signal the capture has read (or after CAPTURE_WAIT_S without).
 
@@ -125,6 +133,7 @@ class SourceAgent:
         confirmed = self._registrar.confirmed()
         if not confirmed:
             return
+        self._renew_after_outage()
         with transaction(self._p):
             for done in confirmed:
                 note = (
@@ -142,6 +151,7 @@ class SourceAgent:
         approved = self._auto.take()
         if approved is None:
             return
+        self._renew_after_outage()
         with transaction(self._p):
             self._db.ping(reconnect=True)
             for link_id, keys in approved.keys.items():

@@ -25,6 +25,10 @@ class Outgoing:
         self._codec = codec
         self._topics = topics
 
+    def use(self, p: Producer) -> None:
+        """Produce with `p` from now on (the agent renewed its transactional producer)."""
+        self._p = p
+
     def reply(self, request_id: str, status: str, **fields: Any) -> None:
         """An answer to a command on the replies topic (ACCEPTED, REFUSED, PROGRESS), keyed by its request id."""
         record = {"request_id": request_id, "status": status, "ts_ms": now_ms(), **fields}

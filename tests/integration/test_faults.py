@@ -26,23 +26,24 @@ from tests.integration.test_pull import rows
 class MirrorLoad(threading.Thread):
     """Updates master and part rows of random entities, shared or not, in small transactions (bounded)."""
 
-    def __init__(self, site: Site, n: int, limit: int = 4000) -> None:
+    def __init__(self, site: Site, n: int, limit: int = 4000, seed: int = 11) -> None:
         super().__init__(daemon=True)
-        self.site, self.n, self.limit = site, n, limit
+        self.site, self.n, self.limit, self.seed = site, n, limit, seed
         self.stop = threading.Event()
         self.transactions = 0
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            rng = random.Random(11)
+            rng = random.Random(self.seed)
             conn = admin(self.site.env, "SOURCE")
             s = self.site.source_schema
             with conn.cursor() as cur:
                 while not self.stop.is_set() and self.transactions < self.limit:
                     i = rng.randint(1, self.n)
                     cur.execute(
-                        f"UPDATE `{s}`.recording SET subject=%s WHERE recording_id=%s", (f"w{self.transactions}", i)
+                        f"UPDATE `{s}`.recording SET subject=%s WHERE recording_id=%s",
+                        (f"w{self.seed}.{self.transactions}", i),
                     )
                     cur.execute(
                         f"UPDATE `{s}`.recording__channel SET gain=%s WHERE recording_id=%s AND channel=%s",

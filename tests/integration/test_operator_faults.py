@@ -1,0 +1,134 @@
+"""Faults operators meet every month, over the real services: each ends with `djlink verify` equal (docs/faults.md).
+
+Each service is stopped (SIGTERM, as an upgrade or a host reboot does) and started again on its data: the
+Kafka broker while the source keeps writing and a pull is asked, the source server between two write loads,
+the destination server in the middle of a pull's apply. No role is restarted, the pull arrives whole, the
+mirrored updates arrive, and the destination equals the source entity for entity.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+from devtools import services
+from foundation.config import Settings
+from foundation.kafka import read_to_end
+from foundation.links import LinkSpec
+from foundation.topics import Topics
+from link import link
+from link.requests import Requests
+from tests.conftest import Site, admin, scalar, wait_for
+from tests.integration.test_applier import ask, declare_recordings
+from tests.integration.test_faults import MirrorLoad
+from tests.integration.test_verify import verify
+
+
+def stop(name: str) -> None:
+    """Stop one of the development services as an upgrade or a host reboot does (SIGTERM, then wait)."""
+    sd = services.state_dir()
+    pid = services._running(sd)[name]
+    services._stop({name: (pid, services._markers(sd)[name])})
+
+
+def start_again() -> None:
+    """Start what is stopped, on its data, ports and settings as before."""
+    state = json.loads((services.state_dir() / "state.json").read_text())
+    services.up(quiet=True, secure=bool(state.get("kafka_secure")))
+
+
+def equal_and_clean(site: Site) -> None:
+    """`djlink verify` equal (within a bound, the last changes still on their way) and no dead letter."""
+
+    def equal() -> Any:
+        code, report, _ = verify(site)
+        return code == 0 and report
+
+    report = wait_for(equal, 120, "djlink verify equal", interval=1)
+    assert report, report
+    assert read_to_end(Settings.from_env(site.pipeline_env()), Topics(site.topic_prefix).dead_letter) == []
+
+
+def shared_link(site: Site, state_db: str, n: int, pulled: int) -> Any:
+    """Roles started, `n` recordings declared, the first `pulled` of them pulled; the façade's table."""
+    site.start("capture", "agent")
+    site.start("applier", DJLINK_APPLIER_STATE_DB=state_db)
+    declare_recordings(site, n)
+    site.connect_facade()
+
+    @link(site.source_host, site.source_schema, site.helper_schema, "outbound", site.dest_schema)
+    class Recording:
+        pass
+
+    spec = LinkSpec.new(site.source_schema, "recording", site.helper_schema, "outbound", site.dest_schema)
+    ask(Requests(Settings.from_env(site.pipeline_env())), "PULL", spec, list(range(1, pulled + 1)))
+    wait_for(lambda: len(Recording()) == pulled, 90, "the first pull")
+    return Recording
+
+
+def test_a_broker_stopped_and_started_again_under_load_and_a_pull_loses_nothing(site: Site, state_db: str) -> None:
+    n = 60
+    Recording = shared_link(site, state_db, n, 30)
+    load = MirrorLoad(site, n, limit=3000)
+    load.start()
+    pull: dict[str, Any] = {}
+    try:
+        wait_for(lambda: load.transactions >= 20, 30, "the load under way")
+        stop(services.KAFKA)
+        down_at, during = time.monotonic(), load.transactions
+        # Asked while the broker is away: the façade waits for it within the pull's timeout.
+        asking = threading.Thread(target=lambda: pull.update(summary=(Recording().source & "recording_id > 30")
+                                                              .pull(timeout=90)))  # fmt: skip
+        asking.start()
+        wait_for(lambda: load.transactions >= during + 100, 60, "source writes while the broker is down")
+        start_again()
+        print(f"\nbroker away {time.monotonic() - down_at:.1f} s, {load.transactions - during} source transactions")
+        asking.join(120)
+    finally:
+        load.stop.set()
+        load.join(30)
+    assert load.error is None
+    assert pull["summary"].pulled == n - 30, pull
+    assert all(proc.poll() is None for proc in site.processes), "no role stops when the broker goes away"
+    equal_and_clean(site)
+    assert len(Recording()) == n and len(Recording.Channel()) == 2 * n
+
+
+def test_the_source_server_restarted_during_capture_loses_nothing(site: Site, state_db: str) -> None:
+    n = 60
+    Recording = shared_link(site, state_db, n, 30)
+    before = MirrorLoad(site, n, limit=300, seed=1)
+    before.run()  # in this thread: every write committed before the server goes
+    assert before.error is None
+    stop(services.SOURCE.name)
+    down_at = time.monotonic()
+    start_again()
+    print(f"\nsource server away {time.monotonic() - down_at:.1f} s")
+    after = MirrorLoad(site, n, limit=300, seed=2)
+    after.run()
+    assert after.error is None
+    summary = (Recording().source & "recording_id > 30").pull(timeout=90)
+    assert summary.pulled == n - 30, summary
+    assert all(proc.poll() is None for proc in site.processes), "no role stops when the source server restarts"
+    equal_and_clean(site)
+
+
+def test_the_destination_server_restarted_during_apply_loses_nothing(site: Site, state_db: str) -> None:
+    n = 400
+    Recording = shared_link(site, state_db, n, 10)
+    dest = admin(site.env, "DEST")
+    pull: dict[str, Any] = {}
+    asking = threading.Thread(target=lambda: pull.update(summary=(Recording().source & "recording_id > 10")
+                                                          .pull(timeout=180)))  # fmt: skip
+    asking.start()
+    here = f"SELECT COUNT(*) FROM `{site.dest_schema}`.recording"
+    wait_for(lambda: scalar(dest, here) >= 40, 60, "the pull under way at the destination")
+    dest.close()
+    stop(services.DEST.name)
+    start_again()
+    asking.join(240)
+    assert pull["summary"].pulled == n - 10, pull
+    assert all(proc.poll() is None for proc in site.processes), "no role stops when the destination restarts"
+    equal_and_clean(site)

@@ -50,6 +50,14 @@ class UnsupportedTransaction(Exception):
     """The binlog holds a transaction the capture cannot publish faithfully; the message says which and why."""
 
 
+class BinlogUnavailable(Exception):
+    """The source server no longer has the binlog from the capture's position (purged): the message says how to
+    recover (`djlink resnapshot`, docs/faults.md)."""
+
+
+BINLOG_GONE = 1236  # ER_MASTER_FATAL_ERROR_READING_BINLOG: the position asked for is not in the server's binlog
+
+
 class StreamFailed:
     """Put on the queue when the binlog thread dies, so the coordinator stops loudly."""
 
@@ -99,7 +107,7 @@ class BinlogSource(threading.Thread):
     def run(self) -> None:
         try:
             self._follow()
-        except UnsupportedTransaction as exc:  # the user's to fix: the message says how, no traceback
+        except (UnsupportedTransaction, BinlogUnavailable) as exc:  # the user's to fix: the message says how
             self._out.put(StreamFailed(exc))
         except BaseException as exc:  # reported to the coordinator
             if not self._stopping.is_set():
@@ -123,6 +131,14 @@ class BinlogSource(threading.Thread):
                     return
                 why = "the source server ended the binlog stream (shutting down?)"
             except pymysql.err.MySQLError as exc:
+                if exc.args and exc.args[0] == BINLOG_GONE:
+                    raise BinlogUnavailable(
+                        f"the source server's binlog no longer holds the capture's position "
+                        f"{format_position(self._gtids)!r} (purged before the capture read it: {describe(exc)}); "
+                        "the changes made since are lost to the capture. Recover: stop every capture of this "
+                        "prefix, run `djlink resnapshot` at the source site, start the capture again, then run "
+                        "`djlink verify` (docs/faults.md)"
+                    ) from None
                 if not is_transient(exc) or self._stopping.is_set():
                     raise
                 why = f"the source server is unreachable: {describe(exc)}"

@@ -5,6 +5,7 @@ djlink run --role applier                  # destination site
 djlink status                              # where the capture has committed up to
 djlink verify [LINK] [--json]              # the destination equals what the source shares, byte for byte
 djlink dead-letters [--json]               # what the applier gave up, why, and what to do
+djlink resnapshot [LINK]                   # after a purged binlog: capture from now, every shared entity read again
 djlink grants --role R --user U            # the MariaDB grants a role needs, as GRANT statements
 djlink acls --site S --principal User:P    # the Kafka ACLs a site needs (--apply creates them)
 djlink services up|down|status|env         # local MariaDB x2 + Kafka for development
@@ -35,7 +36,7 @@ app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 def expected_error(exc: BaseException) -> str | None:
     """A one-line message for failures a user can cause and fix; None for bugs."""
     from cdc.preconditions import PreconditionError
-    from cdc.streaming import UnsupportedTransaction
+    from cdc.streaming import BinlogUnavailable, UnsupportedTransaction
     from devtools.services import ServiceError
     from djlink.verify.command import UnknownLink
     from foundation.catalog import UnknownTable
@@ -46,7 +47,7 @@ def expected_error(exc: BaseException) -> str | None:
 
     expected = (
         PreconditionError, ConfigError, ServiceError, KafkaUnavailable, UnsupportedTransaction, TlsError,
-        MissingGrant, UnknownLink, UnknownTable, StoreError,
+        MissingGrant, UnknownLink, UnknownTable, StoreError, BinlogUnavailable,
     )  # fmt: skip
     if isinstance(exc, expected):
         return str(exc)
@@ -186,6 +187,27 @@ def verify(
         for line in report.lines(results, settings.topic_prefix):
             print(line)
     raise typer.Exit(report.exit_code(results))
+
+
+@app.command()
+def resnapshot(
+    link: list[str] = typer.Argument(None, help="link ids (helper_db.helper_table); none: every link"),
+) -> None:
+    """Recover a capture whose binlog position the source server purged (the capture says so and stops): the
+    capture resumes at the source's current position, and every entity the links share is read again when it
+    starts, so the destination catches up with what the lost binlog held. Run it at the source site with the
+    capture stopped, start the capture, then run `djlink verify` (docs/faults.md)."""
+    from cdc.resnapshot import resnapshot as start_over
+    from djlink.verify import command
+
+    with user_errors():
+        settings = Settings.from_env()
+        done = start_over(settings, command.links(settings, link or []))
+    entities = sum(done.entities.values())
+    print(
+        f"the capture will resume at GTID position {done.gtid_position!r} and read again {entities} entities "
+        f"of {len(done.entities)} link(s) ({done.request_id}); start it, then run `djlink verify`"
+    )
 
 
 @app.command("dead-letters")

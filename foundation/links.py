@@ -16,7 +16,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 import schemas
 from foundation.config import Settings
-from foundation.kafka import Malformed, consumer, watermarks
+from foundation.kafka import Malformed, consumer, now_ms, watermarks
 from foundation.topics import Topics
 
 # What a record that is not a link can fail with: bytes that are no Avro of ours, or another event's record.
@@ -117,6 +117,20 @@ class LinkSpec:
     def captured_tables(self) -> list[tuple[str, str]]:
         """Everything the capture publishes for this link: data tables, their external tables, the helper table."""
         return [*self.data_tables(), *self.external_tables(), (self.helper_db, self.helper_table)]
+
+
+def snapshot_signal(link: LinkSpec, keys: list[str], request_id: str, signal_id: str | None = None) -> dict[str, Any]:
+    """A snapshot signal record (schemas.FIXED["signal"]): the capture reads these entities of `link` (none: just
+    learn the link). Sent by the source agent for a request, and by `djlink resnapshot`; `signal_id` defaults to the
+    request id (one signal per request)."""
+    return {
+        "signal_id": signal_id or request_id,
+        "kind": "SNAPSHOT_KEYS",
+        "request_id": request_id,
+        "link": link.to_avro(),
+        "keys": keys,
+        "ts_ms": now_ms(),
+    }
 
 
 @dataclass

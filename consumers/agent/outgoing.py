@@ -15,7 +15,7 @@ from confluent_kafka import Producer
 import schemas
 from foundation.dead_letters import DeadLetter
 from foundation.kafka import DeliveryCallback, now_ms, produce
-from foundation.links import LinkSpec
+from foundation.links import LinkSpec, snapshot_signal
 from foundation.topics import Topics
 
 
@@ -42,19 +42,8 @@ class Outgoing:
         signal_id: str | None = None,
         on_delivery: DeliveryCallback | None = None,
     ) -> None:
-        """A snapshot signal to the capture: read these entities of `link` (none: just learn the link).
-
-        `signal_id` defaults to the request id (one signal per request).
-        """
-        signal = {
-            "signal_id": signal_id or request_id,
-            "kind": "SNAPSHOT_KEYS",
-            "request_id": request_id,
-            "link": link.to_avro(),
-            "keys": keys,
-            "ts_ms": now_ms(),
-        }
-        value = self._codec.encode(schemas.FIXED["signal"], signal)
+        """A snapshot signal to the capture: read these entities of `link` (none: just learn the link)."""
+        value = self._codec.encode(schemas.FIXED["signal"], snapshot_signal(link, keys, request_id, signal_id))
         produce(self._p, self._topics.signals, link.link_id, value, on_delivery)
 
     def link(self, link: LinkSpec) -> None:

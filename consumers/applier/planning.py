@@ -355,11 +355,18 @@ class UnitPlanner:
         self._outcomes_of = (asked, outcomes)
         return dict(outcomes)
 
+    def _writes_rows(self, key: EntityKey, outcome: Outcome) -> bool:
+        """Whether the entity's rows as read are written: applied, or kept and here (Tainted), which is mirrored
+        like a Shared one, so a read of it (`djlink resnapshot`) brings it up to date too."""
+        if outcome is Outcome.APPLY:
+            return True
+        return outcome is Outcome.KEEP and (needs_presence(self._helpers.get(key)) or self._state(key).at_destination)
+
     def _applied_rows(
         self, link: LinkSpec, outcomes: Mapping[EntityKey, tuple[Outcome, str]]
     ) -> list[tuple[Change, EntityKey]]:
-        """The data rows (master and parts) of the entities to apply, in order."""
-        applying = frozenset(k for k, (o, _) in outcomes.items() if o is Outcome.APPLY)
+        """The data rows (master and parts) of the entities to write, in order."""
+        applying = frozenset(k for k, (o, _) in outcomes.items() if self._writes_rows(k, o))
         if self._applied is not None and self._applied[0] == applying:
             return self._applied[1]
         pk = list(link.primary_key)
@@ -368,7 +375,7 @@ class UnitPlanner:
             if self._routes.data_of.get(change.event.collection) is None or change.after is None:
                 continue
             key = EntityKey(link.link_id, keycodec.encode(change.after, pk))
-            if outcomes.get(key, (Outcome.SKIP, ""))[0] is Outcome.APPLY:
+            if key in applying:
                 rows.append((change, key))
         self._applied = (applying, rows)
         return rows
@@ -378,8 +385,21 @@ class UnitPlanner:
         outcomes = self._outcomes(link, present)
         plan.entities = list(outcomes)
         failed = {**self._excluded, **staged.failed}
+        rows = self._applied_rows(link, outcomes)
+        # An entity already here is replaced whole: its part rows go first, so that one the source deleted
+        # while the destination did not hear of it (a binlog purged before it was read) does not stay.
+        here = [
+            k
+            for k in dict.fromkeys(k for _c, k in rows)
+            if k not in failed and (outcomes[k][0] is Outcome.KEEP or self._state(k).at_destination)
+        ]
+        for _db, table in link.data_tables()[:0:-1]:
+            for key in here:
+                plan.write(
+                    WriteKind.DELETE, Target(link.destination_db, destination_name(table)), keycodec.decode(key.key)
+                )
         written = 0
-        for change, key in self._applied_rows(link, outcomes):
+        for change, key in rows:
             if key in failed:
                 continue
             written += 1

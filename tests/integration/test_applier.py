@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import datajoint as dj
@@ -55,6 +56,28 @@ def declare_recordings(site: Site, n: int) -> Any:
     return Recording
 
 
+@dataclass(frozen=True)
+class Linked:
+    """Recordings linked through the façade: its table class, the link, and a requester of pulls and deletes."""
+
+    Recording: Any
+    spec: LinkSpec
+    requests: Requests
+
+
+def linked_recordings(site: Site, n: int) -> Linked:
+    """`n` recordings declared at the source (the roles are the caller's to start) and linked through the façade."""
+    declare_recordings(site, n)
+    site.connect_facade()
+
+    @link(site.source_host, site.source_schema, site.helper_schema, "outbound", site.dest_schema)
+    class Recording:
+        pass
+
+    spec = LinkSpec.new(site.source_schema, "recording", site.helper_schema, "outbound", site.dest_schema)
+    return Linked(Recording, spec, Requests(Settings.from_env(site.pipeline_env())))
+
+
 def ask(requests: Requests, kind: str, spec: LinkSpec, ids: list[int], timeout: float = 90) -> dict[str, Any]:
     """Send a pull or delete and return the agent's acceptance (its entities are then in flight)."""
     replies = requests.ask(kind, spec, [keycodec.encode({"recording_id": i}) for i in ids], timeout)
@@ -93,15 +116,8 @@ def test_applier_killed_at_random_moments_applies_every_unit_exactly_once(site: 
     one_unit_per_transaction = {"DJLINK_APPLIER_STATE_DB": state_db, "DJLINK_APPLIER_BATCH_UNITS": "1"}
     site.start("capture", "agent", DJLINK_SNAPSHOT_CHUNK_SIZE="3")  # 100 units: many moments to be killed in
     applier = site.start("applier", **one_unit_per_transaction)
-    declare_recordings(site, n)
-    site.connect_facade()
-
-    @link(site.source_host, site.source_schema, site.helper_schema, "outbound", site.dest_schema)
-    class Recording:
-        pass
-
-    spec = LinkSpec.new(site.source_schema, "recording", site.helper_schema, "outbound", site.dest_schema)
-    requests = Requests(Settings.from_env(site.pipeline_env()))
+    linked = linked_recordings(site, n)
+    spec, requests = linked.spec, linked.requests
     dest = admin(site.env, "DEST")
     count = f"SELECT COUNT(*) FROM `{site.dest_schema}`.`recording`"
     seed = random.randrange(1 << 30)

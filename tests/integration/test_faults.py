@@ -14,12 +14,9 @@ import schemas
 from foundation import keys as keycodec
 from foundation.config import Settings
 from foundation.kafka import read_to_end
-from foundation.links import LinkSpec
 from foundation.topics import Topics
-from link import link
-from link.requests import Requests
 from tests.conftest import Site, admin, scalar, wait_for
-from tests.integration.test_applier import ask, declare_recordings
+from tests.integration.test_applier import ask, linked_recordings
 from tests.integration.test_pull import rows
 
 
@@ -63,15 +60,8 @@ def test_agent_and_applier_killed_at_random_moments_under_load_leave_every_entit
     site.start("capture", DJLINK_SNAPSHOT_CHUNK_SIZE="2")  # many units: many moments to be killed in
     agent = site.start("agent")
     applier = site.start("applier", DJLINK_APPLIER_STATE_DB=state_db)
-    declare_recordings(site, n)
-    site.connect_facade()
-
-    @link(site.source_host, site.source_schema, site.helper_schema, "outbound", site.dest_schema)
-    class Recording:
-        pass
-
-    spec = LinkSpec.new(site.source_schema, "recording", site.helper_schema, "outbound", site.dest_schema)
-    requests = Requests(Settings.from_env(site.pipeline_env()))
+    linked = linked_recordings(site, n)
+    spec, requests = linked.spec, linked.requests
     src, dest = admin(site.env, "SOURCE"), admin(site.env, "DEST")
     h = f"`{site.helper_schema}`.outbound"
     here = f"SELECT COUNT(*) FROM `{site.dest_schema}`.recording"

@@ -9,6 +9,8 @@ mirrored updates arrive, and the destination equals the source entity for entity
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -16,12 +18,9 @@ from typing import Any
 from devtools import services
 from foundation.config import Settings
 from foundation.kafka import read_to_end
-from foundation.links import LinkSpec
 from foundation.topics import Topics
-from link import link
-from link.requests import Requests
-from tests.conftest import Site, admin, scalar, wait_for
-from tests.integration.test_applier import ask, declare_recordings
+from tests.conftest import ROOT, Site, admin, scalar, wait_for
+from tests.integration.test_applier import Linked, ask, linked_recordings
 from tests.integration.test_faults import MirrorLoad
 from tests.integration.test_verify import verify
 
@@ -51,26 +50,21 @@ def equal_and_clean(site: Site) -> None:
     assert read_to_end(Settings.from_env(site.pipeline_env()), Topics(site.topic_prefix).dead_letter) == []
 
 
-def shared_link(site: Site, state_db: str, n: int, pulled: int) -> Any:
-    """Roles started, `n` recordings declared, the first `pulled` of them pulled; the façade's table."""
-    site.start("capture", "agent")
+def shared_link(site: Site, state_db: str, n: int, pulled: int) -> tuple[Linked, subprocess.Popen[str]]:
+    """Roles started (the capture in a process of its own), `n` recordings linked, the first `pulled` pulled;
+    the link and the capture's process."""
+    capture = site.start("capture")
+    site.start("agent")
     site.start("applier", DJLINK_APPLIER_STATE_DB=state_db)
-    declare_recordings(site, n)
-    site.connect_facade()
-
-    @link(site.source_host, site.source_schema, site.helper_schema, "outbound", site.dest_schema)
-    class Recording:
-        pass
-
-    spec = LinkSpec.new(site.source_schema, "recording", site.helper_schema, "outbound", site.dest_schema)
-    ask(Requests(Settings.from_env(site.pipeline_env())), "PULL", spec, list(range(1, pulled + 1)))
-    wait_for(lambda: len(Recording()) == pulled, 90, "the first pull")
-    return Recording
+    linked = linked_recordings(site, n)
+    ask(linked.requests, "PULL", linked.spec, list(range(1, pulled + 1)))
+    wait_for(lambda: len(linked.Recording()) == pulled, 90, "the first pull")
+    return linked, capture
 
 
 def test_a_broker_stopped_and_started_again_under_load_and_a_pull_loses_nothing(site: Site, state_db: str) -> None:
     n = 60
-    Recording = shared_link(site, state_db, n, 30)
+    Recording = shared_link(site, state_db, n, 30)[0].Recording
     load = MirrorLoad(site, n, limit=3000)
     load.start()
     pull: dict[str, Any] = {}
@@ -98,7 +92,7 @@ def test_a_broker_stopped_and_started_again_under_load_and_a_pull_loses_nothing(
 
 def test_the_source_server_restarted_during_capture_loses_nothing(site: Site, state_db: str) -> None:
     n = 60
-    Recording = shared_link(site, state_db, n, 30)
+    Recording = shared_link(site, state_db, n, 30)[0].Recording
     before = MirrorLoad(site, n, limit=300, seed=1)
     before.run()  # in this thread: every write committed before the server goes
     assert before.error is None
@@ -117,7 +111,7 @@ def test_the_source_server_restarted_during_capture_loses_nothing(site: Site, st
 
 def test_the_destination_server_restarted_during_apply_loses_nothing(site: Site, state_db: str) -> None:
     n = 400
-    Recording = shared_link(site, state_db, n, 10)
+    Recording = shared_link(site, state_db, n, 10)[0].Recording
     dest = admin(site.env, "DEST")
     pull: dict[str, Any] = {}
     asking = threading.Thread(target=lambda: pull.update(summary=(Recording().source & "recording_id > 10")
@@ -132,3 +126,62 @@ def test_the_destination_server_restarted_during_apply_loses_nothing(site: Site,
     assert pull["summary"].pulled == n - 10, pull
     assert all(proc.poll() is None for proc in site.processes), "no role stops when the destination restarts"
     equal_and_clean(site)
+
+
+def djlink(site: Site, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """A `djlink` command as the source site's operator runs it."""
+    argv = [sys.executable, "-m", "djlink", *args]
+    return subprocess.run(argv, env=site.pipeline_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_binlog_purged_past_the_checkpoint_stops_the_capture_in_one_line_and_a_resnapshot_recovers(
+    site: Site, state_db: str
+) -> None:
+    n = 40
+    linked, capture = shared_link(site, state_db, n, 30)
+    capture.terminate()
+    capture.wait(30)
+    src = admin(site.env, "SOURCE")
+    s, h = site.source_schema, f"`{site.helper_schema}`.outbound"
+    with src.cursor() as cur:  # what the capture will never read: the binlog that holds it goes
+        cur.execute(f"UPDATE `{s}`.recording SET subject='while away' WHERE recording_id <= 10")
+        cur.execute(f"DELETE FROM `{s}`.recording__channel WHERE recording_id BETWEEN 11 AND 15 AND channel=1")
+        cur.executemany(f"INSERT INTO `{s}`.recording__channel VALUES (%s, 7, 0.5)", [(i,) for i in range(16, 21)])
+        cur.execute(f"UPDATE {h} SET is_flagged='TRUE' WHERE recording_id=21")
+        src.commit()
+        cur.execute("FLUSH BINARY LOGS")
+        cur.execute("SHOW MASTER STATUS")
+        current = cur.fetchone()[0]
+
+        def purged() -> bool:
+            # The server keeps a file until its binlog checkpoint is written (and while a dump thread reads it).
+            cur.execute(f"PURGE BINARY LOGS TO '{current}'")
+            cur.execute("SHOW BINARY LOGS")
+            return bool(cur.fetchall()[0][0] == current)
+
+        wait_for(purged, 60, f"the source's binlog purged up to {current}", interval=0.2)
+    src.close()
+
+    # The capture says what happened and how to recover, in one line, and stops.
+    env = site.pipeline_env()
+    failed = subprocess.run(
+        [sys.executable, "-m", "djlink", "run", "--role", "capture"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
+    assert len(errors) == 1 and "purged" in errors[0] and "djlink resnapshot" in errors[0], failed.stderr
+    print(f"\n{errors[0]}")
+
+    done = djlink(site, "resnapshot")
+    assert done.returncode == 0, done.stderr
+    assert "read again 30 entities of 1 link(s)" in done.stdout, done.stdout
+    started = time.monotonic()
+    site.start("capture")
+    equal_and_clean(site)
+    print(f"\nresnapshot of 30 entities: verify equal {time.monotonic() - started:.1f} s after the capture started")
+    Recording = linked.Recording
+    assert len(Recording() & "subject='while away'") == 10
+    assert len(Recording.Channel() & "recording_id BETWEEN 11 AND 15") == 5
+    assert len(Recording.Channel() & "channel=7") == 5
+    wait_for(lambda: len(Recording().source.flagged) == 1, 60, "the flag set while the binlog was lost")

@@ -164,7 +164,13 @@ def test_a_flagged_pull_keeps_an_entity_that_is_here_and_deprecates_one_that_is_
     planner = UnitPlanner(unit.prepared(), ROUTES, Known({}))
     assert planner.presence_needed() == [entity(1), entity(2)]
     plan = planner.plan({entity(1).key}, Staged())
-    assert plan is not None and not plan.writes  # nothing written for either
+    assert plan is not None
+    # The one here is brought up to date, as mirroring keeps it (parts first replaced); nothing of the other.
+    assert [(w.kind, w.target.table, w.rows) for w in plan.writes] == [
+        (WriteKind.DELETE, "rec__chan", [{"id": 1}]),
+        (WriteKind.UPSERT, "rec", [{"id": 1, "v": 1, "blob": None}]),
+        (WriteKind.UPSERT, "rec__chan", [{"id": 1, "ch": 0, "x": 1}]),
+    ]
     assert plan.ack is not None and plan.ack["keys"] == [entity(1).key] and plan.ack["deprecate"] == [entity(2).key]
 
 
@@ -177,6 +183,30 @@ def test_a_flagged_pull_sees_what_an_earlier_unit_of_the_batch_did_both_ways() -
     plan = plan_of(unit, batch=batch, present={entity(2).key})  # the query saw only what was committed
     assert plan is not None and plan.ack is not None
     assert plan.ack["keys"] == [entity(1).key] and plan.ack["deprecate"] == [entity(2).key]
+
+
+def test_a_read_of_entities_already_here_replaces_their_parts_and_brings_tainted_ones_up_to_date() -> None:
+    """What `djlink resnapshot` asks for: every shared entity read again (the binlog that had its changes is gone)."""
+    unit = Unit("snapshot:3", LINK)
+    for i, flagged in ((1, False), (2, True), (3, False)):
+        unit.change(HELPER, None, helper(Process.NONE, flagged=flagged) | {"id": i})
+        unit.change(MASTER, None, {"id": i, "v": 10 * i})
+        unit.change(PART, None, {"id": i, "ch": 5, "x": i})
+    # 2 was flagged while the binlog that said so was lost; 3 is not known here (a helper table adopted).
+    plan = plan_of(unit, entities={entity(1): SHARED, entity(2): SHARED})
+    assert plan is not None and plan.ack is not None
+    assert [(w.kind, w.target.table, w.rows) for w in plan.writes] == [
+        (WriteKind.DELETE, "rec__chan", [{"id": 1}, {"id": 2}]),  # the parts of those here, before any upsert
+        (WriteKind.UPSERT, "rec", [{"id": 1, "v": 10}]),
+        (WriteKind.UPSERT, "rec__chan", [{"id": 1, "ch": 5, "x": 1}]),
+        (WriteKind.UPSERT, "rec", [{"id": 2, "v": 20}]),
+        (WriteKind.UPSERT, "rec__chan", [{"id": 2, "ch": 5, "x": 2}]),
+        (WriteKind.UPSERT, "rec", [{"id": 3, "v": 30}]),
+        (WriteKind.UPSERT, "rec__chan", [{"id": 3, "ch": 5, "x": 3}]),
+    ]
+    assert plan.ack["keys"] == [entity(1).key, entity(2).key, entity(3).key]
+    assert plan.flags == {entity(2): 1000}  # the flag reaches the destination with its helper row
+    assert plan.states[entity(2)] == EntityState(HelperRow(Process.NONE, is_flagged=True), at_destination=True)
 
 
 def test_a_delete_removes_parts_before_masters_and_acknowledges_deleted() -> None:

@@ -9,6 +9,7 @@ mirrored updates arrive, and the destination equals the source entity for entity
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -50,16 +51,18 @@ def equal_and_clean(site: Site) -> None:
     assert read_to_end(Settings.from_env(site.pipeline_env()), Topics(site.topic_prefix).dead_letter) == []
 
 
-def shared_link(site: Site, state_db: str, n: int, pulled: int) -> tuple[Linked, subprocess.Popen[str]]:
-    """Roles started (the capture in a process of its own), `n` recordings linked, the first `pulled` pulled;
-    the link and the capture's process."""
-    capture = site.start("capture")
-    site.start("agent")
-    site.start("applier", DJLINK_APPLIER_STATE_DB=state_db)
+def shared_link(site: Site, state_db: str, n: int, pulled: int) -> tuple[Linked, dict[str, subprocess.Popen[str]]]:
+    """Each role started in a process of its own, `n` recordings linked, the first `pulled` pulled; the link and
+    the roles' processes by name."""
+    roles = {
+        "capture": site.start("capture"),
+        "agent": site.start("agent"),
+        "applier": site.start("applier", DJLINK_APPLIER_STATE_DB=state_db),
+    }
     linked = linked_recordings(site, n)
     ask(linked.requests, "PULL", linked.spec, list(range(1, pulled + 1)))
     wait_for(lambda: len(linked.Recording()) == pulled, 90, "the first pull")
-    return linked, capture
+    return linked, roles
 
 
 def test_a_broker_stopped_and_started_again_under_load_and_a_pull_loses_nothing(site: Site, state_db: str) -> None:
@@ -128,6 +131,46 @@ def test_the_destination_server_restarted_during_apply_loses_nothing(site: Site,
     equal_and_clean(site)
 
 
+def test_the_applier_offline_while_the_source_writes_catches_up_and_loses_nothing(site: Site, state_db: str) -> None:
+    n, backlog = 60, int(os.environ.get("DJLINK_TEST_BACKLOG") or 6000)  # source transactions while it is away
+    linked, roles = shared_link(site, state_db, n, 30)
+    applier = roles["applier"]
+    applier.terminate()
+    applier.wait(30)
+    load = MirrorLoad(site, n, limit=backlog, seed=3)
+    written_at = time.monotonic()
+    load.run()  # in this thread: the whole backlog is committed at the source before the applier is back
+    assert load.error is None
+    writing = time.monotonic() - written_at
+    ask(linked.requests, "PULL", linked.spec, list(range(31, n + 1)))  # asked while it is away, too
+    src, dest = admin(site.env, "SOURCE"), admin(site.env, "DEST")
+    rows = "SELECT recording_id, subject FROM `{}`.recording ORDER BY recording_id"
+    expected = src.cursor()
+    expected.execute(rows.format(site.source_schema))
+    want = expected.fetchall()
+    src.close()
+    assert len(want) == n
+
+    def caught_up() -> bool:
+        with dest.cursor() as cur:
+            cur.execute(rows.format(site.dest_schema))
+            have = cur.fetchall()
+        dest.commit()  # a fresh read each time
+        return bool(have == want)
+
+    started = time.monotonic()
+    site.start("applier", DJLINK_APPLIER_STATE_DB=state_db)
+    wait_for(caught_up, 600, "the applier caught up with its backlog", interval=0.1)
+    took = time.monotonic() - started
+    print(
+        f"\napplier away while the source wrote {backlog} transactions ({2 * backlog} row changes) in "
+        f"{writing:.1f} s and a pull of {n - 30} was asked; caught up {took:.1f} s after it was started "
+        f"(process start included): {backlog / took:.0f} source transactions/s"
+    )
+    dest.close()
+    equal_and_clean(site)
+
+
 def djlink(site: Site, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """A `djlink` command as the source site's operator runs it."""
     argv = [sys.executable, "-m", "djlink", *args]
@@ -138,7 +181,8 @@ def test_a_binlog_purged_past_the_checkpoint_stops_the_capture_in_one_line_and_a
     site: Site, state_db: str
 ) -> None:
     n = 40
-    linked, capture = shared_link(site, state_db, n, 30)
+    linked, roles = shared_link(site, state_db, n, 30)
+    capture = roles["capture"]
     capture.terminate()
     capture.wait(30)
     src = admin(site.env, "SOURCE")

@@ -10,6 +10,7 @@ tests never see each other's data.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -45,6 +46,34 @@ def services_env() -> dict[str, str]:
 
 def admin(env: dict[str, str], side: str, **extra: Any) -> Any:
     return services.admin_connection(env, side, **extra)
+
+
+def tally(report: dict[str, Any]) -> dict[str, int]:
+    """What a `djlink verify --json` report says was checked, lost and duplicated, in entities.
+
+    Lost: shared entities missing at the destination, or there with rows missing or changed. Duplicated:
+    entities there that the source does not share, or shared ones with rows the source does not have (a
+    primary key keeps a row from being there twice; a change applied twice shows as one of these)."""
+    checked = lost = duplicated = 0
+    for link in report["links"]:
+        checked += link["compared"]
+        for entity in link["entities"]:
+            rows = entity["rows"]
+            lost += entity["problem"] == "missing" or any(r["missing"] or r["changed"] for r in rows)
+            duplicated += entity["problem"] == "extra" or any(r["extra"] for r in rows)
+    return {"checked": checked, "lost": lost, "duplicated": duplicated}
+
+
+def record_fault(kind: str, injected: int, recovered_s: float, report: dict[str, Any]) -> None:
+    """One line for `bench/faults.py`'s table (to the file DJLINK_FAULT_REPORT names; nothing when unset):
+    the fault, how many were injected, how long the pipeline took to be equal again, and verify's tally."""
+    path = os.environ.get("DJLINK_FAULT_REPORT")
+    if not path:
+        return
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+    record = {"test": test, "kind": kind, "injected": injected, "recovery_s": round(recovered_s, 1), **tally(report)}
+    with open(path, "a") as out:
+        out.write(json.dumps(record) + "\n")
 
 
 def wait_for(condition: Any, timeout: float = 30.0, what: str = "condition", interval: float = 0.05) -> Any:

@@ -7,6 +7,7 @@ import os
 import random
 import sys
 import threading
+import time
 from collections import Counter
 from typing import Any
 
@@ -15,9 +16,10 @@ from foundation import keys as keycodec
 from foundation.config import Settings
 from foundation.kafka import read_to_end
 from foundation.topics import Topics
-from tests.conftest import Site, admin, scalar, wait_for
+from tests.conftest import Site, admin, record_fault, scalar, wait_for
 from tests.integration.test_applier import ask, linked_recordings
 from tests.integration.test_pull import rows
+from tests.integration.test_verify import equal_and_clean
 
 
 class MirrorLoad(threading.Thread):
@@ -75,7 +77,11 @@ def test_agent_and_applier_killed_at_random_moments_under_load_leave_every_entit
     deleted: set[int] = set()
     deprecated: set[int] = set()
 
+    last_kill = time.monotonic()
+
     def kill(name: str, proc: Any, busy: bool) -> Any:
+        nonlocal last_kill
+        last_kill = time.monotonic()
         proc.kill()
         proc.wait(10)
         kills[name] += 1
@@ -141,6 +147,9 @@ def test_agent_and_applier_killed_at_random_moments_under_load_leave_every_entit
         return True
 
     wait_for(same, 120, "the destination to equal the source's shared entities")
+    report = equal_and_clean(site)
+    record_fault("kill -9 of the agent or the applier, at random moments, under load", sum(kills.values()),
+                 time.monotonic() - last_kill, report)  # fmt: skip
     topics = Topics(site.topic_prefix)
     settings = Settings.from_env(site.pipeline_env())
     assert read_to_end(settings, topics.dead_letter) == []

@@ -17,13 +17,14 @@ import time
 from typing import Any
 
 from devtools import services
-from foundation.config import Settings
-from foundation.kafka import read_to_end
-from foundation.topics import Topics
-from tests.conftest import ROOT, Site, admin, scalar, wait_for
+from tests.conftest import ROOT, Site, admin, record_fault, scalar, wait_for
 from tests.integration.test_applier import Linked, ask, linked_recordings
 from tests.integration.test_faults import MirrorLoad
-from tests.integration.test_verify import verify
+from tests.integration.test_verify import equal_and_clean
+
+
+def since(t: float) -> float:
+    return time.monotonic() - t
 
 
 def stop(name: str) -> None:
@@ -37,18 +38,6 @@ def start_again() -> None:
     """Start what is stopped, on its data, ports and settings as before."""
     state = json.loads((services.state_dir() / "state.json").read_text())
     services.up(quiet=True, secure=bool(state.get("kafka_secure")))
-
-
-def equal_and_clean(site: Site) -> None:
-    """`djlink verify` equal (within a bound, the last changes still on their way) and no dead letter."""
-
-    def equal() -> Any:
-        code, report, _ = verify(site)
-        return code == 0 and report
-
-    report = wait_for(equal, 120, "djlink verify equal", interval=1)
-    assert report, report
-    assert read_to_end(Settings.from_env(site.pipeline_env()), Topics(site.topic_prefix).dead_letter) == []
 
 
 def shared_link(site: Site, state_db: str, n: int, pulled: int) -> tuple[Linked, dict[str, subprocess.Popen[str]]]:
@@ -81,7 +70,8 @@ def test_a_broker_stopped_and_started_again_under_load_and_a_pull_loses_nothing(
         asking.start()
         wait_for(lambda: load.transactions >= during + 100, 60, "source writes while the broker is down")
         start_again()
-        print(f"\nbroker away {time.monotonic() - down_at:.1f} s, {load.transactions - during} source transactions")
+        back = time.monotonic()
+        print(f"\nbroker away {back - down_at:.1f} s, {load.transactions - during} source transactions")
         asking.join(120)
     finally:
         load.stop.set()
@@ -89,7 +79,8 @@ def test_a_broker_stopped_and_started_again_under_load_and_a_pull_loses_nothing(
     assert load.error is None
     assert pull["summary"].pulled == n - 30, pull
     assert all(proc.poll() is None for proc in site.processes), "no role stops when the broker goes away"
-    equal_and_clean(site)
+    report = equal_and_clean(site)
+    record_fault("Kafka broker stopped (SIGTERM) and started again, under writes and a pull", 1, since(back), report)
     assert len(Recording()) == n and len(Recording.Channel()) == 2 * n
 
 
@@ -102,14 +93,16 @@ def test_the_source_server_restarted_during_capture_loses_nothing(site: Site, st
     stop(services.SOURCE.name)
     down_at = time.monotonic()
     start_again()
-    print(f"\nsource server away {time.monotonic() - down_at:.1f} s")
+    back = time.monotonic()
+    print(f"\nsource server away {back - down_at:.1f} s")
     after = MirrorLoad(site, n, limit=300, seed=2)
     after.run()
     assert after.error is None
     summary = (Recording().source & "recording_id > 30").pull(timeout=90)
     assert summary.pulled == n - 30, summary
     assert all(proc.poll() is None for proc in site.processes), "no role stops when the source server restarts"
-    equal_and_clean(site)
+    report = equal_and_clean(site)
+    record_fault("source server stopped (SIGTERM) and started again, between write loads", 1, since(back), report)
 
 
 def test_the_destination_server_restarted_during_apply_loses_nothing(site: Site, state_db: str) -> None:
@@ -125,10 +118,12 @@ def test_the_destination_server_restarted_during_apply_loses_nothing(site: Site,
     dest.close()
     stop(services.DEST.name)
     start_again()
+    back = time.monotonic()
     asking.join(240)
     assert pull["summary"].pulled == n - 10, pull
     assert all(proc.poll() is None for proc in site.processes), "no role stops when the destination restarts"
-    equal_and_clean(site)
+    report = equal_and_clean(site)
+    record_fault("destination server stopped (SIGTERM) and started again, mid-apply", 1, since(back), report)
 
 
 def test_the_applier_offline_while_the_source_writes_catches_up_and_loses_nothing(site: Site, state_db: str) -> None:
@@ -168,7 +163,8 @@ def test_the_applier_offline_while_the_source_writes_catches_up_and_loses_nothin
         f"(process start included): {backlog / took:.0f} source transactions/s"
     )
     dest.close()
-    equal_and_clean(site)
+    report = equal_and_clean(site)
+    record_fault(f"applier stopped while the source wrote {backlog} transactions", 1, since(started), report)
 
 
 def djlink(site: Site, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -222,8 +218,9 @@ def test_a_binlog_purged_past_the_checkpoint_stops_the_capture_in_one_line_and_a
     assert "read again 30 entities of 1 link(s)" in done.stdout, done.stdout
     started = time.monotonic()
     site.start("capture")
-    equal_and_clean(site)
-    print(f"\nresnapshot of 30 entities: verify equal {time.monotonic() - started:.1f} s after the capture started")
+    report = equal_and_clean(site)
+    print(f"\nresnapshot of 30 entities: verify equal {since(started):.1f} s after the capture started")
+    record_fault("binlog purged past the capture's checkpoint, then djlink resnapshot", 1, since(started), report)
     Recording = linked.Recording
     assert len(Recording() & "subject='while away'") == 10
     assert len(Recording.Channel() & "recording_id BETWEEN 11 AND 15") == 5

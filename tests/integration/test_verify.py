@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import ROOT, Site, admin
+from foundation.config import Settings
+from foundation.kafka import read_to_end
+from foundation.topics import Topics
+from tests.conftest import ROOT, Site, admin, wait_for
 from tests.integration.test_pull import linked_recording
 from tests.integration.test_stores import declare_scenario_4, linked, start, stores  # noqa: F401 (a fixture)
 
@@ -25,6 +28,19 @@ def verify(site: Site, *args: str, **env: str) -> tuple[int, Any, str]:
     )
     report = json.loads(done.stdout) if done.stdout.startswith("{") else done.stdout
     return done.returncode, report, done.stderr
+
+
+def equal_and_clean(site: Site) -> dict[str, Any]:
+    """`djlink verify` equal (within a bound, the last changes still on their way) and no dead letter; its report."""
+
+    def equal() -> Any:
+        code, report, _ = verify(site)
+        return code == 0 and report
+
+    report = wait_for(equal, 120, "djlink verify equal", interval=1)
+    assert report, report
+    assert read_to_end(Settings.from_env(site.pipeline_env()), Topics(site.topic_prefix).dead_letter) == []
+    return dict(report)
 
 
 def execute(site: Site, side: str, *statements: str) -> None:

@@ -12,7 +12,12 @@ This machine has no Docker, so this module runs them as plain local processes:
 - Kafka: one KRaft node (broker and controller) from the Maven Central jars of
   ``org.apache.kafka:kafka_2.13`` (see ``devtools/kafka/pom.xml``), with
   replication factor and min ISR 1 for the internal topics, so that consumer
-  groups and transactional producers work on a single node.
+  groups and transactional producers work on a single node; or, with
+  ``up --brokers 3``, a cluster of three such nodes (each a broker and a
+  controller voter, 512 MB heaps) with ``default.replication.factor=3`` and
+  ``min.insync.replicas=2``, the internal topics likewise. The count is kept
+  in the state dir until another ``--brokers`` changes it, which starts the
+  Kafka data afresh (a KRaft quorum's voters are fixed when it is formatted).
 
 Everything binds to 127.0.0.1 on free ports chosen once (by binding port 0)
 and kept in the state dir, ``<project root>/.djlink/`` unless ``DJLINK_STATE_DIR``
@@ -150,8 +155,24 @@ class _MariaDB:
 SOURCE = _MariaDB("source", "source MariaDB", "DJLINK_SOURCE", server_id=1, binlog=True)
 DEST = _MariaDB("dest", "destination MariaDB", "DJLINK_DEST", server_id=2, binlog=False)
 MARIADBS = (SOURCE, DEST)
-KAFKA = "kafka"
+KAFKA = "kafka"  # the first Kafka node; the others of a cluster are kafka-2, kafka-3, ...
 KAFKA_LABEL = "Kafka broker"
+MAX_BROKERS = 5
+
+
+def kafka_nodes(count: int) -> list[str]:
+    """The names (folders, keys of state.json's ports) of a local Kafka of `count` nodes, node id = position + 1."""
+    return [KAFKA, *(f"{KAFKA}-{i}" for i in range(2, count + 1))]
+
+
+def _broker_count(state: dict[str, Any]) -> int:
+    return int(state.get("kafka_brokers", 1))
+
+
+def _kafka_label(name: str, count: int) -> str:
+    return KAFKA_LABEL if count == 1 else f"{KAFKA_LABEL} {kafka_nodes(count).index(name) + 1}"
+
+
 # The broker's principals: its own (inter-broker and controller traffic, and the operator: a super user, PLAIN),
 # and one per site (SCRAM-SHA-512), whose ACLs for the default topic prefix are made at every start.
 KAFKA_ADMIN = "admin"
@@ -219,12 +240,13 @@ def _env_from_state(sd: Path, state: dict[str, Any], site: str | None = None) ->
         env[f"{db.env_prefix}_PASSWORD"] = state["passwords"][db.name]
         env[f"{db.env_prefix}_TLS"] = "verify"
         env[f"{db.env_prefix}_TLS_CA"] = str(_tls_paths(sd)["ca"])
-    env["DJLINK_KAFKA_BOOTSTRAP"] = f"{HOST}:{state['ports'][KAFKA]}"
+    nodes = kafka_nodes(_broker_count(state))
+    env["DJLINK_KAFKA_BOOTSTRAP"] = ",".join(f"{HOST}:{state['ports'][n]}" for n in nodes)
     if site is None and not state.get("kafka_secure"):
         return {k: env[k] for k in ENV_KEYS}
     user = SITES[site] if site else KAFKA_ADMIN
     env |= {
-        "DJLINK_KAFKA_BOOTSTRAP": f"{HOST}:{state['ports']['kafka_sasl']}",
+        "DJLINK_KAFKA_BOOTSTRAP": ",".join(f"{HOST}:{state['ports'][f'{n}_sasl']}" for n in nodes),
         "DJLINK_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
         "DJLINK_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512" if site else "PLAIN",
         "DJLINK_KAFKA_SASL_USERNAME": user,
@@ -656,12 +678,18 @@ def _provision_root(sd: Path, db: _MariaDB, password: str) -> None:
 # --------------------------------------------------------------------------- Kafka
 
 
-def _kafka_properties(sd: Path, state: dict[str, Any]) -> str:
-    """The broker's configuration. A SASL_SSL listener always (SCRAM for the sites, PLAIN for the broker itself
+def _kafka_properties(sd: Path, state: dict[str, Any], node: str = KAFKA) -> str:
+    """A Kafka node's configuration. A SASL_SSL listener always (SCRAM for the sites, PLAIN for the broker itself
     and the operator), with the StandardAuthorizer; in the default mode also a PLAINTEXT listener whose
-    unauthenticated clients are super users, for development and the tests."""
-    data = sd / KAFKA / "data"
+    unauthenticated clients are super users, for development and the tests. Every node of a cluster is a broker
+    and a controller voter."""
+    data = sd / node / "data"
     ports, secure = state["ports"], bool(state.get("kafka_secure"))
+    nodes = kafka_nodes(_broker_count(state))
+    node_id = nodes.index(node) + 1
+    voters = ",".join(f"{i}@{HOST}:{ports[f'{n}_controller']}" for i, n in enumerate(nodes, 1))
+    replicas = min(3, len(nodes))  # what a production cluster would ask for, as far as there are brokers
+    min_isr = min(2, len(nodes))
     tls = _tls_paths(sd)
     admin_password = state["kafka_users"][KAFKA_ADMIN]
     plain = (
@@ -669,17 +697,17 @@ def _kafka_properties(sd: Path, state: dict[str, Any]) -> str:
         f'username="{KAFKA_ADMIN}" password="{admin_password}" user_{KAFKA_ADMIN}="{admin_password}";'
     )
     scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
-    listeners = [f"SASL_SSL://{HOST}:{ports['kafka_sasl']}"]
+    listeners = [f"SASL_SSL://{HOST}:{ports[f'{node}_sasl']}"]
     if not secure:
-        listeners.insert(0, f"PLAINTEXT://{HOST}:{ports[KAFKA]}")
+        listeners.insert(0, f"PLAINTEXT://{HOST}:{ports[node]}")
     super_users = [f"User:{KAFKA_ADMIN}"] + ([] if secure else ["User:ANONYMOUS"])
     return "\n".join(
         [
             "# Written by devtools.services on every start; edits are overwritten.",
             "process.roles=broker,controller",
-            "node.id=1",
-            f"controller.quorum.voters=1@{HOST}:{ports['kafka_controller']}",
-            f"listeners={','.join(listeners)},CONTROLLER://{HOST}:{ports['kafka_controller']}",
+            f"node.id={node_id}",
+            f"controller.quorum.voters={voters}",
+            f"listeners={','.join(listeners)},CONTROLLER://{HOST}:{ports[f'{node}_controller']}",
             f"advertised.listeners={','.join(listeners)}",
             "controller.listener.names=CONTROLLER",
             "inter.broker.listener.name=SASL_SSL",
@@ -701,17 +729,17 @@ def _kafka_properties(sd: Path, state: dict[str, Any]) -> str:
             "allow.everyone.if.no.acl.found=false",
             f"log.dirs={data}",
             "num.partitions=1",
-            "default.replication.factor=1",
-            "min.insync.replicas=1",
+            f"default.replication.factor={replicas}",
+            f"min.insync.replicas={min_isr}",
             "auto.create.topics.enable=true",
-            "# One node: internal topics must not ask for more replicas, or groups and transactions hang.",
-            "offsets.topic.replication.factor=1",
+            "# No more replicas than nodes for the internal topics, or groups and transactions hang.",
+            f"offsets.topic.replication.factor={replicas}",
             "offsets.topic.num.partitions=8",
-            "transaction.state.log.replication.factor=1",
-            "transaction.state.log.min.isr=1",
+            f"transaction.state.log.replication.factor={replicas}",
+            f"transaction.state.log.min.isr={min_isr}",
             "transaction.state.log.num.partitions=8",
-            "share.coordinator.state.topic.replication.factor=1",
-            "share.coordinator.state.topic.min.isr=1",
+            f"share.coordinator.state.topic.replication.factor={replicas}",
+            f"share.coordinator.state.topic.min.isr={min_isr}",
             "group.initial.rebalance.delay.ms=0",
             "# Light on a small machine: fewer threads, a 32 MB (not 128 MB) log-cleaner buffer.",
             "num.network.threads=2",
@@ -723,7 +751,7 @@ def _kafka_properties(sd: Path, state: dict[str, Any]) -> str:
     )
 
 
-def _java_argv(java: str, sd: Path, lib: Path, heap: str, main: list[str]) -> list[str]:
+def _java_argv(java: str, sd: Path, lib: Path, heap: str, main: list[str], node: str = KAFKA) -> list[str]:
     """The JVM options of kafka-server-start.sh (its heap fixed, G1 starting marking at 35 %): with a 512 MB
     heap that could grow, G1's concurrent marking took more CPU than the broker's request handlers."""
     return [
@@ -736,19 +764,19 @@ def _java_argv(java: str, sd: Path, lib: Path, heap: str, main: list[str]) -> li
         "-XX:+ExplicitGCInvokesConcurrent",
         "-Djava.awt.headless=true",
         f"-Dlog4j2.configurationFile={KAFKA_LOG4J}",
-        f"-Dkafka.logs.dir={sd / KAFKA / 'logs'}",
+        f"-Dkafka.logs.dir={sd / node / 'logs'}",
         "-cp",
         f"{lib}/*",
         *main,
     ]
 
 
-def _format_kafka(java: str, sd: Path, lib: Path, cluster_id: str) -> None:
-    """Format the KRaft log dir once (``meta.properties`` marks it done)."""
-    if (sd / KAFKA / "data" / "meta.properties").exists():
+def _format_kafka(java: str, sd: Path, lib: Path, cluster_id: str, node: str = KAFKA) -> None:
+    """Format a node's KRaft log dir once (``meta.properties`` marks it done); every node of a cluster alike."""
+    if (sd / node / "data" / "meta.properties").exists():
         return
-    format_log = sd / KAFKA / "format.log"
-    props = sd / KAFKA / "server.properties"
+    format_log = sd / node / "format.log"
+    props = sd / node / "server.properties"
     main = [
         "kafka.tools.StorageTool",
         "format",
@@ -760,7 +788,7 @@ def _format_kafka(java: str, sd: Path, lib: Path, cluster_id: str) -> None:
     ]
     with open(format_log, "wb") as out:
         done = subprocess.run(
-            _java_argv(java, sd, lib, "256m", main),
+            _java_argv(java, sd, lib, "256m", main, node),
             stdout=out,
             stderr=subprocess.STDOUT,
             check=False,
@@ -776,11 +804,13 @@ def _new_cluster_id() -> str:
             return cid
 
 
-def _kafka_admin_config(sd: Path, state: dict[str, Any]) -> dict[str, Any]:
-    """The operator's client settings (the super user, over the SASL_SSL listener, which every mode has)."""
+def _kafka_admin_config(sd: Path, state: dict[str, Any], node: str | None = None) -> dict[str, Any]:
+    """The operator's client settings (the super user, over the SASL_SSL listener, which every mode has), to the
+    whole cluster or to one `node` only."""
     env = _env_from_state(sd, {**state, "kafka_secure": True})
     properties = Settings.from_env(env).kafka_properties
-    return {**properties, "bootstrap.servers": env["DJLINK_KAFKA_BOOTSTRAP"], "logger": log}
+    bootstrap = env["DJLINK_KAFKA_BOOTSTRAP"] if node is None else f"{HOST}:{state['ports'][f'{node}_sasl']}"
+    return {**properties, "bootstrap.servers": bootstrap, "logger": log}
 
 
 def _provision_kafka(sd: Path, state: dict[str, Any]) -> None:
@@ -810,18 +840,19 @@ def _provision_kafka(sd: Path, state: dict[str, Any]) -> None:
         raise ServiceError(f"could not make the Kafka principals and their ACLs: {exc.args[0]}") from None
 
 
-def _kafka_probe(sd: Path, state: dict[str, Any]) -> Callable[[], bool]:
-    """A readiness probe: the broker lists topics and reports itself as an (unfenced) broker."""
+def _kafka_probe(sd: Path, state: dict[str, Any], node: str = KAFKA) -> Callable[[], bool]:
+    """A readiness probe: the node answers and the cluster's metadata lists it as an (unfenced) broker."""
     admin: list[AdminClient] = []
-    port = state["ports"]["kafka_sasl"]
+    port = state["ports"][f"{node}_sasl"]
+    node_id = kafka_nodes(_broker_count(state)).index(node) + 1
 
     def probe() -> bool:
         if not _port_open(port):
             return False
         if not admin:
-            admin.append(AdminClient(_kafka_admin_config(sd, state)))
+            admin.append(AdminClient(_kafka_admin_config(sd, state, node)))
         try:
-            return bool(admin[0].list_topics(timeout=1).brokers)
+            return node_id in admin[0].list_topics(timeout=1).brokers
         except KafkaException:  # not answering yet
             return False
 
@@ -911,12 +942,14 @@ def registry_up(quiet: bool = False) -> str:
 def _markers(sd: Path) -> dict[str, str]:
     """Per service, a string its command line must contain (it is our process)."""
     markers = {db.name: f"--datadir={sd / db.name / 'data'}" for db in MARIADBS}
-    markers[KAFKA] = str(sd / KAFKA / "server.properties")
+    for node in kafka_nodes(_broker_count(_load_state(sd))):
+        markers[node] = str(sd / node / "server.properties")
     return markers
 
 
-def _labels() -> dict[str, str]:
-    return {**{db.name: db.label for db in MARIADBS}, KAFKA: KAFKA_LABEL}
+def _labels(sd: Path) -> dict[str, str]:
+    count = _broker_count(_load_state(sd))
+    return {**{db.name: db.label for db in MARIADBS}, **{n: _kafka_label(n, count) for n in kafka_nodes(count)}}
 
 
 def _running(sd: Path) -> dict[str, int]:
@@ -945,7 +978,7 @@ def load_env() -> dict[str, str] | None:
     if not set(ENV_KEYS) <= set(env):
         return None
     ports = [int(env[f"{db.env_prefix}_PORT"]) for db in MARIADBS]
-    ports.append(int(env["DJLINK_KAFKA_BOOTSTRAP"].rsplit(":", 1)[1]))
+    ports += [int(address.rsplit(":", 1)[1]) for address in env["DJLINK_KAFKA_BOOTSTRAP"].split(",")]
     return env if all(_port_open(p) for p in ports) else None
 
 
@@ -965,17 +998,18 @@ def status() -> dict[str, str]:
     sd = state_dir()
     state, running = _load_state(sd), _running(sd)
     lines = {}
-    for name, label in _labels().items():
+    labels = _labels(sd)
+    for name, label in labels.items():
         pid = running.get(name)
         port = state.get("ports", {}).get(name)
         lines[name] = f"{label}: running, pid {pid}, {HOST}:{port}" if pid else f"{label}: stopped"
-    if running.get(KAFKA):
-        plain = f"PLAINTEXT {HOST}:{state['ports'][KAFKA]}"
-        if state.get("kafka_secure"):
-            plain = "no PLAINTEXT listener (secure mode)"
-        lines[KAFKA] = (
-            f"{KAFKA_LABEL}: running, pid {running[KAFKA]}, SASL_SSL {HOST}:{state['ports']['kafka_sasl']}, {plain}"
-        )
+    for node in kafka_nodes(_broker_count(state)):
+        if running.get(node):
+            plain = f"PLAINTEXT {HOST}:{state['ports'][node]}"
+            if state.get("kafka_secure"):
+                plain = "no PLAINTEXT listener (secure mode)"
+            sasl = state["ports"][f"{node}_sasl"]
+            lines[node] = f"{labels[node]}: running, pid {running[node]}, SASL_SSL {HOST}:{sasl}, {plain}"
     return lines
 
 
@@ -985,11 +1019,9 @@ def status() -> dict[str, str]:
 def _assign_ports(state: dict[str, Any], running: dict[str, int]) -> None:
     """Keep each persisted port unless its service is stopped and the port is taken; pick new ones else."""
     ports: dict[str, int] = state.setdefault("ports", {})
-    owners = {db.name: db.name for db in MARIADBS} | {
-        KAFKA: KAFKA,
-        "kafka_controller": KAFKA,
-        "kafka_sasl": KAFKA,
-    }
+    owners = {db.name: db.name for db in MARIADBS}
+    for node in kafka_nodes(_broker_count(state)):
+        owners |= {node: node, f"{node}_controller": node, f"{node}_sasl": node}
     stale = [
         key
         for key, owner in owners.items()
@@ -1036,43 +1068,47 @@ def _start_mariadbs(sd: Path, dbs: list[_MariaDB], ports: dict[str, int], say: C
     return pids
 
 
-def _start_kafka(sd: Path, state: dict[str, Any], say: Callable[[str], None]) -> int:
-    """Fetch the jars if needed, write the config, format once and spawn the broker; return its pid."""
+def _start_kafka(sd: Path, state: dict[str, Any], say: Callable[[str], None], node: str = KAFKA) -> int:
+    """Fetch the jars if needed, write the config, format once and spawn a Kafka node; return its pid."""
     java = _ensure_tool(sd, "java", "default-jre-headless", say)
     lib = _kafka_lib(sd, say)
     ports = state["ports"]
-    props = sd / KAFKA / "server.properties"
-    (sd / KAFKA / "logs").mkdir(parents=True, exist_ok=True)
-    _write_atomic(props, _kafka_properties(sd, state))  # 0600: it holds the broker's own password
-    _format_kafka(java, sd, lib, state["kafka_cluster_id"])
-    say(f"starting {KAFKA_LABEL} on {HOST}:{ports[KAFKA]}")
+    count = _broker_count(state)
+    props = sd / node / "server.properties"
+    (sd / node / "logs").mkdir(parents=True, exist_ok=True)
+    _write_atomic(props, _kafka_properties(sd, state, node))  # 0600: it holds the broker's own password
+    _format_kafka(java, sd, lib, state["kafka_cluster_id"], node)
+    say(f"starting {_kafka_label(node, count)} on {HOST}:{ports[node]}")
+    heap = "1g" if count == 1 else "512m"  # three nodes beside both MariaDB servers on a small machine
     pid = _spawn(
-        _java_argv(java, sd, lib, "1g", ["kafka.Kafka", str(props)]),
-        sd / KAFKA / "stdout.log",
-        sd / KAFKA,
+        _java_argv(java, sd, lib, heap, ["kafka.Kafka", str(props)], node),
+        sd / node / "stdout.log",
+        sd / node,
     )
-    _pid_file(sd, KAFKA).write_text(f"{pid}\n")
+    _pid_file(sd, node).write_text(f"{pid}\n")
     return pid
 
 
 def _log_paths(sd: Path, name: str) -> tuple[Path, ...]:
     """A service's logs, the one to read first (and to point the user to) first."""
-    if name == KAFKA:
-        return sd / KAFKA / "logs" / "server.log", sd / KAFKA / "stdout.log"
+    if name.startswith(KAFKA):
+        return sd / name / "logs" / "server.log", sd / name / "stdout.log"
     return sd / name / "error.log", sd / name / "console.log"
 
 
 def _readiness(sd: Path, name: str, state: dict[str, Any]) -> tuple[Callable[[], bool], float]:
     """How to tell that a service answers, and how long to wait for it."""
     port = state["ports"][name]
-    if name == KAFKA:
-        return _kafka_probe(sd, state), KAFKA_START_TIMEOUT
+    if name.startswith(KAFKA):
+        return _kafka_probe(sd, state, name), KAFKA_START_TIMEOUT
     password = state["passwords"][name]
     return (lambda: _mariadb_probe(port, password) != "down"), MARIADB_START_TIMEOUT
 
 
-def up(quiet: bool = False, secure: bool = False) -> dict[str, str]:
+def up(quiet: bool = False, secure: bool = False, brokers: int | None = None) -> dict[str, str]:
     """Start whatever of the three services is not running, wait until all answer, return their env.
+
+    `brokers`: how many Kafka nodes (None: as many as before, 1 at first); a new count starts Kafka's data afresh.
 
     Idempotent: services that already run and answer are left alone (the broker is restarted, keeping its data,
     when its configuration changes, e.g. into or out of `secure` mode: no PLAINTEXT listener, every client
@@ -1096,28 +1132,52 @@ def up(quiet: bool = False, secure: bool = False) -> dict[str, str]:
             if db.name in running and not _pid_alive(running[db.name], "--ssl-cert=")
         }
         if plain:
-            say(f"restarting {', '.join(_labels()[n] for n in plain)} to offer TLS")
+            say(f"restarting {', '.join(_labels(sd)[n] for n in plain)} to offer TLS")
             _stop(plain)
             for name in plain:
                 running.pop(name)
+        old = _broker_count(_load_state(sd))
+        if brokers is not None and brokers != old:
+            if not 1 <= brokers <= MAX_BROKERS:
+                raise ServiceError(f"--brokers must be 1 to {MAX_BROKERS}, not {brokers}")
+            if any((sd / n / "data").exists() for n in kafka_nodes(max(old, brokers))):
+                say(f"switching the local Kafka from {old} to {brokers} broker(s): its topics start afresh")
+            _stop({n: (running.pop(n), markers[n]) for n in kafka_nodes(old) if n in running})
+            for node in kafka_nodes(max(old, brokers)):
+                shutil.rmtree(sd / node / "data", ignore_errors=True)
+            switched = _load_state(sd)
+            switched["kafka_brokers"] = brokers
+            _save_state(sd, switched)
         state = _prepare_state(sd, running)
         state["kafka_secure"] = secure
         _save_state(sd, state)
         _ensure_certs(sd, say)
-        props = sd / KAFKA / "server.properties"
-        if KAFKA in running and (not props.exists() or props.read_text() != _kafka_properties(sd, state)):
-            say(f"restarting the {KAFKA_LABEL} {'in secure mode' if secure else 'with its new configuration'}")
-            _stop({KAFKA: (running.pop(KAFKA), markers[KAFKA])})
-        to_start = [name for name in _labels() if name not in running]
-        logs = {name: _log_sizes(_log_paths(sd, name)) for name in _labels()}
+        nodes = kafka_nodes(_broker_count(state))
+        changed = [
+            node
+            for node in nodes
+            if node in running
+            and (
+                not (props := sd / node / "server.properties").exists()
+                or props.read_text() != _kafka_properties(sd, state, node)
+            )
+        ]
+        if changed:
+            why = "in secure mode" if secure else "with its new configuration"
+            say(f"restarting Kafka ({len(nodes)} node(s)) {why}")
+            _stop({n: (running.pop(n), markers[n]) for n in nodes if n in running})
+        labels = _labels(sd)
+        to_start = [name for name in labels if name not in running]
+        logs = {name: _log_sizes(_log_paths(sd, name)) for name in labels}
         pids = dict(running)
         pids |= _start_mariadbs(sd, [db for db in MARIADBS if db.name in to_start], state["ports"], say)
-        if KAFKA in to_start:
-            pids[KAFKA] = _start_kafka(sd, state, say)
+        for node in nodes:
+            if node in to_start:
+                pids[node] = _start_kafka(sd, state, say, node)
 
         # All spawned first, so the waits overlap; a running service may still be starting.
         markers = _markers(sd)
-        for name, label in _labels().items():
+        for name, label in labels.items():
             probe, timeout = _readiness(sd, name, state)
             _wait_ready(label, probe, pids[name], markers[name], logs[name], timeout)
         for db in MARIADBS:
@@ -1132,7 +1192,7 @@ def up(quiet: bool = False, secure: bool = False) -> dict[str, str]:
         _write_env_files(sd, env)
     elapsed = time.monotonic() - started_at
     if to_start:
-        say(f"services up in {elapsed:.1f}s (started: {', '.join(_labels()[n] for n in to_start)})")
+        say(f"services up in {elapsed:.1f}s (started: {', '.join(labels[n] for n in to_start)})")
     else:
         say(f"services already running (checked in {elapsed:.1f}s)")
     return env
@@ -1155,7 +1215,7 @@ def down(purge: bool = False) -> None:
             _pid_file(sd, REGISTRY).unlink(missing_ok=True)
         for name in _stop(pids):
             print(
-                f"warning: {_labels().get(name, REGISTRY_LABEL)} did not stop within {STOP_TIMEOUT:.0f}s; killed",
+                f"warning: {_labels(sd).get(name, REGISTRY_LABEL)} did not stop within {STOP_TIMEOUT:.0f}s; killed",
                 file=sys.stderr,
             )
         for name in markers:
@@ -1188,6 +1248,13 @@ def main(argv: list[str] | None = None) -> int:
         help="Kafka only on its SASL_SSL listener (SCRAM principals per site, ACLs on); without it a PLAINTEXT "
         "listener serves unauthenticated clients as super users, for development",
     )
+    up_cmd.add_argument(
+        "--brokers",
+        type=int,
+        metavar="N",
+        help="Kafka nodes (default: as many as last time, 1 at first); 3 is a cluster with replication factor 3 "
+        "and min.insync.replicas 2. A new count starts Kafka's data afresh",
+    )
     down_cmd = commands.add_parser("down", help="stop all three services")
     down_cmd.add_argument(
         "--purge",
@@ -1205,7 +1272,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
-            print(_export_lines(up(quiet=args.quiet, secure=args.secure)), end="")
+            print(_export_lines(up(quiet=args.quiet, secure=args.secure, brokers=args.brokers)), end="")
         elif args.command == "down":
             down(purge=args.purge)
             print(f"services stopped{' and state purged' if args.purge else ''} ({state_dir()})")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -125,7 +126,7 @@ def test_a_server_that_dies_at_start_is_explained_by_the_error_line_of_its_log(t
     )
 
 
-def _kafka_state(secure: bool) -> dict[str, object]:
+def _kafka_state(secure: bool) -> dict[str, Any]:
     ports = {"kafka": 9092, "kafka_sasl": 9093, "kafka_controller": 9094}
     users = {"admin": "admin-secret", "djlink-source": "s", "djlink-dest": "d"}
     return {"ports": ports, "kafka_users": users, "kafka_secure": secure}
@@ -166,3 +167,32 @@ def test_each_site_gets_its_own_principal_and_the_operator_the_super_user(tmp_pa
     assert {e["DJLINK_KAFKA_BOOTSTRAP"] for e in (operator, source, dest)} == {"127.0.0.1:9093"}
     plain = services._env_from_state(tmp_path, {**state, "kafka_secure": False})
     assert plain["DJLINK_KAFKA_BOOTSTRAP"] == "127.0.0.1:9092" and "DJLINK_KAFKA_SASL_USERNAME" not in plain
+
+
+def test_a_three_broker_cluster_is_three_voters_each_with_its_own_ports_and_data_and_replicates_by_three(
+    tmp_path: Path,
+) -> None:
+    state = _kafka_state(secure=False)
+    state["kafka_brokers"] = 3
+    state["ports"] = {
+        **{f"{n}{suffix}": 9000 + 10 * i + j for i, n in enumerate(services.kafka_nodes(3)) for j, suffix in
+           enumerate(("", "_sasl", "_controller"))},
+    }  # fmt: skip
+    nodes = {n: _properties(services._kafka_properties(tmp_path, state, n)) for n in services.kafka_nodes(3)}
+    assert list(nodes) == ["kafka", "kafka-2", "kafka-3"]
+    assert [p["node.id"] for p in nodes.values()] == ["1", "2", "3"]
+    voters = "1@127.0.0.1:9002,2@127.0.0.1:9012,3@127.0.0.1:9022"
+    assert {p["controller.quorum.voters"] for p in nodes.values()} == {voters}
+    assert nodes["kafka-2"]["listeners"] == (
+        "PLAINTEXT://127.0.0.1:9010,SASL_SSL://127.0.0.1:9011,CONTROLLER://127.0.0.1:9012"
+    )
+    assert nodes["kafka-3"]["log.dirs"] == str(tmp_path / "kafka-3" / "data")
+    for p in nodes.values():
+        assert p["default.replication.factor"] == p["offsets.topic.replication.factor"] == "3"
+        assert p["transaction.state.log.replication.factor"] == "3"
+        assert p["min.insync.replicas"] == p["transaction.state.log.min.isr"] == "2"
+    env = services._env_from_state(tmp_path, {**state, "passwords": {"source": "a", "dest": "b"},
+                                              "ports": {**state["ports"], "source": 1, "dest": 2}})  # fmt: skip
+    assert env["DJLINK_KAFKA_BOOTSTRAP"] == "127.0.0.1:9000,127.0.0.1:9010,127.0.0.1:9020"
+    one = _properties(services._kafka_properties(tmp_path, _kafka_state(secure=False)))
+    assert one["node.id"] == "1" and one["default.replication.factor"] == one["min.insync.replicas"] == "1"

@@ -5,9 +5,10 @@
     python -m bench.faults --runs 3 --write-docs # and puts the table into docs/faults.md
     python -m bench.faults --help
 
-It runs `tests/integration/test_faults.py` and
-`tests/integration/test_operator_faults.py` with pytest over the development
-services (`python -m devtools.services up` first, as `./dev test` does), each
+It runs `tests/integration/test_faults.py`,
+`tests/integration/test_operator_faults.py` and
+`tests/integration/test_cluster.py` (which starts a three-broker cluster of
+its own) with pytest over the development services (`python -m devtools.services up` first, as `./dev test` does), each
 test appending one record to a file (tests/conftest.py: `record_fault`):
 the fault and how many were injected, `djlink verify`'s tally once the
 pipeline was equal again (entities compared; lost: missing or with rows
@@ -31,7 +32,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTS = ["tests/integration/test_faults.py", "tests/integration/test_operator_faults.py"]
+TESTS = [
+    "tests/integration/test_faults.py",
+    "tests/integration/test_operator_faults.py",
+    "tests/integration/test_cluster.py",
+]
 DOC = ROOT / "docs" / "faults.md"
 BEGIN, END = "<!-- figures: python -m bench.faults -->", "<!-- end of figures -->"
 

@@ -72,7 +72,8 @@ AUTHORIZATION_ERRORS = frozenset(
 
 
 # What a partition answers while its leader is not (yet) known: a topic created a moment ago, a broker
-# restarting or a leader moving. Not all are flagged retriable; each passes by waiting.
+# restarting, lost (its connection handle torn down mid-request: _DESTROY_BROKER) or a leader moving. Not all
+# are flagged retriable; each passes by waiting.
 UNSETTLED_ERRORS = frozenset(
     {
         KafkaError.NOT_LEADER_FOR_PARTITION,
@@ -82,6 +83,7 @@ UNSETTLED_ERRORS = frozenset(
         KafkaError._TIMED_OUT,
         KafkaError._ALL_BROKERS_DOWN,
         KafkaError._TRANSPORT,
+        KafkaError._DESTROY_BROKER,
     }
 )
 

@@ -156,7 +156,7 @@ def run(env: dict[str, str], source_db: str, dest_db: str, n: int) -> dict[str, 
     src.close()
     topic = f"bench-floor-{uuid.uuid4().hex[:8]}"
     admin = AdminClient({"bootstrap.servers": env["DJLINK_KAFKA_BOOTSTRAP"]})
-    for future in admin.create_topics([NewTopic(topic, 1, 1, config={"max.message.bytes": str(16 << 20)})]).values():
+    for future in admin.create_topics([NewTopic(topic, 1, -1, config={"max.message.bytes": str(16 << 20)})]).values():
         future.result(30)
     args = [sys.executable, "-m", "bench.floor", "--role"]
     spec = json.dumps({"env": env, "topic": topic, "source": source_db, "dest": dest_db, "n": n})

@@ -209,7 +209,7 @@ def test_a_row_bigger_than_kafkas_default_message_size_is_pulled_and_mirrored(si
     topic = Topics(site.topic_prefix).table(site.source_schema, "recording")
     kafka = AdminClient({"bootstrap.servers": site.env["DJLINK_KAFKA_BOOTSTRAP"]})
     limit = {"max.message.bytes": "1048588"}
-    kafka.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1, config=limit)])[topic].result(30)
+    kafka.create_topics([NewTopic(topic, num_partitions=1, replication_factor=-1, config=limit)])[topic].result(30)
     site.start("capture", "agent")
     site.start("applier")
     Source = declare_source(site, 1)

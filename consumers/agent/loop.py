@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import threading
 import uuid
@@ -39,6 +40,7 @@ from foundation.sql import chunks
 from foundation.topics import Admin, SchemaTopic, Topics
 
 log = logging.getLogger(__name__)
+MIN_PAUSE_S, MAX_PAUSE_S = 0.5, 5.0  # between attempts while the source server is unreachable
 
 
 @contextlib.contextmanager
@@ -100,23 +102,49 @@ class SourceAgent:
         try:
             while not stop.is_set():
                 self._answer_registrations()
-                self._auto_pulls()
+                self._auto_pulls(stop)
                 msg = c.poll(0.1)
                 if not ok(msg):
                     continue
-                self._renew_after_outage()
-                with transaction(self._p):
-                    if msg.value() is not None:
-                        self._handle(msg)
-                    topic, partition, offset = where(msg)
-                    at = TopicPartition(topic, partition, offset + 1)
-                    self._p.send_offsets_to_transaction([at], c.consumer_group_metadata(), 30)
+                topic, partition, offset = where(msg)
+                what = f"the message {topic}[{partition}]@{offset}"
+                self._waiting_out_the_source(stop, what, functools.partial(self._handle_in_transaction, c, msg))
         finally:
             c.close()
             self._auto.close()
             self._registrar.close()
             self._registry.close()
             self._db.close()
+
+    def _handle_in_transaction(self, c: Any, msg: Message) -> None:
+        """One message handled in one Kafka transaction, with its consumed offset."""
+        self._renew_after_outage()
+        with transaction(self._p):
+            if msg.value() is not None:
+                self._handle(msg)
+            topic, partition, offset = where(msg)
+            at = TopicPartition(topic, partition, offset + 1)
+            self._p.send_offsets_to_transaction([at], c.consumer_group_metadata(), 30)
+
+    def _waiting_out_the_source(self, stop: threading.Event, what: str, step: Callable[[], None]) -> None:
+        """Run `step` (one Kafka transaction); while the source server is unreachable (a restart, a failover)
+        or answers a transient error, abort, wait (0.5 s doubling to 5 s, a warning each time) and run it
+        again. Every step is idempotent (the helper table is written first and each change only from the
+        state it expects), so running one again does nothing twice."""
+        pause = MIN_PAUSE_S
+        while True:
+            try:
+                step()
+                return
+            except (pymysql.err.MySQLError, ConnectionError, TimeoutError) as exc:
+                if not is_transient(exc) or stop.is_set():
+                    raise
+                with contextlib.suppress(Exception):
+                    self._db.rollback()
+                metrics.SOURCE_WAITS.inc()
+                log.warning("the source server is unreachable (%s); %s again in %.1f s", describe(exc), what, pause)
+                stop.wait(pause)
+                pause = min(pause * 2, MAX_PAUSE_S)
 
     def _renew_after_outage(self) -> None:
         """The producer for the next transaction: a new one after a lost broker connection (Transactional)."""
@@ -143,7 +171,7 @@ class SourceAgent:
                 )
                 self._out.reply(done.request_id, "ACCEPTED", message=f"link {done.link_id} registered{note}")
 
-    def _auto_pulls(self) -> None:
+    def _auto_pulls(self, stop: threading.Event) -> None:
         """Pull the new master rows that their link's auto-pull policy approves: one Kafka transaction
         with the offsets of the change events read, as for any message the agent handles."""
         if self._registry.refresh(0) or self._auto.missing:
@@ -151,15 +179,20 @@ class SourceAgent:
         approved = self._auto.take()
         if approved is None:
             return
-        self._renew_after_outage()
-        with transaction(self._p):
-            self._db.ping(reconnect=True)
-            for link_id, keys in approved.keys.items():
-                link = self._registry.links[link_id]
-                columns = self._key_columns(link)
-                for part in chunks(keys, keycodec.MAX_REQUEST_KEYS):
-                    requests.pull_or_delete(self._db, self._out, link, f"auto:{uuid.uuid4()}", "PULL", part, columns)
-            self._p.send_offsets_to_transaction(approved.offsets, self._auto.group_metadata(), 30)
+
+        def pull() -> None:
+            self._renew_after_outage()
+            with transaction(self._p):
+                self._db.ping(reconnect=True)
+                for link_id, keys in approved.keys.items():
+                    link = self._registry.links[link_id]
+                    columns = self._key_columns(link)
+                    for part in chunks(keys, keycodec.MAX_REQUEST_KEYS):
+                        rid = f"auto:{uuid.uuid4()}"
+                        requests.pull_or_delete(self._db, self._out, link, rid, "PULL", part, columns)
+                self._p.send_offsets_to_transaction(approved.offsets, self._auto.group_metadata(), 30)
+
+        self._waiting_out_the_source(stop, "the auto-pulls", pull)
         if approved.keys:
             metrics.AUTO_PULLS.inc(sum(len(k) for k in approved.keys.values()))
             log.info("auto-pull: %s", ", ".join(f"{len(k)} new rows of {i}" for i, k in approved.keys.items()))

@@ -9,3 +9,6 @@ ACTIVATIONS = Counter("djlink_agent_activations", "Entities activated: helper ro
 ACKS = Counter("djlink_agent_acks", "Acknowledgements from the applier applied to helper rows")
 REFUSALS = Counter("djlink_agent_refusals", "Refused, by what: whole requests, or entities of a request", ["what"])
 AUTO_PULLS = Counter("djlink_agent_auto_pulls", "New source rows an auto-pull policy approved")
+SOURCE_WAITS = Counter(
+    "djlink_agent_source_waits", "Times a message was put back because the source server was unreachable"
+)

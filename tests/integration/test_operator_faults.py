@@ -20,6 +20,7 @@ from devtools import services
 from tests.conftest import ROOT, Site, admin, record_fault, scalar, wait_for
 from tests.integration.test_applier import Linked, ask, linked_recordings
 from tests.integration.test_faults import MirrorLoad
+from tests.integration.test_metrics import free_port, samples
 from tests.integration.test_verify import equal_and_clean
 
 
@@ -40,12 +41,14 @@ def start_again() -> None:
     services.up(quiet=True, secure=bool(state.get("kafka_secure")))
 
 
-def shared_link(site: Site, state_db: str, n: int, pulled: int) -> tuple[Linked, dict[str, subprocess.Popen[str]]]:
+def shared_link(
+    site: Site, state_db: str, n: int, pulled: int, **agent_env: str
+) -> tuple[Linked, dict[str, subprocess.Popen[str]]]:
     """Each role started in a process of its own, `n` recordings linked, the first `pulled` pulled; the link and
     the roles' processes by name."""
     roles = {
         "capture": site.start("capture"),
-        "agent": site.start("agent"),
+        "agent": site.start("agent", **agent_env),
         "applier": site.start("applier", DJLINK_APPLIER_STATE_DB=state_db),
     }
     linked = linked_recordings(site, n)
@@ -103,6 +106,29 @@ def test_the_source_server_restarted_during_capture_loses_nothing(site: Site, st
     assert all(proc.poll() is None for proc in site.processes), "no role stops when the source server restarts"
     report = equal_and_clean(site)
     record_fault("source server stopped (SIGTERM) and started again, between write loads", 1, since(back), report)
+
+
+def test_a_pull_asked_while_the_source_server_is_down_waits_for_it_and_arrives(site: Site, state_db: str) -> None:
+    n, port = 60, free_port()
+    linked, _roles = shared_link(site, state_db, n, 30, DJLINK_METRICS_PORT=str(port))
+    waits = ("djlink_agent_source_waits_total", ())
+    stop(services.SOURCE.name)
+    down_at = time.monotonic()
+    asked: dict[str, Any] = {}
+    asking = threading.Thread(target=lambda: asked.update(reply=ask(linked.requests, "PULL", linked.spec,
+                                                                    list(range(31, n + 1)), timeout=120)))  # fmt: skip
+    asking.start()
+    # The agent meets the outage with the command in hand, and waits (it would have stopped before).
+    wait_for(lambda: samples(port).get(waits, 0) >= 2, 60, "the agent waiting for the source server")
+    start_again()
+    back = time.monotonic()
+    print(f"\nsource server away {back - down_at:.1f} s; the agent waited {samples(port)[waits]:.0f} times")
+    asking.join(150)
+    assert asked["reply"]["activated"] == n - 30, asked
+    wait_for(lambda: len(linked.Recording()) == n, 90, "the pull asked while the source was down")
+    assert all(proc.poll() is None for proc in site.processes), "no role stops while the source server is away"
+    report = equal_and_clean(site)
+    record_fault("source server stopped (SIGTERM) with a pull on its way to the agent", 1, since(back), report)
 
 
 def test_the_destination_server_restarted_during_apply_loses_nothing(site: Site, state_db: str) -> None:

@@ -149,7 +149,7 @@ class Capture:
             dispatcher.publish([], checkpoint)
         log.info("capture resumes at GTID position %r", checkpoint.gtid_position)
         self._initial = offsets.load_snapshots() if s.snapshot_mode == "initial" else {}
-        snapshots = SnapshotSource(self._connect, self._shapes, s.capture_server_id, s.snapshot_chunk_size)
+        snapshots = SnapshotSource(self._connect, self._shapes, s.capture_server_id, s.snapshot_chunk_size, stop)
 
         units: queue.Queue[Any] = queue.Queue(maxsize=1000)
         binlog = BinlogSource(

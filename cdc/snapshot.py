@@ -8,40 +8,71 @@ of that instant is recorded with them.
 
 from __future__ import annotations
 
+import functools
+import logging
+import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import pymysql.cursors
 
 from cdc.events import ChangeUnit, Position, RowChange
 from cdc.table_shapes import TableShapes
 from foundation import keys as keycodec
+from foundation.dberrors import describe, waiting_out
 from foundation.links import LinkSpec, external_table
 from foundation.sql import in_clause, quote
 from schemas.tables import select_expression
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
 
 class SnapshotSource:
-    def __init__(self, connect: Any, shapes: TableShapes, server_id: int, chunk_size: int) -> None:
+    def __init__(
+        self, connect: Any, shapes: TableShapes, server_id: int, chunk_size: int, stop: threading.Event | None = None
+    ) -> None:
         self._connect = connect
         self._shapes = shapes
         self._server_id = server_id
         self._chunk_size = chunk_size
+        self._stop = stop or threading.Event()
+
+    def _retrying(self, what: str, attempt: Callable[[], T]) -> T:
+        """`attempt()`, again after a wait while the source server is unreachable (a restart, a failover): each
+        chunk is one consistent read of its own, so reading it again is reading it once."""
+
+        def warn(exc: BaseException, pause: float) -> None:
+            log.warning("the source server is unreachable (%s); reading %s again in %.1f s", describe(exc), what, pause)
+
+        return waiting_out(attempt, self._stop, warn)
 
     def read(self, link: LinkSpec, key_texts: Sequence[str], request_id: str) -> Iterator[tuple[ChangeUnit, bool]]:
         """The entities' chunks, each read when asked for (so each is published before the next is read),
         with whether it is the last."""
-        master = self._shapes.shape(link.source_db, link.source_table)
+        master = self._retrying("the table's shape", lambda: self._shapes.shape(link.source_db, link.source_table))
         pk = link.primary_key or master.primary_key
-        conn = self._connect(cursorclass=pymysql.cursors.DictCursor)
+        held: list[Any] = []  # the connection, while it works
+
+        def read_chunk(chunk: list[dict[str, Any]]) -> ChangeUnit:
+            if not held:
+                held.append(self._connect(cursorclass=pymysql.cursors.DictCursor))
+            try:
+                return self._read_chunk(held[0], link, pk, chunk, request_id)
+            except BaseException:
+                held.pop().close()
+                raise
+
         try:
             for start in range(0, len(key_texts), self._chunk_size):
                 chunk = [keycodec.decode(k) for k in key_texts[start : start + self._chunk_size]]
-                yield self._read_chunk(conn, link, pk, chunk, request_id), start + self._chunk_size >= len(key_texts)
+                unit = self._retrying(f"a snapshot chunk of {link.link_id}", functools.partial(read_chunk, chunk))
+                yield unit, start + self._chunk_size >= len(key_texts)
         finally:
-            conn.close()
+            for conn in held:
+                conn.close()
 
     def next_table_chunk(self, link: LinkSpec, after: str | None) -> tuple[ChangeUnit, str] | None:
         """The initial snapshot's next chunk: master keys after `after` in key order, with their parts.
@@ -49,6 +80,9 @@ class SnapshotSource:
         The unit names no link and no request: it is for subscribers, and the
         applier applies only what a pull asked for. None when the table is done.
         """
+        return self._retrying(f"the initial snapshot of {link.link_id}", lambda: self._next_table_chunk(link, after))
+
+    def _next_table_chunk(self, link: LinkSpec, after: str | None) -> tuple[ChangeUnit, str] | None:
         master = self._shapes.shape(link.source_db, link.source_table)
         pk = list(link.primary_key or master.primary_key)
         cols = ", ".join(quote(c) for c in pk)

@@ -32,7 +32,7 @@ from foundation import grants
 from foundation import keys as keycodec
 from foundation.catalog import Catalog, UnknownTable
 from foundation.config import Settings
-from foundation.dberrors import describe, is_transient
+from foundation.dberrors import describe, is_transient, waiting_out
 from foundation.dead_letters import DeadLetter
 from foundation.kafka import Transactional, consumer, ok, where
 from foundation.links import LinkRegistry, LinkSpec
@@ -40,7 +40,6 @@ from foundation.sql import chunks
 from foundation.topics import Admin, SchemaTopic, Topics
 
 log = logging.getLogger(__name__)
-MIN_PAUSE_S, MAX_PAUSE_S = 0.5, 5.0  # between attempts while the source server is unreachable
 
 
 @contextlib.contextmanager
@@ -131,20 +130,16 @@ class SourceAgent:
         or answers a transient error, abort, wait (0.5 s doubling to 5 s, a warning each time) and run it
         again. Every step is idempotent (the helper table is written first and each change only from the
         state it expects), so running one again does nothing twice."""
-        pause = MIN_PAUSE_S
-        while True:
-            try:
-                step()
-                return
-            except (pymysql.err.MySQLError, ConnectionError, TimeoutError) as exc:
-                if not is_transient(exc) or stop.is_set():
-                    raise
-                with contextlib.suppress(Exception):
-                    self._db.rollback()
-                metrics.SOURCE_WAITS.inc()
-                log.warning("the source server is unreachable (%s); %s again in %.1f s", describe(exc), what, pause)
-                stop.wait(pause)
-                pause = min(pause * 2, MAX_PAUSE_S)
+
+        def warn(exc: BaseException, pause: float) -> None:
+            metrics.SOURCE_WAITS.inc()
+            log.warning("the source server is unreachable (%s); %s again in %.1f s", describe(exc), what, pause)
+
+        def roll_back() -> None:
+            with contextlib.suppress(Exception):
+                self._db.rollback()
+
+        waiting_out(step, stop, warn, roll_back)
 
     def _renew_after_outage(self) -> None:
         """The producer for the next transaction: a new one after a lost broker connection (Transactional)."""

@@ -68,7 +68,14 @@ def broker_pids() -> dict[int, int]:
 
 
 def partition(settings: Settings, topic: str, number: int = 0) -> Any:
-    return admin_client(settings).list_topics(topic, timeout=10).topics[topic].partitions[number]
+    """A partition's metadata, once every broker's metadata knows it (a topic just made reaches them later)."""
+    admin = admin_client(settings)
+
+    def known() -> Any:
+        found = admin.list_topics(topic, timeout=10).topics.get(topic)
+        return found.partitions.get(number) if found is not None and found.error is None else None
+
+    return wait_for(known, 30, f"{topic} partition {number} in the cluster's metadata", interval=0.2)
 
 
 def transaction_coordinator(settings: Settings, transactional_id: str) -> int:

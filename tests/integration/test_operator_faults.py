@@ -42,12 +42,12 @@ def start_again() -> None:
 
 
 def shared_link(
-    site: Site, state_db: str, n: int, pulled: int, **agent_env: str
+    site: Site, state_db: str, n: int, pulled: int, capture_env: dict[str, str] | None = None, **agent_env: str
 ) -> tuple[Linked, dict[str, subprocess.Popen[str]]]:
     """Each role started in a process of its own, `n` recordings linked, the first `pulled` pulled; the link and
     the roles' processes by name."""
     roles = {
-        "capture": site.start("capture"),
+        "capture": site.start("capture", **(capture_env or {})),
         "agent": site.start("agent", **agent_env),
         "applier": site.start("applier", DJLINK_APPLIER_STATE_DB=state_db),
     }
@@ -129,6 +129,30 @@ def test_a_pull_asked_while_the_source_server_is_down_waits_for_it_and_arrives(s
     assert all(proc.poll() is None for proc in site.processes), "no role stops while the source server is away"
     report = equal_and_clean(site)
     record_fault("source server stopped (SIGTERM) with a pull on its way to the agent", 1, since(back), report)
+
+
+def test_the_source_server_restarted_in_the_middle_of_a_pulls_read_loses_nothing(site: Site, state_db: str) -> None:
+    n, port = 1500, free_port()
+    linked, _roles = shared_link(site, state_db, n, 30, {"DJLINK_SNAPSHOT_CHUNK_SIZE": "1",
+                                                         "DJLINK_METRICS_PORT": str(port)})  # fmt: skip
+    units = ("djlink_capture_units_total", ())
+    base = samples(port)[units]
+    pull: dict[str, Any] = {}
+    asking = threading.Thread(target=lambda: pull.update(summary=(linked.Recording().source & "recording_id > 30")
+                                                          .pull(timeout=240)))  # fmt: skip
+    asking.start()
+    wait_for(lambda: samples(port)[units] >= base + 50, 90, "the capture reading the pull's entities")
+    stop(services.SOURCE.name)
+    read_before = samples(port)[units] - base
+    start_again()
+    back = time.monotonic()
+    print(f"\nsource server stopped after {read_before:.0f} of {n - 30} chunks of the pull's read")
+    assert read_before < n - 30, "the server went away in the middle of the read"
+    asking.join(300)
+    assert pull["summary"].pulled == n - 30, pull
+    assert all(proc.poll() is None for proc in site.processes), "no role stops when the source server restarts"
+    report = equal_and_clean(site)
+    record_fault("source server stopped (SIGTERM) in the middle of a pull's snapshot read", 1, since(back), report)
 
 
 def test_the_destination_server_restarted_during_apply_loses_nothing(site: Site, state_db: str) -> None:

@@ -23,7 +23,7 @@ from consumers.applier.gathering import (
     safe_offsets,
 )
 from foundation.config import ConfigError, Settings
-from foundation.dberrors import describe, is_transient
+from foundation.dberrors import describe, is_transient, waiting_out
 
 T, R, C = "p.transaction", "p.db.master", "p.db.master__part"
 
@@ -160,6 +160,33 @@ def test_connection_errors_are_retried_and_data_errors_are_not(exc: BaseExceptio
 def test_database_errors_are_described_by_code_and_message() -> None:
     error = pymysql.err.ProgrammingError(1146, "Table 'd.t' doesn't exist")
     assert describe(error) == "(1146) Table 'd.t' doesn't exist"
+
+
+def test_waiting_out_runs_again_after_transient_errors_only() -> None:
+    failures = [pymysql.err.OperationalError(2003, "cannot connect"), ConnectionResetError("reset")]
+    warned: list[float] = []
+    rolled_back: list[bool] = []
+
+    def attempt() -> str:
+        if failures:
+            raise failures.pop(0)
+        return "read"
+
+    stop = threading.Event()
+    stop.wait = lambda timeout=None: False  # type: ignore[method-assign]  # no real pause in a unit test
+    assert waiting_out(attempt, stop, lambda e, p: warned.append(p), lambda: rolled_back.append(True)) == "read"
+    assert warned == [0.5, 1.0] and rolled_back == [True, True]
+
+    def data_error() -> None:
+        raise pymysql.err.IntegrityError(1062, "duplicate")
+
+    with pytest.raises(pymysql.err.IntegrityError):
+        waiting_out(data_error, stop, lambda e, p: warned.append(p))
+    stop.set()
+    failures.append(pymysql.err.OperationalError(2013, "lost"))
+    with pytest.raises(pymysql.err.OperationalError):
+        waiting_out(attempt, stop, lambda e, p: warned.append(p))
+    assert warned == [0.5, 1.0]
 
 
 def test_the_state_database_name_comes_from_the_environment_and_is_checked() -> None:

@@ -1,7 +1,8 @@
 """A batch of units, from gathered to planned: converted, then planned one after another with what plans depend on.
 
 Each unit is planned against the entity states the earlier units of the
-batch leave (not committed yet); before each plan, what it depends on is
+batch leave (not committed yet), over the committed states of every entity
+the batch touches (`entity_states`, read once per batch); before each plan, what it depends on is
 read here: the presence at the destination of flagged entities being pulled,
 then the unit's external objects, copied and verified (`objects`). Planning
 itself is pure (`planning.UnitPlanner`). Units that cannot be planned are
@@ -19,9 +20,10 @@ from typing import Any
 import schemas
 from consumers.applier import writes
 from consumers.applier.destination import Destination
+from consumers.applier.entity_states import EntityStates
 from consumers.applier.gathering import Event, PendingUnit
 from consumers.applier.objects import Objects
-from consumers.applier.planning import Known, Plan, Prepared, UnitPlanner, prepare
+from consumers.applier.planning import Known, Plan, Prepared, UnitPlanner, entities_touched, prepare
 from consumers.applier.routing import Routes
 from consumers.applier.state_store import StateStore, TrackedKey
 from consumers.integrity import EntityKey, EntityState
@@ -88,7 +90,7 @@ class BatchPlanner:
         self,
         units: list[Prepared],
         routes: Routes,
-        entities: Mapping[EntityKey, EntityState],
+        states: EntityStates,
         excluded: Mapping[EntityKey, str] | None = None,
     ) -> tuple[list[Plan], list[Refused]]:
         """The plans of the units with something to do, in order, and the units refused (a source transaction
@@ -96,6 +98,8 @@ class BatchPlanner:
         processing unit to leave out, and why."""
         plans: list[Plan] = []
         refused: list[Refused] = []
+        touched = [k for unit in units for k in entities_touched(unit, routes)]
+        entities = states.of(touched, self._read_states)
         batch_states: dict[EntityKey, EntityState] = {}
         batch_tracked: dict[TrackedKey, dict[str, Any] | None] = {}
         self._objects.new_batch()
@@ -121,6 +125,9 @@ class BatchPlanner:
                 batch_states.update(plan.states)
                 batch_tracked.update(plan.tracked)
         return plans, refused
+
+    def _read_states(self, keys: list[EntityKey]) -> Mapping[EntityKey, EntityState]:
+        return self._destination.transact(partial(self._store.load_states, keys=keys))
 
     def _present(self, link: LinkSpec | None, entities: list[EntityKey]) -> set[str]:
         """Which of these entities of `link` have their master row at the destination now (key texts)."""

@@ -29,6 +29,7 @@ from consumers.applier import metrics, writes
 from consumers.applier.batches import BatchPlanner, prepare_all
 from consumers.applier.delivery import DeadLetters, Outbox, flag_value
 from consumers.applier.destination import Destination
+from consumers.applier.entity_states import EntityStates
 from consumers.applier.gathering import Gathering, Partition, PendingUnit, changed
 from consumers.applier.objects import Objects
 from consumers.applier.planning import Plan, Prepared
@@ -73,7 +74,7 @@ class Applier:
         self._gathering = Gathering()
         self._acks: Outbox[str] = Outbox("acks", self._acks_sent)
         self._flags: Outbox[EntityKey] = Outbox("flag changes", self._flags_sent)
-        self._entities: dict[EntityKey, EntityState] = {}
+        self._states = EntityStates()
         self._positions: dict[int, int] = {}  # replication domain -> seq no of the last source transaction applied
         self._waiting_for: tuple[str, float, bool] | None = None  # unit id, since, warned
         self._stored: dict[Partition, int] = {}
@@ -124,10 +125,10 @@ class Applier:
             self._acks.put(unit_id, self.topics.acks, link_id, ack)
         if unsent_acks:
             log.info("resending the acks of %d units committed before the last stop", len(unsent_acks))
-        self._entities, unsent_flags = self._destination.transact(self._store.load_entities)
+        unsent_flags = self._destination.transact(self._store.load_flag_pending)
         self._positions = self._destination.transact(self._store.load_positions)
-        for key in unsent_flags:
-            self._owe_flag(key, 0)
+        for key, state in unsent_flags.items():
+            self._owe_flag(key, state, 0)
         self._acks.send(self._p)
         self._flags.send(self._p)
         self._stored = self._destination.transact(self._store.load_offsets)
@@ -288,7 +289,7 @@ class Applier:
 
     def _plan_all(self, prepared: list[Prepared], excluded: dict[EntityKey, str] | None = None) -> list[Plan]:
         """The plans of the units with something to do (see `batches.BatchPlanner`); units refused are given up."""
-        plans, refused = self._planner.plan(prepared, self._reader.routes, self._entities, excluded)
+        plans, refused = self._planner.plan(prepared, self._reader.routes, self._states, excluded)
         for r in refused:
             self._give_up(r.unit_id, r.unit, r.link_id, r.reason, store_offsets=False)
         return plans
@@ -376,12 +377,9 @@ class Applier:
     def _remember(self, plan: Plan, ack: bytes | None) -> None:
         """What a committed plan did, in memory: entity states, source positions, and what is owed to Kafka."""
         for key, new in plan.states.items():
-            if new.forgettable():
-                self._entities.pop(key, None)
-            else:
-                self._entities[key] = new
+            self._states.remember(key, new)
         for key, source_ts in plan.flags.items():
-            self._owe_flag(key, source_ts)
+            self._owe_flag(key, plan.states[key], source_ts)
         if plan.gtid is not None:
             domain = plan.gtid.domain
             self._positions[domain] = max(plan.gtid.seq_no, self._positions.get(domain, -1))
@@ -397,10 +395,10 @@ class Applier:
             metrics.finished("mirrored")
         metrics.behind(plan.unit.end_ts_ms)
 
-    def _owe_flag(self, key: EntityKey, source_ts: int) -> None:
-        """Owe the flags topic the entity's flags as they are now: a record while flagged or deprecated, a
-        tombstone once neither (compacted, keyed `<link id> <entity key>`)."""
-        value = flag_value(self._codec, key, self._entities.get(key) or EntityState(), source_ts)
+    def _owe_flag(self, key: EntityKey, state: EntityState, source_ts: int) -> None:
+        """Owe the flags topic the entity's flags as they are now (`state`, committed): a record while flagged or
+        deprecated, a tombstone once neither (compacted, keyed `<link id> <entity key>`)."""
+        value = flag_value(self._codec, key, state, source_ts)
         self._flags.put(key, self.topics.flags, f"{key.link_id} {key.key}", value)
 
     def _give_up(

@@ -169,6 +169,24 @@ class Known:
         return self.batch.get(key) or self.entities.get(key) or EntityState()
 
 
+def entities_touched(prepared: Prepared, routes: Routes) -> list[EntityKey]:
+    """Every entity whose state planning the unit may ask for (`Known` must hold them all): the owners of its
+    helper-table changes, and of a source transaction's data-table changes by either image (a primary-key change
+    touches two), or of a processing unit's master rows read."""
+    link = prepared.link
+    master = f"{link.source_db}.{link.source_table}" if link is not None else None
+    keys: list[EntityKey] = []
+    for change in prepared.changes:
+        collection = change.event.collection
+        helper_of = routes.helper_of.get(collection)
+        owner = helper_of or (link if collection == master else None if link else routes.data_of.get(collection))
+        if owner is None:
+            continue
+        pk = list(owner.primary_key)
+        keys.extend(EntityKey(owner.link_id, keycodec.encode(i, pk)) for i in (change.before, change.after) if i)
+    return list(dict.fromkeys(keys))
+
+
 class UnitPlanner:
     """Plans one prepared unit. Pure: every input is given, nothing is read or written.
 

@@ -233,21 +233,27 @@ class StateStore:
 
     # -- entities ------------------------------------------------------------------
 
-    def load_entities(self, cur: Any) -> tuple[dict[EntityKey, EntityState], set[EntityKey]]:
-        """Every entity's state, and the entities whose flag change the flags topic may lack."""
+    _STATE_COLUMNS = "`link_id`, `entity_key`, `process`, `is_flagged`, `is_deprecated`, `at_destination`"
+
+    def load_states(self, cur: Any, keys: Sequence[EntityKey]) -> dict[EntityKey, EntityState]:
+        """The states of those of `keys` the store has (an entity it lacks is Unshared and not here)."""
+        states: dict[EntityKey, EntityState] = {}
+        for chunk in chunks(keys):
+            cur.execute(
+                f"SELECT {self._STATE_COLUMNS} FROM {self._entities} WHERE `consumer_group`=%s AND "
+                f"(`link_id`, `key_hash`) IN ({', '.join(['(%s, %s)'] * len(chunk))})",
+                (self.group, *(v for link_id, key in chunk for v in (link_id, key_hash(key)))),
+            )
+            states.update(_states(cur.fetchall()))
+        return states
+
+    def load_flag_pending(self, cur: Any) -> dict[EntityKey, EntityState]:
+        """The states of the entities whose flag change the flags topic may lack."""
         cur.execute(
-            f"SELECT `link_id`, `entity_key`, `process`, `is_flagged`, `is_deprecated`, `at_destination`, "
-            f"`flag_pending` FROM {self._entities} WHERE `consumer_group`=%s",
+            f"SELECT {self._STATE_COLUMNS} FROM {self._entities} WHERE `consumer_group`=%s AND `flag_pending`=1",
             (self.group,),
         )
-        states: dict[EntityKey, EntityState] = {}
-        pending: set[EntityKey] = set()
-        for link_id, key, process, flagged, deprecated, here, flag_pending in cur.fetchall():
-            helper = HelperRow(Process(process), flagged == "TRUE", deprecated == "TRUE") if process else None
-            states[EntityKey(link_id, key)] = EntityState(helper, bool(here))
-            if flag_pending:
-                pending.add(EntityKey(link_id, key))
-        return states, pending
+        return _states(cur.fetchall())
 
     def save_entities(
         self, cur: Any, states: Mapping[EntityKey, EntityState], flag_changed: Iterable[EntityKey]
@@ -404,6 +410,14 @@ class StateStore:
 
 def key_hash(entity_key: str) -> bytes:
     return hashlib.sha1(entity_key.encode()).digest()
+
+
+def _states(rows: Iterable[tuple[Any, ...]]) -> dict[EntityKey, EntityState]:
+    states = {}
+    for link_id, key, process, flagged, deprecated, here in rows:
+        helper = HelperRow(Process(process), flagged == "TRUE", deprecated == "TRUE") if process else None
+        states[EntityKey(link_id, key)] = EntityState(helper, bool(here))
+    return states
 
 
 def _bool(value: bool) -> str:

@@ -10,6 +10,7 @@ import pytest
 
 from consumers.applier.batches import BatchPlanner, prepare_all
 from consumers.applier.destination import Destination
+from consumers.applier.entity_states import EntityStates
 from consumers.applier.gathering import Event, Offset, PendingUnit
 from consumers.applier.objects import ObjectRef, Objects, Staged
 from consumers.applier.planning import (
@@ -19,6 +20,7 @@ from consumers.applier.planning import (
     Target,
     UnitPlanner,
     WriteKind,
+    entities_touched,
     merged_writes,
     prepare,
 )
@@ -76,6 +78,23 @@ class Unit:
         return prepare(self.unit_id, self.pending, self.link, lambda e: key_columns[e.collection])
 
 
+class Touched(dict[EntityKey, EntityState]):
+    """The committed states a batch planner gives a unit: those of `entities_touched` only. Planning asking for
+    any other entity's state fails the test (the applier would have planned it as Unshared)."""
+
+    def __init__(self, prepared: Prepared, entities: dict[EntityKey, EntityState]) -> None:
+        self.touched = set(entities_touched(prepared, ROUTES))
+        super().__init__({k: s for k, s in entities.items() if k in self.touched})
+
+    def get(self, key: EntityKey, default: Any = None) -> Any:
+        assert key in self.touched, f"planning asked for the state of {key}, which entities_touched does not name"
+        return super().get(key, default)
+
+
+def known(prepared: Prepared, entities: dict[EntityKey, EntityState] | None = None, **batch: Any) -> Known:
+    return Known(Touched(prepared, entities or {}), batch.get("batch") or {})
+
+
 def plan_of(
     unit: Unit,
     entities: dict[EntityKey, EntityState] | None = None,
@@ -84,7 +103,8 @@ def plan_of(
     staged: Staged | None = None,
     excluded: dict[EntityKey, str] | None = None,
 ) -> Plan | None:
-    planner = UnitPlanner(unit.prepared(), ROUTES, Known(entities or {}, batch or {}), excluded)
+    prepared = unit.prepared()
+    planner = UnitPlanner(prepared, ROUTES, known(prepared, entities, batch=batch), excluded)
     return planner.plan(present or set(), staged or Staged())
 
 
@@ -161,7 +181,7 @@ def test_a_pull_writes_its_entities_and_acknowledges_each() -> None:
 
 def test_a_flagged_pull_keeps_an_entity_that_is_here_and_deprecates_one_that_is_not() -> None:
     unit = pull(1, 2, flagged=(1, 2))
-    planner = UnitPlanner(unit.prepared(), ROUTES, Known({}))
+    planner = UnitPlanner(unit.prepared(), ROUTES, known(unit.prepared()))
     assert planner.presence_needed() == [entity(1), entity(2)]
     plan = planner.plan({entity(1).key}, Staged())
     assert plan is not None
@@ -235,7 +255,9 @@ def test_entities_whose_objects_fail_or_that_are_excluded_are_acknowledged_as_fa
             )
         )
     ].envelope["after"]["blob"] = digest
-    planner = UnitPlanner(unit.prepared(), ROUTES, Known({}), excluded={entity(3): "the destination refused it: x"})
+    planner = UnitPlanner(
+        unit.prepared(), ROUTES, known(unit.prepared()), excluded={entity(3): "the destination refused it: x"}
+    )
     refs = planner.objects_needed(set())
     ref = ObjectRef(TrackedKey("src", "raw", digest), "blob", MASTER, "raw", "dst")
     assert refs == {entity(2): [ref]}  # the excluded entity's objects are not even copied
@@ -253,7 +275,7 @@ def test_entities_whose_objects_fail_or_that_are_excluded_are_acknowledged_as_fa
 def test_a_staged_objects_tracking_row_is_written_before_the_row_that_references_it() -> None:
     digest = b"\x02" * 16
     unit = pull(1, blobs={1: digest})
-    planner = UnitPlanner(unit.prepared(), ROUTES, Known({}))
+    planner = UnitPlanner(unit.prepared(), ROUTES, known(unit.prepared()))
     (ref,) = planner.objects_needed(set())[entity(1)]
     tracked = {"hash": digest, "size": 3}
     plan = planner.plan(set(), Staged(rows={ref: tracked}))
@@ -303,5 +325,35 @@ def test_rows_that_do_not_convert_are_the_datas_fault_and_a_bug_in_planning_is_n
     settings = Settings.from_env({})
     destination = Destination(settings.destination, threading.Event())
     planner = BatchPlanner(destination, StateStore("s", "g"), Objects(Stores({}, "S"), Stores({}, "D")))
+    states = EntityStates()
+    states.remember(entity(1), SHARED)  # kept: planning reads nothing from the (unconnected) destination
     with pytest.raises(KeyError, match="a bug in planning"):
-        planner.plan(prepared, ROUTES, {entity(1): SHARED})
+        planner.plan(prepared, ROUTES, states)
+
+
+def test_entities_touched_names_each_entity_once_by_both_images_and_nothing_of_other_tables() -> None:
+    unit = Unit()
+    unit.change(PART, {"id": 1, "ch": 1, "x": 0}, {"id": 2, "ch": 1, "x": 0})  # moved to another master
+    unit.change(MASTER, None, {"id": 1, "v": 0})
+    unit.change(HELPER, None, helper(Process.PULL) | {"id": 3})
+    unit.change(EXTERNAL, None, {"hash": b"\x01" * 16, "size": 3})  # a tracked object: no entity
+    assert entities_touched(unit.prepared(), ROUTES) == [entity(1), entity(2), entity(3)]
+
+
+def test_entity_states_read_only_what_is_not_kept_and_keep_a_bounded_number() -> None:
+    reads: list[list[EntityKey]] = []
+
+    def read(keys: list[EntityKey]) -> dict[EntityKey, EntityState]:
+        reads.append(keys)
+        return {k: SHARED for k in keys if k == entity(2)}
+
+    states = EntityStates(limit=3)
+    assert states.of([entity(1), entity(2), entity(1)], read) == {entity(1): EntityState(), entity(2): SHARED}
+    assert states.of([entity(2), entity(1)], read) == {entity(2): SHARED, entity(1): EntityState()}
+    assert reads == [[entity(1), entity(2)]] and states.reads == 1  # the second batch read nothing
+    states.remember(entity(1), SHARED)  # committed
+    states.of([entity(3), entity(4)], read)  # 2, the least recently used, is dropped
+    assert len(states) == 3 and reads[-1] == [entity(3), entity(4)]
+    assert states.of([entity(1)], read) == {entity(1): SHARED}  # as committed, not as first read
+    states.of([entity(2)], read)
+    assert reads[-1] == [entity(2)]  # read again

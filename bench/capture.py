@@ -58,7 +58,7 @@ from pymysqlreplication.event import MariadbGtidEvent, QueryEvent, XidEvent
 from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
 
 import schemas
-from bench.common import ROOT, cleanup, connect, say, services_env
+from bench.common import ROOT, cleanup, connect, cpu_seconds, say, services_env
 from cdc.rows import RowReader, decode_rows
 from devtools.services import binlog_settings
 from foundation.config import Settings
@@ -426,10 +426,47 @@ class CaptureResult:
     first_event: float  # seconds from ready to the first committed event
     cpu_seconds: float  # user + system of the capture process (all its threads)
     reconnects: int  # binlog connections the source dropped (the library's "Re-request the connection")
+    cpu_at_ready: float = 0.0  # CPU seconds of the capture process when it said "djlink: ready" (from /proc)
+    cpu_at_done: float = 0.0  # ... when the N-th event arrived (from /proc)
+    half: float = 0.0  # seconds from ready to the (N/2)-th committed event
+
+    @property
+    def second_half_rate(self) -> float:
+        """Events/s over the second half of the events (warmed up)."""
+        seconds = self.from_ready - self.half
+        return (self.events - self.events // 2) / seconds if seconds > 0 else 0.0
 
     @property
     def rate(self) -> float:
         return self.events / self.from_ready if self.from_ready > 0 else 0.0
+
+
+def create_schemas(env: dict[str, str], names: list[str]) -> None:
+    """Fresh schemas on the source, each with the benchmark's table."""
+    conn = connect(env)
+    with conn.cursor() as cur:
+        for name in names:
+            cur.execute(f"CREATE DATABASE `{name}`")
+            cur.execute(DDL.format(db=f"`{name}`", table=TABLE))
+    conn.close()
+
+
+def prepare_capture(env: dict[str, str], db: str, prefix: str, start_gtid: str) -> tuple[str, dict[str, str]]:
+    """Register the link of `db`.TABLE under `prefix`; the change topic and the capture's environment from
+    `start_gtid` (with a fresh server id)."""
+    settings = Settings.from_env({**env, "DJLINK_TOPIC_PREFIX": prefix})
+    topics = Topics(prefix)
+    spec = dataclasses.replace(
+        LinkSpec.new(db, TABLE, f"{db}_helper", f"~{TABLE}_outbound", f"{db}_dest"), primary_key=("recording_id",)
+    )
+    register_link(settings, topics, spec)
+    capture_env = {
+        **env,
+        "DJLINK_TOPIC_PREFIX": prefix,
+        "DJLINK_CAPTURE_START_GTID": start_gtid,
+        "DJLINK_CAPTURE_SERVER_ID": str(6000 + uuid.uuid4().int % 100_000),
+    }
+    return topics.table(db, TABLE), capture_env
 
 
 def register_link(settings: Settings, topics: Topics, spec: LinkSpec) -> None:
@@ -483,16 +520,18 @@ def run_capture(
         text=True,
     )
     ready_at: list[float] = []
+    cpu_ready: list[float] = []
 
     def pump() -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             if "djlink: ready" in line and not ready_at:
                 ready_at.append(time.monotonic())
+                cpu_ready.append(cpu_seconds(proc.pid))
 
     threading.Thread(target=pump, daemon=True).start()
     count = 0
-    first = done = 0.0
+    first = half = done = cpu_done = 0.0
     done_wall = float("inf")
     next_report = started + 10
     try:
@@ -511,8 +550,11 @@ def run_capture(
                     count += 1
                     if count == 1:
                         first = time.monotonic()
+                    if count == expected // 2:
+                        half = time.monotonic()
                     if count >= expected:
                         done, done_wall = time.monotonic(), time.time()
+                        cpu_done = cpu_seconds(proc.pid)
                         break
     finally:
         counter.close()
@@ -541,6 +583,9 @@ def run_capture(
         first - ready,
         (usage.ru_utime - usage0.ru_utime) + (usage.ru_stime - usage0.ru_stime),
         reconnects,
+        cpu_ready[0] if cpu_ready else 0.0,
+        cpu_done,
+        half - ready,
     )
 
 
@@ -587,12 +632,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with cleanup(env, [db, other], prefix, args.keep):
         # 1. Schemas, then the start position.
-        conn = connect(env)
-        with conn.cursor() as cur:
-            for name in (db, other):
-                cur.execute(f"CREATE DATABASE `{name}`")
-                cur.execute(DDL.format(db=f"`{name}`", table=TABLE))
-        conn.close()
+        create_schemas(env, [db, other])
         start_gtid = query_one(env, "SELECT @@gtid_binlog_pos") or ""
 
         # 2. The fixed binlog.
@@ -633,18 +673,7 @@ def main(argv: list[str] | None = None) -> int:
                     say(f"  warning: expected {args.rows:,} rows, decoded {r.rows:,}")
 
         # 4. The capture into Kafka.
-        settings = Settings.from_env({**env, "DJLINK_TOPIC_PREFIX": prefix})
-        topics = Topics(prefix)
-        spec = dataclasses.replace(
-            LinkSpec.new(db, TABLE, f"{db}_helper", f"~{TABLE}_outbound", f"{db}_dest"), primary_key=("recording_id",)
-        )
-        register_link(settings, topics, spec)
-        capture_env = {
-            **env,
-            "DJLINK_TOPIC_PREFIX": prefix,
-            "DJLINK_CAPTURE_START_GTID": start_gtid,
-            "DJLINK_CAPTURE_SERVER_ID": str(6000 + uuid.uuid4().int % 100_000),
-        }
+        topic, capture_env = prepare_capture(env, db, prefix, start_gtid)
         if args.freeze_schema_experiment:
             capture_env["BENCH_FREEZE_SCHEMA"] = "1"
         say(
@@ -654,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         c = run_capture(
             capture_env,
-            topics.table(db, TABLE),
+            topic,
             args.rows,
             args.profile,
             args.timeout,

@@ -1,7 +1,7 @@
 """Mirroring latency: source commit to destination row visible, for shared rows updated at a steady rate;
 and how soon a flag set at the source is known at the destination.
 
-    python -m bench.latency                      # 100 and 1,000 rows/s, 15 s each
+    python -m bench.latency                      # 1,000 and 2,000 rows/s, 15 s each
     python -m bench.latency --rates 100 --seconds 5
     python -m bench.latency --help
 
@@ -9,15 +9,19 @@ and how soon a flag set at the source is known at the destination.
    longblob, one part row each), starts the pipeline (`djlink run --role
    capture --role agent`, `djlink run --role applier`) and pulls all of them:
    every row is Shared, so every update is mirrored.
-2. For each rate R: one writer updates `subject` of a random entity to a new
-   sequence number, one autocommit UPDATE at a time, on the schedule
-   t0 + i/R, noting when each COMMIT returned. A watcher reads the
+2. For each rate R: W writers (default 4, each its own connection, as
+   several users write at once) update `subject` of a random entity to a new
+   sequence number, each an autocommit UPDATE, on the shared schedule
+   t0 + i/R (writer i mod W takes update i), noting when each COMMIT
+   returned. The rate the writers reached is printed next to the one asked
+   for: one connection alone reaches about 500 rows/s here. A watcher (a process
+   of its own, so that the writers do not delay its polls) reads the
    destination's `subject` column every `--poll-ms` (default 5 ms) and notes
    when each sequence number first appears. Latency = seen - committed, for
    every update that was not overwritten before the watcher saw it (its
    resolution is the poll interval). Prints the achieved rate, p50, p95, p99,
-   max, and each percentile as a ratio to the issue's target (p50 < 50 ms,
-   p99 < 250 ms).
+   max, and each percentile as a ratio to the issue's target (p50 < 20 ms,
+   p99 < 100 ms).
 3. Flags: sets `is_flagged='TRUE'` on F helper rows (default 50), one at a
    time, each after the previous one is known, and times until the
    applier's entity state lists it (the state `Table().source.flagged` reads):
@@ -29,6 +33,7 @@ Figures, never assertions. Schemas and topics are dropped afterwards (unless --k
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import random
 import statistics
@@ -43,12 +48,13 @@ import numpy as np
 
 from bench.common import cleanup, connect, facade, say, services_env, source_host, start_pipeline
 
-TARGETS = {"p50": 50.0, "p99": 250.0}
+TARGETS = {"p50": 20.0, "p99": 100.0}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rates", default="100,1000", help="update rates to measure, rows/s (default 100,1000)")
+    parser.add_argument("--rates", default="1000,2000", help="update rates to measure, rows/s (default 1000,2000)")
+    parser.add_argument("--writers", type=int, default=4, help="connections writing the load (default 4)")
     parser.add_argument("--seconds", type=float, default=15, help="seconds of load per rate (default 15)")
     parser.add_argument("--entities", type=int, default=500, help="shared entities updated (default 500)")
     parser.add_argument("--flags", type=int, default=50, help="flags to time (default 50; 0 skips)")
@@ -62,54 +68,87 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
 
 
-class Watcher(threading.Thread):
-    """Notes when each `subject` value first shows at the destination."""
+class Watcher:
+    """Notes when each `subject` value first shows at the destination, in a process of its own (in this one, the
+    writers' threads would delay its polls, and it theirs)."""
 
     def __init__(self, env: dict[str, str], table: str, poll_s: float) -> None:
-        super().__init__(daemon=True)
-        self.env, self.table, self.poll_s = env, table, poll_s
+        self._stop = multiprocessing.Event()
+        self._ours, theirs = multiprocessing.Pipe()
+        self._process = multiprocessing.get_context("fork").Process(
+            target=self._watch, args=(env, table, poll_s, self._stop, theirs), daemon=True
+        )
         self.seen: dict[str, float] = {}
-        self.stop = threading.Event()
 
-    def run(self) -> None:
-        conn = connect(self.env, "DEST")
+    def start(self) -> None:
+        self._process.start()
+
+    def ask(self) -> dict[str, float]:
+        """What it has seen so far."""
+        self._ours.send("seen?")
+        self.seen = self._ours.recv()
+        return self.seen
+
+    def stop(self) -> dict[str, float]:
+        self.ask()
+        self._stop.set()
+        self._process.join(10)
+        return self.seen
+
+    @staticmethod
+    def _watch(env: dict[str, str], table: str, poll_s: float, stop: Any, pipe: Any) -> None:
+        seen: dict[str, float] = {}
+        conn = connect(env, "DEST")
         with conn.cursor() as cur:
-            while not self.stop.is_set():
-                cur.execute(f"SELECT subject FROM {self.table}")
+            while not stop.is_set():
+                cur.execute(f"SELECT subject FROM {table}")
                 now = time.time()
                 for (subject,) in cur.fetchall():
-                    self.seen.setdefault(subject, now)
-                self.stop.wait(self.poll_s)
+                    seen.setdefault(subject, now)
+                if pipe.poll():
+                    pipe.recv()
+                    pipe.send(seen)
+                stop.wait(poll_s)
         conn.close()
 
 
 def mirror_latency(env: dict[str, str], names: dict[str, str], rate: float, args: argparse.Namespace) -> None:
     watcher = Watcher(env, f"`{names['dest']}`.`sample`", args.poll_ms / 1000)
     watcher.start()
-    conn = connect(env, "SOURCE")
-    rng = random.Random(int(rate))
     committed: dict[str, tuple[float, int]] = {}  # subject -> (commit time, entity)
-    last_of: dict[int, str] = {}
+    last_of: dict[int, str] = {}  # entity -> the subject last committed
     n = int(rate * args.seconds)
-    started = time.time()
-    with conn.cursor() as cur:
-        for i in range(n):
-            due = started + i / rate
-            delay = due - time.time()
-            if delay > 0:
-                time.sleep(delay)  # the load's schedule, not synchronisation
-            entity = rng.randint(1, args.entities)
-            subject = f"r{int(rate)}-{i}"
-            cur.execute(f"UPDATE `{names['source']}`.`sample` SET subject=%s WHERE sample_id=%s", (subject, entity))
-            committed[subject] = (time.time(), entity)
-            last_of[entity] = subject
-    elapsed = time.time() - started
-    conn.close()
+    rng = random.Random(int(rate))
+    plan = [(i, rng.randint(1, args.entities)) for i in range(n)]
+    lock = threading.Lock()
+    started = time.time() + 0.2  # every writer connected first
+
+    def write(share: list[tuple[int, int]]) -> None:
+        conn = connect(env, "SOURCE")
+        with conn.cursor() as cur:
+            for i, entity in share:
+                delay = started + i / rate - time.time()
+                if delay > 0:
+                    time.sleep(delay)  # the load's schedule, not synchronisation
+                subject = f"r{int(rate)}-{i}"
+                cur.execute(f"UPDATE `{names['source']}`.`sample` SET subject=%s WHERE sample_id=%s", (subject, entity))
+                done = time.time()
+                with lock:
+                    committed[subject] = (done, entity)
+                    if committed.get(last_of.get(entity, ""), (0.0, 0))[0] <= done:
+                        last_of[entity] = subject
+        conn.close()
+
+    writers = [threading.Thread(target=write, args=(plan[k :: args.writers],)) for k in range(args.writers)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    elapsed = max(t for t, _ in committed.values()) - started
     deadline = time.time() + 60
-    while time.time() < deadline and not all(s in watcher.seen for s in last_of.values()):
-        time.sleep(0.05)
-    watcher.stop.set()
-    watcher.join(10)
+    while time.time() < deadline and not all(s in watcher.ask() for s in last_of.values()):
+        time.sleep(0.2)  # a condition polled, with a deadline
+    watcher.stop()
     latencies = [1000 * (watcher.seen[s] - t) for s, (t, _) in committed.items() if s in watcher.seen]
     lost = [s for s in last_of.values() if s not in watcher.seen]
     if not latencies:
@@ -117,12 +156,13 @@ def mirror_latency(env: dict[str, str], names: dict[str, str], rate: float, args
         return
     p = {q: percentile(latencies, q) for q in (50, 95, 99)}
     say(
-        f"{rate:,.0f} rows/s (achieved {n / elapsed:,.0f}): {len(latencies):,} of {n:,} updates timed, "
+        f"{rate:,.0f} rows/s (reached {n / elapsed:,.0f} with {args.writers} writers): "
+        f"{len(latencies):,} of {n:,} updates timed, "
         f"p50 {p[50]:.0f} ms, p95 {p[95]:.0f} ms, p99 {p[99]:.0f} ms, max {max(latencies):.0f} ms"
         + (f"; {len(lost)} final values never seen" if lost else "")
     )
     say(
-        f"  ratio to target: p50 {p[50] / TARGETS['p50']:.2f} x 50 ms, p99 {p[99] / TARGETS['p99']:.2f} x 250 ms "
+        f"  ratio to target: p50 {p[50] / TARGETS['p50']:.2f} x 20 ms, p99 {p[99] / TARGETS['p99']:.2f} x 100 ms "
         "(below 1 meets it)"
     )
 

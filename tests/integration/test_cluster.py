@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import ConfigResource
 
 from devtools import services
@@ -78,6 +79,22 @@ def partition(settings: Settings, topic: str, number: int = 0) -> Any:
     return wait_for(known, 30, f"{topic} partition {number} in the cluster's metadata", interval=0.2)
 
 
+def topic_setting(admin: Any, topic: str, name: str) -> str:
+    """A topic's setting, once the broker asked knows the topic (the one a new topic's metadata reached last may
+    answer UNKNOWN_TOPIC_OR_PART for a moment)."""
+
+    def described() -> str | None:
+        try:
+            config = admin.describe_configs([ConfigResource("topic", topic)])
+            return str(next(iter(config.values())).result()[name].value)
+        except KafkaException as exc:
+            if exc.args and exc.args[0].code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                return None
+            raise
+
+    return wait_for(described, 30, f"{topic}'s {name} from the cluster", interval=0.2)
+
+
 def transaction_coordinator(settings: Settings, transactional_id: str) -> int:
     """The broker that coordinates a transactional id: the leader of its partition of __transaction_state
     (Kafka: Utils.abs(String.hashCode) % partitions, with Java's 32-bit arithmetic; ids here are ASCII)."""
@@ -118,8 +135,7 @@ def test_topics_are_replicated_three_times_with_two_in_sync(cluster_site: Site) 
     admin = admin_client(settings)
     for name in (topics.transaction, topics.capture_offsets, topics.links, topics.signals):
         assert len(partition(settings, name).replicas) == 3, name
-        config = admin.describe_configs([ConfigResource("topic", name)])
-        value = next(iter(config.values())).result()["min.insync.replicas"].value
+        value = topic_setting(admin, name, "min.insync.replicas")
         assert value == "2", (name, value)
 
 

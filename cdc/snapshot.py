@@ -4,6 +4,11 @@ Used for pulls of rows that existed before the capture saw them. Each chunk
 of keys is one REPEATABLE READ transaction started WITH CONSISTENT SNAPSHOT,
 so a master and its parts are read as of one instant, and the binlog position
 of that instant is recorded with them.
+
+A chunk holds at most `chunk_size` entities and about CHUNK_BYTES of rows:
+the first chunk of a read is small, each next one as many entities as the
+last one's bytes per entity allow. A chunk is held whole, here and in the
+applier, so entities of large blobs come a few at a time.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from schemas.tables import select_expression
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+CHUNK_BYTES = 16 * 1024 * 1024  # of row values in one snapshot chunk, about
+FIRST_CHUNK = 20  # entities in a read's first chunk, before their size is known
 
 
 class SnapshotSource:
@@ -39,6 +46,7 @@ class SnapshotSource:
         self._server_id = server_id
         self._chunk_size = chunk_size
         self._stop = stop or threading.Event()
+        self._table_chunk: dict[str, int] = {}  # per link, entities in the initial snapshot's next chunk
 
     def _retrying(self, what: str, attempt: Callable[[], T]) -> T:
         """`attempt()`, again after a wait while the source server is unreachable (a restart, a failover): each
@@ -66,10 +74,13 @@ class SnapshotSource:
                 raise
 
         try:
-            for start in range(0, len(key_texts), self._chunk_size):
-                chunk = [keycodec.decode(k) for k in key_texts[start : start + self._chunk_size]]
+            start, count = 0, min(self._chunk_size, FIRST_CHUNK)
+            while start < len(key_texts):
+                chunk = [keycodec.decode(k) for k in key_texts[start : start + count]]
                 unit = self._retrying(f"a snapshot chunk of {link.link_id}", functools.partial(read_chunk, chunk))
-                yield unit, start + self._chunk_size >= len(key_texts)
+                start += len(chunk)
+                yield unit, start >= len(key_texts)
+                count = self._next_count(unit, len(chunk))
         finally:
             for conn in held:
                 conn.close()
@@ -91,12 +102,13 @@ class SnapshotSource:
             last = keycodec.decode(after)
             where = f"WHERE ({cols}) > ({', '.join(['%s'] * len(pk))})"
             params = [last[c] for c in pk]
+        count = self._table_chunk.get(link.link_id, min(self._chunk_size, FIRST_CHUNK))
         conn = self._connect(cursorclass=pymysql.cursors.DictCursor)
         try:
             with conn.cursor() as cur:
                 cur.execute(
                     f"SELECT {cols} FROM {quote(link.source_db)}.{quote(link.source_table)} {where} "
-                    f"ORDER BY {cols} LIMIT {int(self._chunk_size)}",
+                    f"ORDER BY {cols} LIMIT {int(count)}",
                     params,
                 )
                 keys = list(cur.fetchall())
@@ -106,8 +118,15 @@ class SnapshotSource:
             unit = self._read_chunk(conn, link, pk, keys, None)
         finally:
             conn.close()
+        self._table_chunk[link.link_id] = self._next_count(unit, len(keys))
         unit.link_id = None
         return unit, keycodec.encode(keys[-1], pk)
+
+    def _next_count(self, unit: ChangeUnit, entities: int) -> int:
+        """Entities in the next chunk: as many as CHUNK_BYTES holds at this chunk's bytes per entity."""
+        size = sum(_size(v) for change in unit.changes for v in (change.after or {}).values())
+        fits = CHUNK_BYTES * entities // size if size else self._chunk_size
+        return max(1, min(self._chunk_size, fits))
 
     def _read_chunk(
         self, conn: Any, link: LinkSpec, pk: Sequence[str], chunk: list[dict[str, Any]], request_id: str | None
@@ -152,3 +171,8 @@ class SnapshotSource:
             self._server_id,
         )
         return ChangeUnit(f"snapshot:{uuid.uuid4()}", position, True, changes, request_id, link.link_id)
+
+
+def _size(value: Any) -> int:
+    """About how many bytes a row value takes (its length for bytes and text, 8 for the rest)."""
+    return len(value) if isinstance(value, bytes | str) else 8

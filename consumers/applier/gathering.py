@@ -64,10 +64,12 @@ class PendingUnit:
     end_ts_ms: int = 0  # the END's Kafka timestamp
     events: dict[Offset, Event] = field(default_factory=dict)
     have: Counter[str] = field(default_factory=Counter)  # events per collection, kept with `events`
+    size: int = 0  # bytes of the events' values, kept with `events`
 
     def add(self, at: Offset, event: Event) -> None:
         if at not in self.events:
             self.have[event.collection] += 1
+            self.size += len(event.value or b"")
         self.events[at] = event
 
     def missing(self, tracked: frozenset[str]) -> dict[str, tuple[int, int]]:
@@ -200,6 +202,11 @@ class Gathering:
         self.latest_end_ms = max(self.latest_end_ms, ts_ms)
         unit = self.unit(unit_id)
         unit.end, unit.end_offset, unit.end_ts_ms = record, at, ts_ms
+
+    def held(self) -> tuple[int, int]:
+        """Events and bytes gathered and not applied yet."""
+        units = self.pending.values()
+        return sum(len(u.events) for u in units), sum(u.size for u in units)
 
     def ended(self) -> list[str]:
         """Ids of the units whose END has come, in the order they were produced."""

@@ -52,6 +52,11 @@ PROGRESS_EVERY_S = 1.0  # store offsets that moved without applying anything at 
 ORPHAN_AFTER_MS = 30_000
 WAITING_WARN_S = 5.0  # warn when the next unit in order has been incomplete this long
 MAX_BATCH_EVENTS = 20_000  # events per destination transaction, at most (a unit is never split)
+MAX_BATCH_BYTES = 64 * 1024 * 1024  # and bytes of their values
+# Gathered but not applicable yet (a unit waits for its last events, every later one waits for it): past
+# DJLINK_APPLIER_HELD_MB, only the topics that unit still needs are read, so memory does not grow with what is
+# ahead of it. An event counts its value's bytes and EVENT_OVERHEAD for its decoded objects (small rows' weigh more).
+EVENT_OVERHEAD = 2560
 
 
 class Applier:
@@ -144,6 +149,7 @@ class Applier:
                     self._reader.follow(registry.links, self._stored)
                 self._dead_letters.confirm()
                 self._apply_complete(registry)
+                self._bound_reading()
                 metrics.PENDING_UNITS.set(len(self._gathering.pending))
                 if not self._gathering.pending:
                     metrics.behind(0)  # nothing waiting: not behind
@@ -196,7 +202,7 @@ class Applier:
         self._reap_orphans()
         tracked = self._reader.routes.tracked
         batch: list[tuple[str, PendingUnit]] = []
-        rows = 0
+        rows = size = 0
         for unit_id in self._gathering.ended():
             unit = self._gathering.pending[unit_id]
             assert unit.end is not None
@@ -207,7 +213,7 @@ class Applier:
                     self._note_waiting(unit_id, unit)
                     break
                 self._apply_batch(batch, registry)
-                batch, rows = [], 0
+                batch, rows, size = [], 0, 0
                 self._gathering.finish(unit_id)
                 reason = f"events of unit {unit_id} are missing from their change topics (undecodable?)"
                 self._give_up(unit_id, unit, unit.end["link_id"], reason, "gather")
@@ -215,11 +221,25 @@ class Applier:
             self._gathering.finish(unit_id)
             if unit.concerns(tracked):
                 batch.append((unit_id, unit))
-                rows += len(unit.events)
-            if len(batch) >= self.settings.applier_batch_units or rows >= MAX_BATCH_EVENTS:
+                rows, size = rows + len(unit.events), size + unit.size
+            if len(batch) >= self.settings.applier_batch_units or rows >= MAX_BATCH_EVENTS or size >= MAX_BATCH_BYTES:
                 self._apply_batch(batch, registry)
-                batch, rows = [], 0
+                batch, rows, size = [], 0, 0
         self._apply_batch(batch, registry)
+
+    def _bound_reading(self) -> None:
+        """While more is gathered than MAX_HELD_* allow, read only the topics the unit every later one waits for
+        still needs (and the transaction topic, for ENDs); the rest stays in Kafka until that unit is applied."""
+        events, size = self._gathering.held()
+        metrics.HELD_BYTES.set(size + EVENT_OVERHEAD * events)
+        if size + EVENT_OVERHEAD * events <= self.settings.applier_held_mb * 1024 * 1024:
+            self._reader.read_only(None)
+            return
+        routes, pending = self._reader.routes, self._gathering.pending
+        topic_of = {collection: topic for topic, collection in routes.by_topic.items()}
+        first = next((pending[u] for u in self._gathering.ended() if not pending[u].complete(routes.tracked)), None)
+        needed = first.missing(routes.tracked) if first is not None else {}
+        self._reader.read_only({self.topics.transaction, *(topic_of[c] for c in needed if c in topic_of)})
 
     def _note_waiting(self, unit_id: str, unit: PendingUnit) -> None:
         """Say so (once) when the unit every later one waits for has been incomplete for a while."""

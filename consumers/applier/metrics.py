@@ -11,6 +11,8 @@ ENTITIES = Counter("djlink_applier_entities", "Entities of processing units, by 
 BATCH_UNITS = Histogram(
     "djlink_applier_batch_units", "Units per destination transaction", buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500)
 )
+HELD_BYTES = Gauge("djlink_applier_held_bytes", "Bytes of events gathered, not applied yet (about, decoded)")
+NARROWED = Counter("djlink_applier_reading_narrowed", "Times it read only what the unit all others wait for needs")
 COMMIT_SECONDS = Histogram("djlink_applier_commit_seconds", "Time of a batch's destination transaction")
 LAG_MS = Gauge(
     "djlink_applier_lag_ms", "How long ago the capture produced the last unit the applier finished, ms (0: idle)"

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 
 import schemas
+from consumers.applier import metrics
 from consumers.applier.delivery import DeadLetters
 from consumers.applier.gathering import Event, Gathering, Offset, Partition, PendingUnit, kafka_ts, read_past
 from consumers.applier.routing import Routes
@@ -85,6 +86,7 @@ class Reader:
         self._assigned: set[Partition] = set()
         self._retry_assign_at = 0.0
         self._committed: dict[Partition, int] = {}
+        self._paused: set[Partition] = set()
 
     def follow(self, links: Mapping[str, LinkSpec], stored: Mapping[Partition, int]) -> None:
         """Follow the topics of `links`: assign every partition of each topic not assigned yet, at `stored`."""
@@ -110,6 +112,22 @@ class Reader:
         if partitions:
             self._c.incremental_assign(partitions)
             log.info("applier follows %d more partitions (%d topics in all)", len(partitions), len(self._subscribed))
+
+    def read_only(self, topics: set[str] | None) -> None:
+        """Fetch only the partitions of `topics` (None: all again); the others are paused, not given up."""
+        pause = set() if topics is None else {p for p in self._assigned if p[0] not in topics}
+        if pause == self._paused:
+            return
+        if self._paused - pause:
+            self._c.resume([TopicPartition(t, n) for t, n in self._paused - pause])
+        if pause - self._paused:
+            self._c.pause([TopicPartition(t, n) for t, n in pause - self._paused])
+        if topics is None:
+            log.info("the applier reads every topic again")
+        elif not self._paused:
+            metrics.NARROWED.inc()
+            log.info("the applier holds too much it cannot apply yet; it reads only %s", ", ".join(sorted(topics)))
+        self._paused = pause
 
     def behind(self) -> bool:
         """Whether some wanted topic was not there yet and it is time to look again."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import datajoint as dj
@@ -289,3 +290,45 @@ def test_an_entity_the_destination_refuses_fails_alone_and_the_others_of_its_chu
     dest.close()
     again = (Recording().source & {"recording_id": 7}).pull(timeout=60)
     assert (again.pulled, again.failed) == (1, []), again
+
+
+def test_a_pull_far_larger_than_the_applier_may_hold_arrives_whole(site: Site) -> None:
+    """With DJLINK_APPLIER_HELD_MB=1, an applier started once a pull of 3,000 entities is all in Kafka: while the
+    first unit (the helper rows the agent wrote, one source transaction of 3,000 events) is not all read, it reads
+    only what that unit still needs, not the snapshot chunks behind it; and it never waits for itself."""
+    from tests.integration.test_metrics import free_port, samples  # it imports this module
+
+    site.start("capture", "agent")
+    n = 3000
+    schema = dj.Schema(site.source_schema, connection=site.source_dj())
+
+    @schema
+    class Sample(dj.Manual):
+        definition = """
+        sample_id : int
+        ---
+        value : double
+        """
+
+    Sample.insert({"sample_id": i, "value": i / 7} for i in range(1, n + 1))
+    site.connect_facade()
+
+    linked = link(site.source_host, site.source_schema, site.helper_schema, "outbound", site.dest_schema)
+
+    class Sample:  # type: ignore[no-redef]  # the linked copy, named as the source table
+        pass
+
+    Copy: Any = linked(Sample)
+    done: dict[str, Any] = {}
+    puller = threading.Thread(target=lambda: done.update(summary=Copy().source.pull(timeout=300)))
+    puller.start()
+    data = Topics(site.topic_prefix).table(site.source_schema, "sample")
+    wait_for(lambda: sum(e["op"] == "r" for e in read_topic(site, data)) == n, 120, "the pull's rows in Kafka")
+    port = free_port()
+    site.start("applier", DJLINK_APPLIER_HELD_MB="1", DJLINK_METRICS_PORT=str(port))
+    puller.join(300)
+    assert (done["summary"].pulled, done["summary"].refused) == (n, [])
+    assert rows(site, "DEST", site.dest_schema, "sample", "sample_id") == rows(
+        site, "SOURCE", site.source_schema, "sample", "sample_id"
+    )
+    assert samples(port).get(("djlink_applier_reading_narrowed_total", ()), 0) >= 1

@@ -368,3 +368,71 @@ def test_a_topic_prefix_that_would_blur_topic_names_is_one_clear_error() -> None
         with pytest.raises(ConfigError, match="DJLINK_TOPIC_PREFIX"):
             Settings.from_env({"DJLINK_TOPIC_PREFIX": bad})
     assert Settings.from_env({"DJLINK_TOPIC_PREFIX": "lab-a_2"}).topic_prefix == "lab-a_2"
+
+
+class Pausing:
+    """What a consumer was told to pause and resume (a Reader needs nothing else of it here)."""
+
+    def __init__(self) -> None:
+        self.paused: set[tuple[str, int]] = set()
+        self.calls = 0
+
+    def pause(self, partitions: list[Any]) -> None:
+        self.paused |= {(p.topic, p.partition) for p in partitions}
+        self.calls += 1
+
+    def resume(self, partitions: list[Any]) -> None:
+        self.paused -= {(p.topic, p.partition) for p in partitions}
+        self.calls += 1
+
+
+def test_an_applier_holding_too_much_reads_only_what_the_unit_everything_waits_for_needs() -> None:
+    """A pull's first unit (its helper rows, one source transaction) still misses events while its snapshot
+    chunks come in behind it: past DJLINK_APPLIER_HELD_MB only the topics it misses, and the transaction
+    topic, are read; once it is applied (nothing held), every topic again."""
+    from consumers.applier.reading import Reader
+    from consumers.applier.routing import Routes
+    from foundation.links import LinkSpec
+    from foundation.topics import Topics
+
+    applier = Applier(Settings.from_env({"DJLINK_APPLIER_HELD_MB": "1", "DJLINK_TOPIC_PREFIX": "p"}))
+    topics = Topics("p")
+    link = LinkSpec.new("src", "rec", "hlp", "out", "dst")
+    consumer = Pausing()
+    reader = Reader(consumer, topics, schemas.Codec(), applier._gathering, None)  # type: ignore[arg-type]
+    reader.routes = Routes.of({link.link_id: link}, topics)
+    helper_topic, master_topic = topics.table("hlp", "out"), topics.table("src", "rec")
+    reader._assigned = {(topics.transaction, 0), (helper_topic, 0), (master_topic, 0)}
+    applier._reader = reader
+    first = applier._gathering.unit("0-1-5")
+    first.add(Offset(helper_topic, 0, 0), Event("hlp.out", {}, {}, b"k", b"h" * 1000, 0))
+    applier._gathering.end(
+        "0-1-5",
+        {"data_collections": [{"data_collection": "hlp.out", "event_count": 2}]},
+        Offset(topics.transaction, 0, 0),
+        0,
+    )
+    chunk = applier._gathering.unit("snapshot:1")
+    chunk.add(Offset(master_topic, 0, 0), Event("src.rec", {}, {}, b"k", b"m" * 2_000_000, 0))
+    applier._bound_reading()
+    assert consumer.paused == {(master_topic, 0)}
+    applier._bound_reading()
+    assert consumer.calls == 1  # told once
+    applier._gathering.finish("0-1-5")
+    applier._gathering.finish("snapshot:1")
+    applier._bound_reading()
+    assert consumer.paused == set() and consumer.calls == 2
+
+
+def test_snapshot_chunks_hold_about_chunk_bytes_of_rows() -> None:
+    from cdc.events import ChangeUnit, Position, RowChange
+    from cdc.snapshot import CHUNK_BYTES, SnapshotSource
+
+    def chunk(entities: int, blob: int) -> ChangeUnit:
+        rows = [RowChange("d", "t", "r", None, {"id": i, "blob": b"x" * blob}) for i in range(entities)]
+        return ChangeUnit("snapshot:x", Position("f", 4, None, 0, 1), True, rows)
+
+    source = SnapshotSource(None, None, 1, chunk_size=500)  # type: ignore[arg-type]
+    assert source._next_count(chunk(20, 1024 * 1024), 20) == CHUNK_BYTES // (1024 * 1024 + 8)  # 15 of 1 MiB
+    assert source._next_count(chunk(20, 10_000), 20) == 500  # small entities: the configured size
+    assert source._next_count(chunk(1, 64 * 1024 * 1024), 1) == 1  # never none

@@ -80,14 +80,8 @@ DDL = """CREATE TABLE {db}.`{table}` (
 ) ENGINE=InnoDB COMMENT='benchmark table (DataJoint manual table)'"""
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog="python -m bench.capture",
-        description="Capture speed: raw binlog decode rate vs. the capture's committed events/s into Kafka, "
-        "on the same binlog range. Prints figures; asserts nothing.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    ap.add_argument("--rows", type=int, default=100_000, help="row changes of the linked table (N)")
+def add_workload_options(ap: argparse.ArgumentParser) -> None:
+    """The load's shape, shared with bench/debezium.py (which writes the same workload)."""
     ap.add_argument("--batch", type=int, default=100, help="rows per multi-row transaction")
     ap.add_argument("--single-share", type=float, default=0.5, help="share of N written as single-row transactions")
     ap.add_argument("--update-share", type=float, default=0.2, help="share of N that are UPDATEs (after the inserts)")
@@ -96,6 +90,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--blob-bytes", type=int, default=128, help="size of each row's longblob")
     ap.add_argument("--workers", type=int, default=4, help="connections writing the load in parallel")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.capture",
+        description="Capture speed: raw binlog decode rate vs. the capture's committed events/s into Kafka, "
+        "on the same binlog range. Prints figures; asserts nothing.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ap.add_argument("--rows", type=int, default=100_000, help="row changes of the linked table (N)")
+    add_workload_options(ap)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds allowed for each phase")
     ap.add_argument("--seed", type=int, default=1, help="random seed of the load (ids, order, payloads)")
     ap.add_argument("--repeat", type=int, default=1, help="raw decode runs per variant; the median counts")

@@ -59,7 +59,17 @@ from typing import IO, Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from bench.capture import TABLE, CaptureResult, create_schemas, generate, plan, prepare_capture, query_one, run_capture
+from bench.capture import (
+    TABLE,
+    CaptureResult,
+    add_workload_options,
+    create_schemas,
+    generate,
+    plan,
+    prepare_capture,
+    query_one,
+    run_capture,
+)
 from bench.common import ROOT, cleanup, connect, cpu_seconds, say, services_env
 from devtools.services import DEPENDENCY_PLUGIN
 from foundation.config import Settings
@@ -92,14 +102,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     ap.add_argument("--rows", type=int, default=50_000, help="row changes of the linked table (N)")
-    ap.add_argument("--batch", type=int, default=100, help="rows per multi-row transaction")
-    ap.add_argument("--single-share", type=float, default=0.5, help="share of N written as single-row transactions")
-    ap.add_argument("--update-share", type=float, default=0.2, help="share of N that are UPDATEs (after the inserts)")
-    ap.add_argument(
-        "--unrelated-share", type=float, default=0.1, help="share of all changes that go to the unrelated schema"
-    )
-    ap.add_argument("--blob-bytes", type=int, default=128, help="size of each row's longblob")
-    ap.add_argument("--workers", type=int, default=4, help="connections writing the load in parallel")
+    add_workload_options(ap)
     ap.add_argument("--seed", type=int, default=1, help="random seed of the load (ids, order, payloads)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds allowed for each phase")
     ap.add_argument("--debezium-first", action="store_true", help="run Debezium before djlink")

@@ -21,7 +21,10 @@ and how soon a flag set at the source is known at the destination.
    every update that was not overwritten before the watcher saw it (its
    resolution is the poll interval). Prints the achieved rate, p50, p95, p99,
    max, and each percentile as a ratio to the issue's target (p50 < 20 ms,
-   p99 < 100 ms).
+   p99 < 100 ms); then the time each update spent in each stage (commit ->
+   produced, produced -> readable in Kafka, readable -> applied), from a
+   read_committed subscriber of the change topic in the watcher's process.
+   `--trace N`: N single updates on the quiet pipeline, stage by stage.
 3. Flags: sets `is_flagged='TRUE'` on F helper rows (default 50), one at a
    time, each after the previous one is known, and times until the
    applier's entity state lists it (the state `Table().source.flagged` reads):
@@ -36,6 +39,7 @@ import argparse
 import multiprocessing
 import os
 import random
+import re
 import statistics
 import sys
 import threading
@@ -45,8 +49,12 @@ from typing import Any
 
 import datajoint as dj
 import numpy as np
+from confluent_kafka import OFFSET_END, TopicPartition
 
 from bench.common import cleanup, connect, facade, say, services_env, source_host, start_pipeline
+from foundation.config import Settings
+from foundation.kafka import consumer, ok
+from foundation.topics import Topics
 
 TARGETS = {"p50": 20.0, "p99": 100.0}
 
@@ -59,6 +67,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--entities", type=int, default=500, help="shared entities updated (default 500)")
     parser.add_argument("--flags", type=int, default=50, help="flags to time (default 50; 0 skips)")
     parser.add_argument("--poll-ms", type=float, default=5, help="the watcher's polling interval (default 5)")
+    parser.add_argument(
+        "--trace",
+        type=int,
+        default=0,
+        help="also time N single updates stage by stage (commit, produce, consumable, applied; default 0)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the schemas and topics")
     return parser.parse_args(argv)
 
@@ -68,25 +82,59 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
 
 
-class Watcher:
-    """Notes when each `subject` value first shows at the destination, in a process of its own (in this one, the
-    writers' threads would delay its polls, and it theirs)."""
+class EventWatcher(threading.Thread):
+    """Follows a change topic as a read_committed subscriber does, noting for each `subject` value (the last one
+    matching `pattern` in an event, the after image) its event's Kafka timestamp (when the capture produced it)
+    and when it became readable (its Kafka transaction committed and fetched)."""
 
-    def __init__(self, env: dict[str, str], table: str, poll_s: float) -> None:
+    def __init__(self, env: dict[str, str], prefix: str, topic: str, pattern: bytes) -> None:
+        super().__init__(daemon=True)
+        settings = Settings.from_env({**env, "DJLINK_TOPIC_PREFIX": prefix})
+        self._c = consumer(settings, f"{prefix}-latency-{uuid.uuid4().hex[:6]}", **{"fetch.wait.max.ms": 1})
+        partitions = self._c.list_topics(topic, timeout=10).topics[topic].partitions
+        self._c.assign([TopicPartition(topic, p, OFFSET_END) for p in partitions])
+        self._pattern = re.compile(pattern)
+        self.received: dict[str, tuple[float, float]] = {}  # subject -> (produced, received), seconds
+        self._stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopping.is_set():
+            msg = self._c.poll(0.05)
+            value = msg.value() if ok(msg) else None
+            if value:
+                # The row images' strings are plain UTF-8 in the Avro body; the after image is the last.
+                found = self._pattern.findall(value)
+                if found:
+                    self.received.setdefault(found[-1].decode(), (msg.timestamp()[1] / 1000, time.time()))
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join(5)
+        self._c.close()
+
+
+class Watcher:
+    """Notes when each `subject` value first shows at the destination, and when its change event was produced and
+    readable in Kafka, in a process of its own (in this one, the writers' threads would delay its polls, and it
+    theirs)."""
+
+    def __init__(self, env: dict[str, str], table: str, poll_s: float, kafka: tuple[str, str, bytes]) -> None:
         self._stop = multiprocessing.Event()
         self._ours, theirs = multiprocessing.Pipe()
         self._process = multiprocessing.get_context("fork").Process(
-            target=self._watch, args=(env, table, poll_s, self._stop, theirs), daemon=True
+            target=self._watch, args=(env, table, poll_s, kafka, self._stop, theirs), daemon=True
         )
         self.seen: dict[str, float] = {}
+        self.received: dict[str, tuple[float, float]] = {}
 
     def start(self) -> None:
         self._process.start()
+        self._ours.recv()  # following the change topic
 
     def ask(self) -> dict[str, float]:
         """What it has seen so far."""
         self._ours.send("seen?")
-        self.seen = self._ours.recv()
+        self.seen, self.received = self._ours.recv()
         return self.seen
 
     def stop(self) -> dict[str, float]:
@@ -96,8 +144,13 @@ class Watcher:
         return self.seen
 
     @staticmethod
-    def _watch(env: dict[str, str], table: str, poll_s: float, stop: Any, pipe: Any) -> None:
+    def _watch(
+        env: dict[str, str], table: str, poll_s: float, kafka: tuple[str, str, bytes], stop: Any, pipe: Any
+    ) -> None:
         seen: dict[str, float] = {}
+        events = EventWatcher(env, *kafka)
+        events.start()
+        pipe.send("ready")
         conn = connect(env, "DEST")
         with conn.cursor() as cur:
             while not stop.is_set():
@@ -107,16 +160,35 @@ class Watcher:
                     seen.setdefault(subject, now)
                 if pipe.poll():
                     pipe.recv()
-                    pipe.send(seen)
+                    pipe.send((seen, dict(events.received)))
                 stop.wait(poll_s)
         conn.close()
+        events.stop()
 
 
-def mirror_latency(env: dict[str, str], names: dict[str, str], rate: float, args: argparse.Namespace) -> None:
-    watcher = Watcher(env, f"`{names['dest']}`.`sample`", args.poll_ms / 1000)
+STAGES = ("commit -> produced", "produced -> readable", "readable -> applied")
+
+
+def say_stages(stages: list[tuple[float, float, float]]) -> None:
+    """p50 and p90 of each stage (seconds in, ms out)."""
+    say(
+        "  stages p50 (p90) ms: "
+        + "; ".join(
+            f"{label} {percentile([1000 * s[k] for s in stages], 50):.1f} "
+            f"({percentile([1000 * s[k] for s in stages], 90):.1f})"
+            for k, label in enumerate(STAGES)
+        )
+    )
+
+
+def mirror_latency(
+    env: dict[str, str], names: dict[str, str], prefix: str, rate: float, args: argparse.Namespace
+) -> None:
+    topic = Topics(prefix).table(names["source"], "sample")
+    kafka = (prefix, topic, rb"r%d-\d+" % int(rate))
+    watcher = Watcher(env, f"`{names['dest']}`.`sample`", args.poll_ms / 1000, kafka)
     watcher.start()
     committed: dict[str, tuple[float, int]] = {}  # subject -> (commit time, entity)
-    last_of: dict[int, str] = {}  # entity -> the subject last committed
     n = int(rate * args.seconds)
     rng = random.Random(int(rate))
     plan = [(i, rng.randint(1, args.entities)) for i in range(n)]
@@ -135,8 +207,6 @@ def mirror_latency(env: dict[str, str], names: dict[str, str], rate: float, args
                 done = time.time()
                 with lock:
                     committed[subject] = (done, entity)
-                    if committed.get(last_of.get(entity, ""), (0.0, 0))[0] <= done:
-                        last_of[entity] = subject
         conn.close()
 
     writers = [threading.Thread(target=write, args=(plan[k :: args.writers],)) for k in range(args.writers)]
@@ -146,11 +216,17 @@ def mirror_latency(env: dict[str, str], names: dict[str, str], rate: float, args
         w.join()
     elapsed = max(t for t, _ in committed.values()) - started
     deadline = time.time() + 60
-    while time.time() < deadline and not all(s in watcher.ask() for s in last_of.values()):
+    # Each entity's last value as the source has it (commit returns of two writers may come in either order).
+    src = connect(env, "SOURCE")
+    with src.cursor() as cur:
+        cur.execute(f"SELECT subject FROM `{names['source']}`.`sample` WHERE subject LIKE %s", (f"r{int(rate)}-%",))
+        final = [subject for (subject,) in cur.fetchall()]
+    src.close()
+    while time.time() < deadline and not all(s in watcher.ask() for s in final):
         time.sleep(0.2)  # a condition polled, with a deadline
     watcher.stop()
     latencies = [1000 * (watcher.seen[s] - t) for s, (t, _) in committed.items() if s in watcher.seen]
-    lost = [s for s in last_of.values() if s not in watcher.seen]
+    lost = [s for s in final if s not in watcher.seen]
     if not latencies:
         say(f"{rate:,.0f} rows/s: nothing seen at the destination")
         return
@@ -165,6 +241,57 @@ def mirror_latency(env: dict[str, str], names: dict[str, str], rate: float, args
         f"  ratio to target: p50 {p[50] / TARGETS['p50']:.2f} x 20 ms, p99 {p[99] / TARGETS['p99']:.2f} x 100 ms "
         "(below 1 meets it)"
     )
+    stages = [
+        (produced - t, got - produced, watcher.seen[s] - got)
+        for s, (t, _) in committed.items()
+        if s in watcher.seen and s in watcher.received
+        for produced, got in [watcher.received[s]]
+    ]
+    if stages:
+        say_stages(stages)
+
+
+def trace_stages(env: dict[str, str], names: dict[str, str], prefix: str, n: int) -> None:
+    """N updates one at a time on an otherwise quiet pipeline, each timed stage by stage: the source's COMMIT
+    returned; the capture produced its change event; it became readable; the destination shows it."""
+    events = EventWatcher(env, prefix, Topics(prefix).table(names["source"], "sample"), rb"trace-\d{5}")
+    events.start()
+    src, dst = connect(env, "SOURCE"), connect(env, "DEST")
+    stages: list[tuple[float, float, float]] = []
+    totals: list[float] = []
+    try:
+        time.sleep(1)  # the consumer's assignment settles: a load step, not synchronisation
+        with src.cursor() as s_cur, dst.cursor() as d_cur:
+            for i in range(n):
+                subject, entity = f"trace-{i:05d}", 1 + i % 10
+                update = f"UPDATE `{names['source']}`.`sample` SET subject=%s WHERE sample_id=%s"
+                s_cur.execute(update, (subject, entity))
+                committed = time.time()
+                deadline = committed + 10
+                seen = None
+                while seen is None and time.time() < deadline:
+                    d_cur.execute(f"SELECT 1 FROM `{names['dest']}`.`sample` WHERE subject=%s", (subject,))
+                    if d_cur.fetchone():
+                        seen = time.time()
+                while subject not in events.received and time.time() < deadline:
+                    time.sleep(0.001)  # a condition polled, with a deadline
+                if seen is not None and subject in events.received:
+                    produced, got = events.received[subject]
+                    stages.append((produced - committed, got - produced, seen - got))
+                    totals.append(1000 * (seen - committed))
+                time.sleep(0.02)  # the next update on a quiet pipeline: the load's shape
+    finally:
+        events.stop()
+        src.close()
+        dst.close()
+    if not stages:
+        say("single updates: nothing timed")
+        return
+    say(
+        f"single updates on a quiet pipeline: {len(stages)} of {n} timed, p50 {percentile(totals, 50):.1f} ms, "
+        f"p90 {percentile(totals, 90):.1f} ms"
+    )
+    say_stages(stages)
 
 
 def flag_latency(env: dict[str, str], names: dict[str, str], state_db: str, group: str, flags: int) -> None:
@@ -251,7 +378,9 @@ def main(argv: list[str] | None = None) -> int:
             summary = table().source.pull(timeout=300)
             say(f"  pulled: {summary}")
             for rate in (float(r) for r in args.rates.split(",") if r.strip()):
-                mirror_latency(env, names, rate, args)
+                mirror_latency(env, names, prefix, rate, args)
+            if args.trace:
+                trace_stages(env, names, prefix, args.trace)
             if args.flags:
                 flag_latency(env, names, state_db, f"{prefix}-applier", min(args.flags, args.entities))
         finally:

@@ -100,8 +100,8 @@ class EventWatcher(threading.Thread):
     def run(self) -> None:
         while not self._stopping.is_set():
             msg = self._c.poll(0.05)
-            value = msg.value() if ok(msg) else None
-            if value:
+            value = msg.value() if msg is not None and ok(msg) else None
+            if msg is not None and value:
                 # The row images' strings are plain UTF-8 in the Avro body; the after image is the last.
                 found = self._pattern.findall(value)
                 if found:

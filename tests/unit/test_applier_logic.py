@@ -256,14 +256,23 @@ def destination_with(conn: FlakyConnection) -> Destination:
 def test_a_lost_connection_reconnects_and_runs_the_transaction_again() -> None:
     conn = FlakyConnection(pymysql.err.OperationalError(2013, "Lost connection"), failures=2)
     assert destination_with(conn).transact(lambda cur: cur.execute("INSERT") or "done") == "done"
-    assert conn.log == ["ping", "rollback", "ping", "rollback", "ping", "INSERT", "commit"]
+    # No round trip before a transaction; after each failure the connection is checked (and made anew) first.
+    assert conn.log == ["rollback", "ping", "rollback", "ping", "INSERT", "commit"]
+
+
+def test_a_transaction_after_a_good_one_goes_straight_to_work() -> None:
+    conn = FlakyConnection(pymysql.err.OperationalError(2013, "Lost connection"), failures=1)
+    destination = destination_with(conn)
+    destination.transact(lambda cur: cur.execute("INSERT"))
+    destination.transact(lambda cur: cur.execute("UPDATE"))
+    assert conn.log == ["rollback", "ping", "INSERT", "commit", "UPDATE", "commit"]
 
 
 def test_a_data_error_rolls_back_and_is_raised() -> None:
     conn = FlakyConnection(pymysql.err.ProgrammingError(1146, "Table 'd.t' doesn't exist"), failures=1)
     with pytest.raises(pymysql.err.ProgrammingError):
         destination_with(conn).transact(lambda cur: cur.execute("INSERT"))
-    assert conn.log == ["ping", "rollback"]
+    assert conn.log == ["rollback"]
 
 
 def test_retrying_stops_when_the_applier_is_told_to_stop() -> None:

@@ -49,11 +49,11 @@ from typing import Any
 
 import datajoint as dj
 import numpy as np
-from confluent_kafka import OFFSET_END, TopicPartition
+from confluent_kafka import TopicPartition
 
 from bench.common import cleanup, connect, facade, say, services_env, source_host, start_pipeline
 from foundation.config import Settings
-from foundation.kafka import consumer, ok
+from foundation.kafka import consumer, end_offset, ok
 from foundation.topics import Topics
 
 TARGETS = {"p50": 20.0, "p99": 100.0}
@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--trace",
         type=int,
         default=0,
-        help="also time N single updates stage by stage (commit, produce, consumable, applied; default 0)",
+        help="also time N single updates on the quiet pipeline, stage by stage (default 0)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the schemas and topics")
     return parser.parse_args(argv)
@@ -92,7 +92,10 @@ class EventWatcher(threading.Thread):
         settings = Settings.from_env({**env, "DJLINK_TOPIC_PREFIX": prefix})
         self._c = consumer(settings, f"{prefix}-latency-{uuid.uuid4().hex[:6]}", **{"fetch.wait.max.ms": 1})
         partitions = self._c.list_topics(topic, timeout=10).topics[topic].partitions
-        self._c.assign([TopicPartition(topic, p, OFFSET_END) for p in partitions])
+        # At each partition's end as it is now, so that every update made after this is seen.
+        self._c.assign(
+            [TopicPartition(topic, p, end_offset(self._c, TopicPartition(topic, p), 30)) for p in partitions]
+        )
         self._pattern = re.compile(pattern)
         self.received: dict[str, tuple[float, float]] = {}  # subject -> (produced, received), seconds
         self._stopping = threading.Event()
@@ -100,12 +103,12 @@ class EventWatcher(threading.Thread):
     def run(self) -> None:
         while not self._stopping.is_set():
             msg = self._c.poll(0.05)
-            value = msg.value() if msg is not None and ok(msg) else None
-            if msg is not None and value:
-                # The row images' strings are plain UTF-8 in the Avro body; the after image is the last.
-                found = self._pattern.findall(value)
-                if found:
-                    self.received.setdefault(found[-1].decode(), (msg.timestamp()[1] / 1000, time.time()))
+            if not ok(msg):
+                continue
+            # The row images' strings are plain UTF-8 in the Avro body; the after image is the last.
+            found = self._pattern.findall(msg.value() or b"")
+            if found:
+                self.received.setdefault(found[-1].decode(), (msg.timestamp()[1] / 1000, time.time()))
 
     def stop(self) -> None:
         self._stopping.set()
@@ -260,7 +263,6 @@ def trace_stages(env: dict[str, str], names: dict[str, str], prefix: str, n: int
     stages: list[tuple[float, float, float]] = []
     totals: list[float] = []
     try:
-        time.sleep(1)  # the consumer's assignment settles: a load step, not synchronisation
         with src.cursor() as s_cur, dst.cursor() as d_cur:
             for i in range(n):
                 subject, entity = f"trace-{i:05d}", 1 + i % 10

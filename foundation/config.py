@@ -155,6 +155,7 @@ class Settings:
     schema_registry_url: str | None  # a Confluent-compatible registry: change events in its wire format
     applier_state_db: str  # the applier's database on the destination server: offsets, units, entity states
     applier_held_mb: int = 128  # DJLINK_APPLIER_HELD_MB: events read and not applicable yet, at most (then it waits)
+    agent_keys_per_transaction: int = 5000  # DJLINK_AGENT_KEYS_PER_TRANSACTION: helper rows a source transaction moves
     log_format: str = "text"  # DJLINK_LOG_FORMAT: text (for people) or json (one object per line, for collectors)
     topic_replication_factor: int = -1  # of the topics djlink creates; -1: the cluster's default.replication.factor
     topic_min_insync_replicas: int | None = None  # their min.insync.replicas; None: the cluster's default
@@ -197,6 +198,7 @@ class Settings:
             schema_registry_url=env.get("DJLINK_SCHEMA_REGISTRY_URL") or None,
             applier_state_db=_state_db(env.get("DJLINK_APPLIER_STATE_DB") or "djlink_applier"),
             applier_held_mb=_number(env, "DJLINK_APPLIER_HELD_MB", "128"),
+            agent_keys_per_transaction=_number(env, "DJLINK_AGENT_KEYS_PER_TRANSACTION", "5000"),
             log_format=_choice(env, "DJLINK_LOG_FORMAT", ("text", "json")),
             topic_replication_factor=_replication_factor(env),
             topic_min_insync_replicas=_optional_number(env, "DJLINK_TOPIC_MIN_INSYNC_REPLICAS"),

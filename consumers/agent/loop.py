@@ -184,7 +184,16 @@ class SourceAgent:
                     columns = self._key_columns(link)
                     for part in chunks(keys, keycodec.MAX_REQUEST_KEYS):
                         rid = f"auto:{uuid.uuid4()}"
-                        requests.pull_or_delete(self._db, self._out, link, rid, "PULL", part, columns)
+                        requests.pull_or_delete(
+                            self._db,
+                            self._out,
+                            link,
+                            rid,
+                            "PULL",
+                            part,
+                            columns,
+                            self.settings.agent_keys_per_transaction,
+                        )
                 self._p.send_offsets_to_transaction(approved.offsets, self._auto.group_metadata(), 30)
 
         self._waiting_out_the_source(stop, "the auto-pulls", pull)
@@ -237,7 +246,16 @@ class SourceAgent:
             done = self._registrar.register(requested, rid)
             if cmd["kind"] != "REGISTER":
                 columns = self._key_columns(done.link)
-                requests.pull_or_delete(self._db, self._out, done.link, rid, cmd["kind"], cmd["keys"], columns)
+                requests.pull_or_delete(
+                    self._db,
+                    self._out,
+                    done.link,
+                    rid,
+                    cmd["kind"],
+                    cmd["keys"],
+                    columns,
+                    self.settings.agent_keys_per_transaction,
+                )
             elif not done.answered_later:
                 self._out.reply(rid, "ACCEPTED", message=f"link {done.link.link_id} registered")
         except Refused as exc:

@@ -8,15 +8,15 @@ consistent read, on which the applier acts (`consumers.integrity.decide_process`
 before it acknowledges. An acknowledgement finishes what the applier did
 (`ACK_RULES`) and answers PROGRESS.
 
-The helper table is written and committed before anything is produced; the
-replies and signals commit with the Kafka transaction of the message, so a
+The helper table is written and committed before anything is produced (in
+parts: `pull_or_delete`); the replies and signals commit with the Kafka transaction of the message, so a
 crash in between makes the agent handle the message again, which finds the
 helper rows moved and does nothing twice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pymysql
@@ -25,8 +25,9 @@ from consumers.agent import metrics
 from consumers.agent.errors import Refused
 from consumers.agent.helper_table import HelperTable
 from consumers.agent.outgoing import Outgoing
-from consumers.integrity import Acked, Action, decide_delete, decide_pull
+from consumers.integrity import Acked, Action, Decision, HelperRow, decide_delete, decide_pull
 from foundation import keys as keycodec
+from foundation.dberrors import describe, is_transient
 from foundation.keys import KeyReason
 from foundation.links import LinkSpec
 
@@ -42,11 +43,18 @@ def pull_or_delete(
     kind: str,
     key_texts: Sequence[str],
     columns: Mapping[str, str],
+    per_transaction: int,
 ) -> None:
     """A pull (`kind` PULL) or a delete (DELETE): move each entity's helper row, reply, then have them processed.
 
     `columns` are the primary key's (name -> data type): a request naming anything but keys of the table, or
     more than MAX_REQUEST_KEYS of them, is Refused whole, before anything is read or written.
+
+    The helper rows are moved in source transactions of at most `per_transaction` entities
+    (DJLINK_AGENT_KEYS_PER_TRANSACTION), so that no unit the capture publishes, and the applier holds whole,
+    grows with the request: 100,000 helper rows in one transaction were the applier's peak memory in a large
+    pull (bench/README.md, memory.py). A failure in the first part refuses the request, nothing done; in a
+    later part, it refuses that part's entities, each with the reason, and the other parts go on.
     """
     pk = list(link.primary_key)
     if len(key_texts) > keycodec.MAX_REQUEST_KEYS:
@@ -59,36 +67,22 @@ def pull_or_delete(
     except keycodec.BadKey as exc:
         raise Refused(f"{exc}, for {link.source_db}.{link.source_table}; nothing was done") from None
     table = HelperTable(db, link)
-    helpers = table.rows(key_texts)
     decide = decide_pull if kind == "PULL" else decide_delete
     moves: dict[Action, list[str]] = {action: [] for action in Action}
     refused: list[KeyReason] = []
-    for k in key_texts:
-        decision = decide(helpers.get(k))
-        moves[decision.action].append(k)
-        if decision.action.refused:
-            refused.append(KeyReason(k, decision.reason))
-    if moves[Action.ACTIVATE]:
-        # Only rows still at the source: one deleted since it was chosen (by a restriction, or by an
-        # auto-pull policy reading its insert) is refused alone, not the whole request with it.
-        present = table.at_source(moves[Action.ACTIVATE])
-        for k in moves[Action.ACTIVATE]:
-            if k not in present:
-                refused.append(
-                    KeyReason(k, f"not in {link.source_db}.{link.source_table} (deleted since it was chosen?)")
-                )
-        moves[Action.ACTIVATE] = [k for k in moves[Action.ACTIVATE] if k in present]
-    table.activate(moves[Action.ACTIVATE])
+    for start in range(0, len(key_texts), per_transaction):
+        part = key_texts[start : start + per_transaction]
+        try:
+            _move(db, link, table, decide, part, moves, refused)
+        except (Refused, pymysql.err.MySQLError) as exc:
+            if start == 0 or (isinstance(exc, pymysql.err.MySQLError) and is_transient(exc)):
+                raise  # nothing committed yet: refused whole; or the connection's fault: handled again whole
+            db.rollback()
+            why = str(exc) if isinstance(exc, Refused) else f"the source server refused it: {describe(exc)}"
+            refused += [KeyReason(k, f"{why}; not done") for k in part]
     metrics.ACTIVATIONS.inc(len(moves[Action.ACTIVATE]))
     if refused:
         metrics.REFUSALS.labels("entity").inc(len(refused))
-    for action in (Action.REPULL, Action.MARK_DELETE):
-        if moves[action]:
-            # Every entity moved by one action has the same process afterwards (PULL or DELETE).
-            after = action.helper_after(helpers[moves[action][0]])
-            assert after is not None
-            table.set_process(moves[action], after.process)
-    db.commit()
     waited = [k for action in AWAITED for k in moves[action]]
     done = moves[Action.DONE]
     refused_records = [r.to_avro() for r in refused]
@@ -96,6 +90,48 @@ def pull_or_delete(
     to_read = waited + moves[Action.REFUSE_AND_PROCESS]
     if to_read:
         out.signal(link, to_read, request_id)
+
+
+def _move(
+    db: pymysql.connections.Connection[Any],
+    link: LinkSpec,
+    table: HelperTable,
+    decide: Callable[[HelperRow | None], Decision],
+    key_texts: Sequence[str],
+    moves: dict[Action, list[str]],
+    refused: list[KeyReason],
+) -> None:
+    """Decide and move the helper rows of some of a request's entities, in one source transaction; what was
+    done is added to `moves` and `refused` only once it is committed."""
+    helpers = table.rows(key_texts)
+    part: dict[Action, list[str]] = {action: [] for action in Action}
+    turned_down: list[KeyReason] = []
+    for k in key_texts:
+        decision = decide(helpers.get(k))
+        part[decision.action].append(k)
+        if decision.action.refused:
+            turned_down.append(KeyReason(k, decision.reason))
+    if part[Action.ACTIVATE]:
+        # Only rows still at the source: one deleted since it was chosen (by a restriction, or by an
+        # auto-pull policy reading its insert) is refused alone, not the whole request with it.
+        present = table.at_source(part[Action.ACTIVATE])
+        for k in part[Action.ACTIVATE]:
+            if k not in present:
+                turned_down.append(
+                    KeyReason(k, f"not in {link.source_db}.{link.source_table} (deleted since it was chosen?)")
+                )
+        part[Action.ACTIVATE] = [k for k in part[Action.ACTIVATE] if k in present]
+    table.activate(part[Action.ACTIVATE])
+    for action in (Action.REPULL, Action.MARK_DELETE):
+        if part[action]:
+            # Every entity moved by one action has the same process afterwards (PULL or DELETE).
+            after = action.helper_after(helpers[part[action][0]])
+            assert after is not None
+            table.set_process(part[action], after.process)
+    db.commit()
+    for action, keys in part.items():
+        moves[action] += keys
+    refused += turned_down
 
 
 def acknowledge(db: pymysql.connections.Connection[Any], out: Outgoing, link: LinkSpec, ack: dict[str, Any]) -> None:

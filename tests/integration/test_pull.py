@@ -131,6 +131,55 @@ def test_pull_through_kafka_leaves_exactly_the_requested_entities(site: Site) ->
     assert len(Recording()) == 2
 
 
+def test_a_pull_is_moved_in_parts_and_a_part_the_source_refuses_refuses_only_its_entities(site: Site) -> None:
+    """With DJLINK_AGENT_KEYS_PER_TRANSACTION=4, a pull of 10 marks its helper rows in source transactions of at
+    most 4 (so the applier never holds a unit of the whole request); a part the source server refuses (a trigger
+    here) refuses its 4 entities with the server's reason, the other parts arrive, and nothing is lost: once the
+    source takes them, pulling again completes them."""
+    site.start("capture", "agent", DJLINK_AGENT_KEYS_PER_TRANSACTION="4")
+    site.start("applier")
+    declare_source(site, 10)
+    site.connect_facade()
+
+    @link(site.source_host, site.source_schema, site.helper_schema, "outbound", site.dest_schema)
+    class Recording:
+        """The linked copy."""
+
+    src = admin(site.env, "SOURCE")
+    with src.cursor() as cur:
+        cur.execute(
+            f"CREATE TRIGGER `{site.helper_schema}`.`no_six` BEFORE INSERT ON `{site.helper_schema}`.`outbound` "
+            "FOR EACH ROW BEGIN IF NEW.recording_id = 6 THEN "
+            "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'recording 6 may not leave'; END IF; END"
+        )
+    summary = Recording().source.pull(timeout=60)
+    assert summary.pulled == 6, summary
+    assert len(summary.refused) == 4, summary
+    for i, reason in zip((5, 6, 7, 8), sorted(summary.refused), strict=True):
+        assert reason.startswith(f'{{"recording_id":{i}}}: the source server refused it: (1644) recording 6 may not')
+        assert reason.endswith("; not done"), reason
+    assert [r[0] for r in rows(site, "DEST", site.dest_schema, "recording", "recording_id")] == [1, 2, 3, 4, 9, 10]
+    assert rows(site, "SOURCE", site.helper_schema, "outbound", "recording_id") == [
+        (i, "NONE", "FALSE", "FALSE") for i in (1, 2, 3, 4, 9, 10)
+    ]
+    # The agent's inserts of helper rows came in two source transactions, of 4 and 2 (the refused part rolled back).
+    helper = read_topic(site, Topics(site.topic_prefix).table(site.helper_schema, "outbound"))
+    marked: dict[str, list[int]] = {}
+    for e in helper:
+        if e["op"] == "c":
+            marked.setdefault(e["transaction"]["id"], []).append(e["after"]["recording_id"])
+    assert sorted(marked.values()) == [[1, 2, 3, 4], [9, 10]]
+
+    with src.cursor() as cur:
+        cur.execute(f"DROP TRIGGER `{site.helper_schema}`.`no_six`")
+    src.close()
+    again = Recording().source.pull(timeout=60)
+    assert (again.pulled, again.skipped, again.refused) == (4, 6, []), again
+    assert rows(site, "DEST", site.dest_schema, "recording", "recording_id") == rows(
+        site, "SOURCE", site.source_schema, "recording", "recording_id"
+    )
+
+
 def test_link_to_a_schema_the_source_site_does_not_allow_is_refused(site: Site) -> None:
     site.start("capture", "agent", DJLINK_ALLOWED_SCHEMAS="some_other_*")
     declare_source(site)

@@ -154,7 +154,7 @@ class Settings:
     destination_stores: Any  # {store: DataJoint store spec}: where it writes the destination's
     schema_registry_url: str | None  # a Confluent-compatible registry: change events in its wire format
     applier_state_db: str  # the applier's database on the destination server: offsets, units, entity states
-    applier_held_mb: int = 128  # DJLINK_APPLIER_HELD_MB: events read and not applicable yet, at most (then it waits)
+    applier_held_mb: int = 48  # DJLINK_APPLIER_HELD_MB: MiB of events read, not applicable yet (then it waits)
     agent_keys_per_transaction: int = 5000  # DJLINK_AGENT_KEYS_PER_TRANSACTION: helper rows a source transaction moves
     log_format: str = "text"  # DJLINK_LOG_FORMAT: text (for people) or json (one object per line, for collectors)
     topic_replication_factor: int = -1  # of the topics djlink creates; -1: the cluster's default.replication.factor
@@ -197,7 +197,7 @@ class Settings:
             destination_stores=_stores(env, "DJLINK_DEST_STORES"),
             schema_registry_url=env.get("DJLINK_SCHEMA_REGISTRY_URL") or None,
             applier_state_db=_state_db(env.get("DJLINK_APPLIER_STATE_DB") or "djlink_applier"),
-            applier_held_mb=_number(env, "DJLINK_APPLIER_HELD_MB", "128"),
+            applier_held_mb=_number(env, "DJLINK_APPLIER_HELD_MB", "48"),
             agent_keys_per_transaction=_number(env, "DJLINK_AGENT_KEYS_PER_TRANSACTION", "5000"),
             log_format=_choice(env, "DJLINK_LOG_FORMAT", ("text", "json")),
             topic_replication_factor=_replication_factor(env),

@@ -40,6 +40,7 @@ from consumers.integrity import EntityKey, EntityState
 from foundation.config import Settings
 from foundation.dberrors import describe
 from foundation.gtid import parse_gtid
+from foundation.heap import Trimmer
 from foundation.kafka import consumer, now_ms, producer, schema_registry
 from foundation.links import LinkRegistry, LinkSpec
 from foundation.stores import Stores
@@ -52,11 +53,17 @@ PROGRESS_EVERY_S = 1.0  # store offsets that moved without applying anything at 
 ORPHAN_AFTER_MS = 30_000
 WAITING_WARN_S = 5.0  # warn when the next unit in order has been incomplete this long
 MAX_BATCH_EVENTS = 20_000  # events per destination transaction, at most (a unit is never split)
-MAX_BATCH_BYTES = 64 * 1024 * 1024  # and bytes of their values
+MAX_BATCH_BYTES = 16 * 1024 * 1024  # and bytes of their values (64: four 1 MiB-blob chunks at once)
 # Gathered but not applicable yet (a unit waits for its last events, every later one waits for it): past
 # DJLINK_APPLIER_HELD_MB, only the topics that unit still needs are read, so memory does not grow with what is
-# ahead of it. An event counts its value's bytes and EVENT_OVERHEAD for its decoded objects (small rows' weigh more).
+# ahead of it. An event counts its value's bytes twice (the message's, kept for the dead-letter topic, and the
+# decoded row's strings and blobs) and EVENT_OVERHEAD for its decoded objects (small rows' weigh more).
 EVENT_OVERHEAD = 2560
+
+
+def held_bytes(events: int, value_bytes: int) -> int:
+    """About how much memory `events` gathered events with `value_bytes` of message values take."""
+    return 2 * value_bytes + EVENT_OVERHEAD * events
 
 
 class Applier:
@@ -90,6 +97,7 @@ class Applier:
         self.units_mirrored = 0
         self.units_dead_lettered = 0
         self._checked: set[LinkSpec] = set()
+        self._trim = Trimmer()
 
     @property
     def objects_copied(self) -> int:
@@ -149,6 +157,7 @@ class Applier:
                     self._reader.follow(registry.links, self._stored)
                 self._dead_letters.confirm()
                 self._apply_complete(registry)
+                self._trim()  # the batches just applied are freed now (their rows, statements and events)
                 self._bound_reading()
                 metrics.PENDING_UNITS.set(len(self._gathering.pending))
                 if not self._gathering.pending:
@@ -230,9 +239,9 @@ class Applier:
     def _bound_reading(self) -> None:
         """While more is gathered than MAX_HELD_* allow, read only the topics the unit every later one waits for
         still needs (and the transaction topic, for ENDs); the rest stays in Kafka until that unit is applied."""
-        events, size = self._gathering.held()
-        metrics.HELD_BYTES.set(size + EVENT_OVERHEAD * events)
-        if size + EVENT_OVERHEAD * events <= self.settings.applier_held_mb * 1024 * 1024:
+        held = held_bytes(*self._gathering.held())
+        metrics.HELD_BYTES.set(held)
+        if held <= self.settings.applier_held_mb * 1024 * 1024:
             self._reader.read_only(None)
             return
         routes, pending = self._reader.routes, self._gathering.pending
@@ -264,6 +273,12 @@ class Applier:
         """
         if not batch:
             return
+        try:
+            self._apply_units(batch, registry)
+        finally:  # the events, and the rows and statements made of them
+            self._trim.freed(held_bytes(sum(len(u.events) for _, u in batch), sum(u.size for _, u in batch)))
+
+    def _apply_units(self, batch: list[tuple[str, PendingUnit]], registry: LinkRegistry) -> None:
         prepared = self._prepare_all(batch, registry)
         plans = self._plan_all(prepared)
         try:

@@ -33,7 +33,7 @@ from schemas.tables import select_expression
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-CHUNK_BYTES = 16 * 1024 * 1024  # of row values in one snapshot chunk, about
+CHUNK_BYTES = 8 * 1024 * 1024  # of row values in one snapshot chunk, about
 FIRST_CHUNK = 20  # entities in a read's first chunk, before their size is known
 
 

@@ -8,9 +8,9 @@ consistent read, on which the applier acts (`consumers.integrity.decide_process`
 before it acknowledges. An acknowledgement finishes what the applier did
 (`ACK_RULES`) and answers PROGRESS.
 
-The helper table is written and committed before anything is produced (in
-parts: `pull_or_delete`); the replies and signals commit with the Kafka transaction of the message, so a
-crash in between makes the agent handle the message again, which finds the
+The helper table is written and committed (in parts: `pull_or_delete`)
+before anything is produced; the replies and signals commit with the Kafka
+transaction of the message, so a crash in between makes the agent handle the message again, which finds the
 helper rows moved and does nothing twice.
 """
 
@@ -73,13 +73,17 @@ def pull_or_delete(
     for start in range(0, len(key_texts), per_transaction):
         part = key_texts[start : start + per_transaction]
         try:
-            _move(db, link, table, decide, part, moves, refused)
+            part_moves, part_refused = _move(db, link, table, decide, part)
         except (Refused, pymysql.err.MySQLError) as exc:
             if start == 0 or (isinstance(exc, pymysql.err.MySQLError) and is_transient(exc)):
                 raise  # nothing committed yet: refused whole; or the connection's fault: handled again whole
             db.rollback()
             why = str(exc) if isinstance(exc, Refused) else f"the source server refused it: {describe(exc)}"
             refused += [KeyReason(k, f"{why}; not done") for k in part]
+            continue
+        for action, keys in part_moves.items():
+            moves[action] += keys
+        refused += part_refused
     metrics.ACTIVATIONS.inc(len(moves[Action.ACTIVATE]))
     if refused:
         metrics.REFUSALS.labels("entity").inc(len(refused))
@@ -98,11 +102,9 @@ def _move(
     table: HelperTable,
     decide: Callable[[HelperRow | None], Decision],
     key_texts: Sequence[str],
-    moves: dict[Action, list[str]],
-    refused: list[KeyReason],
-) -> None:
-    """Decide and move the helper rows of some of a request's entities, in one source transaction; what was
-    done is added to `moves` and `refused` only once it is committed."""
+) -> tuple[dict[Action, list[str]], list[KeyReason]]:
+    """Decide and move the helper rows of some of a request's entities, in one source transaction, committed:
+    the entities by what was done to them, and those refused."""
     helpers = table.rows(key_texts)
     part: dict[Action, list[str]] = {action: [] for action in Action}
     turned_down: list[KeyReason] = []
@@ -129,9 +131,7 @@ def _move(
             assert after is not None
             table.set_process(part[action], after.process)
     db.commit()
-    for action, keys in part.items():
-        moves[action] += keys
-    refused += turned_down
+    return part, turned_down
 
 
 def acknowledge(db: pymysql.connections.Connection[Any], out: Outgoing, link: LinkSpec, ack: dict[str, Any]) -> None:

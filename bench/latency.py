@@ -51,7 +51,17 @@ import datajoint as dj
 import numpy as np
 from confluent_kafka import TopicPartition
 
-from bench.common import cleanup, connect, facade, say, services_env, source_host, start_pipeline
+from bench.common import (
+    CpuMeter,
+    cleanup,
+    connect,
+    facade,
+    say,
+    service_pids,
+    services_env,
+    source_host,
+    start_pipeline,
+)
 from foundation.config import Settings
 from foundation.kafka import consumer, end_offset, ok
 from foundation.topics import Topics
@@ -90,7 +100,7 @@ class EventWatcher(threading.Thread):
     def __init__(self, env: dict[str, str], prefix: str, topic: str, pattern: bytes) -> None:
         super().__init__(daemon=True)
         settings = Settings.from_env({**env, "DJLINK_TOPIC_PREFIX": prefix})
-        self._c = consumer(settings, f"{prefix}-latency-{uuid.uuid4().hex[:6]}", **{"fetch.wait.max.ms": 1})
+        self._c = consumer(settings, f"{prefix}-latency-{uuid.uuid4().hex[:6]}")
         partitions = self._c.list_topics(topic, timeout=10).topics[topic].partitions
         # At each partition's end as it is now, so that every update made after this is seen.
         self._c.assign(
@@ -129,6 +139,11 @@ class Watcher:
         )
         self.seen: dict[str, float] = {}
         self.received: dict[str, tuple[float, float]] = {}
+
+    @property
+    def pid(self) -> int:
+        assert self._process.pid is not None
+        return self._process.pid
 
     def start(self) -> None:
         self._process.start()
@@ -185,12 +200,18 @@ def say_stages(stages: list[tuple[float, float, float]]) -> None:
 
 
 def mirror_latency(
-    env: dict[str, str], names: dict[str, str], prefix: str, rate: float, args: argparse.Namespace
+    env: dict[str, str],
+    names: dict[str, str],
+    prefix: str,
+    rate: float,
+    args: argparse.Namespace,
+    pids: dict[str, int],
 ) -> None:
     topic = Topics(prefix).table(names["source"], "sample")
     kafka = (prefix, topic, rb"r%d-\d+" % int(rate))
     watcher = Watcher(env, f"`{names['dest']}`.`sample`", args.poll_ms / 1000, kafka)
     watcher.start()
+    cpu = CpuMeter({**pids, "watcher": watcher.pid, "writers (this process)": os.getpid()})
     committed: dict[str, tuple[float, int]] = {}  # subject -> (commit time, entity)
     n = int(rate * args.seconds)
     rng = random.Random(int(rate))
@@ -213,10 +234,14 @@ def mirror_latency(
         conn.close()
 
     writers = [threading.Thread(target=write, args=(plan[k :: args.writers],)) for k in range(args.writers)]
+    cpu.start()
+    load_began = time.time()
     for w in writers:
         w.start()
     for w in writers:
         w.join()
+    cpu.stop()
+    wall = time.time() - load_began
     elapsed = max(t for t, _ in committed.values()) - started
     deadline = time.time() + 60
     # Each entity's last value as the source has it (commit returns of two writers may come in either order).
@@ -252,6 +277,9 @@ def mirror_latency(
     ]
     if stages:
         say_stages(stages)
+    say(f"  {cpu.report(wall)}")
+    pipeline = sum(v for k, v in cpu.used.items() if k in pids)
+    say(f"  the pipeline and its services: {1e6 * pipeline / n:,.0f} CPU-us per update (the load and watcher apart)")
 
 
 def trace_stages(env: dict[str, str], names: dict[str, str], prefix: str, n: int) -> None:
@@ -379,8 +407,9 @@ def main(argv: list[str] | None = None) -> int:
             table: Any = Sample
             summary = table().source.pull(timeout=300)
             say(f"  pulled: {summary}")
+            pids = {**service_pids(), "capture+agent": processes[0].pid, "applier": processes[1].pid}
             for rate in (float(r) for r in args.rates.split(",") if r.strip()):
-                mirror_latency(env, names, prefix, rate, args)
+                mirror_latency(env, names, prefix, rate, args, pids)
             if args.trace:
                 trace_stages(env, names, prefix, args.trace)
             if args.flags:

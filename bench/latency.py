@@ -36,22 +36,28 @@ Figures, never assertions. Schemas and topics are dropped afterwards (unless --k
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import random
 import re
 import statistics
+import subprocess
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import datajoint as dj
 import numpy as np
 from confluent_kafka import TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from bench.common import (
+    ROOT,
     CpuMeter,
     cleanup,
     connect,
@@ -82,6 +88,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=0,
         help="also time N single updates on the quiet pipeline, stage by stage (default 0)",
+    )
+    parser.add_argument(
+        "--no-floor",
+        dest="floor",
+        action="store_false",
+        help="skip the floor: the same load through a pipeline with no logic (bench/latency_floor.py)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the schemas and topics")
     return parser.parse_args(argv)
@@ -206,9 +218,12 @@ def mirror_latency(
     rate: float,
     args: argparse.Namespace,
     pids: dict[str, int],
-) -> None:
-    topic = Topics(prefix).table(names["source"], "sample")
-    kafka = (prefix, topic, rb"r%d-\d+" % int(rate))
+    floor_topic: str | None = None,
+) -> dict[int, float] | None:
+    """One rate's load, timed; through djlink's pipeline, or the floor's (`floor_topic`: its Kafka topic)."""
+    topic = floor_topic or Topics(prefix).table(names["source"], "sample")
+    tag = "f" if floor_topic else "r"  # a value the watcher has not seen yet: each run writes its own
+    kafka = (prefix, topic, rb"%s%d-\d+" % (tag.encode(), int(rate)))
     watcher = Watcher(env, f"`{names['dest']}`.`sample`", args.poll_ms / 1000, kafka)
     watcher.start()
     cpu = CpuMeter({**pids, "watcher": watcher.pid, "writers (this process)": os.getpid()})
@@ -226,7 +241,7 @@ def mirror_latency(
                 delay = started + i / rate - time.time()
                 if delay > 0:
                     time.sleep(delay)  # the load's schedule, not synchronisation
-                subject = f"r{int(rate)}-{i}"
+                subject = f"{tag}{int(rate)}-{i}"
                 cur.execute(f"UPDATE `{names['source']}`.`sample` SET subject=%s WHERE sample_id=%s", (subject, entity))
                 done = time.time()
                 with lock:
@@ -247,7 +262,7 @@ def mirror_latency(
     # Each entity's last value as the source has it (commit returns of two writers may come in either order).
     src = connect(env, "SOURCE")
     with src.cursor() as cur:
-        cur.execute(f"SELECT subject FROM `{names['source']}`.`sample` WHERE subject LIKE %s", (f"r{int(rate)}-%",))
+        cur.execute(f"SELECT subject FROM `{names['source']}`.`sample` WHERE subject LIKE %s", (f"{tag}{int(rate)}-%",))
         final = [subject for (subject,) in cur.fetchall()]
     src.close()
     while time.time() < deadline and not all(s in watcher.ask() for s in final):
@@ -255,12 +270,13 @@ def mirror_latency(
     watcher.stop()
     latencies = [1000 * (watcher.seen[s] - t) for s, (t, _) in committed.items() if s in watcher.seen]
     lost = [s for s in final if s not in watcher.seen]
+    label = "floor, " if floor_topic else ""
     if not latencies:
-        say(f"{rate:,.0f} rows/s: nothing seen at the destination")
-        return
+        say(f"{label}{rate:,.0f} rows/s: nothing seen at the destination")
+        return None
     p = {q: percentile(latencies, q) for q in (50, 95, 99)}
     say(
-        f"{rate:,.0f} rows/s (reached {n / elapsed:,.0f} with {args.writers} writers): "
+        f"{label}{rate:,.0f} rows/s (reached {n / elapsed:,.0f} with {args.writers} writers): "
         f"{len(latencies):,} of {n:,} updates timed, "
         f"p50 {p[50]:.0f} ms, p95 {p[95]:.0f} ms, p99 {p[99]:.0f} ms, max {max(latencies):.0f} ms"
         + (f"; {len(lost)} final values never seen" if lost else "")
@@ -280,6 +296,38 @@ def mirror_latency(
     say(f"  {cpu.report(wall)}")
     pipeline = sum(v for k, v in cpu.used.items() if k in pids)
     say(f"  the pipeline and its services: {1e6 * pipeline / n:,.0f} CPU-us per update (the load and watcher apart)")
+    return p
+
+
+@contextmanager
+def floor_pipeline(env: dict[str, str], names: dict[str, str], prefix: str) -> Iterator[tuple[str, dict[str, int]]]:
+    """`bench/latency_floor.py`'s two processes, following the source table and updating the destination's: its
+    Kafka topic and the processes' pids."""
+    topic = f"{prefix}.floor"
+    admin = AdminClient({"bootstrap.servers": env["DJLINK_KAFKA_BOOTSTRAP"]})
+    for future in admin.create_topics([NewTopic(topic, 1, -1)]).values():
+        future.result(30)
+    spec = {"env": env, "topic": topic, "server_id": 7000 + uuid.uuid4().int % 100000}
+    child_env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    children: dict[str, subprocess.Popen[str]] = {}
+    try:
+        for role, db in (("apply", names["dest"]), ("tail", names["source"])):
+            child = subprocess.Popen(
+                [sys.executable, "-m", "bench.latency_floor", "--role", role, json.dumps({**spec, "db": db})],
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=ROOT,
+                env=child_env,
+            )
+            children[f"floor {role}"] = child
+            assert child.stdout is not None
+            if child.stdout.readline().strip() != "ready":
+                raise SystemExit(f"the floor's {role} process did not start")
+        yield topic, {name: child.pid for name, child in children.items()}
+    finally:
+        for child in children.values():
+            child.kill()
+            child.wait(10)
 
 
 def trace_stages(env: dict[str, str], names: dict[str, str], prefix: str, n: int) -> None:
@@ -408,8 +456,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = table().source.pull(timeout=300)
             say(f"  pulled: {summary}")
             pids = {**service_pids(), "capture+agent": processes[0].pid, "applier": processes[1].pid}
-            for rate in (float(r) for r in args.rates.split(",") if r.strip()):
-                mirror_latency(env, names, prefix, rate, args, pids)
+            rates = [float(r) for r in args.rates.split(",") if r.strip()]
+            djlink = {rate: mirror_latency(env, names, prefix, rate, args, pids) for rate in rates}
             if args.trace:
                 trace_stages(env, names, prefix, args.trace)
             if args.flags:
@@ -419,6 +467,21 @@ def main(argv: list[str] | None = None) -> int:
                 proc.terminate()
             for proc in processes:
                 proc.wait(30)
+        if args.floor:
+            say("the floor, djlink stopped (bench/latency_floor.py: binlog, Avro rows in Kafka transactions, UPDATE):")
+            with floor_pipeline(env, names, prefix) as (topic, floor_pids):
+                floor = {
+                    rate: mirror_latency(env, names, prefix, rate, args, {**service_pids(), **floor_pids}, topic)
+                    for rate in rates
+                }
+            for rate in rates:
+                ours, theirs = djlink[rate], floor[rate]
+                if ours and theirs:
+                    say(
+                        f"{rate:,.0f} rows/s: djlink / floor p50 {ours[50] / theirs[50]:.2f} "
+                        f"({ours[50]:.0f} / {theirs[50]:.0f} ms), p99 {ours[99] / theirs[99]:.2f} "
+                        f"({ours[99]:.0f} / {theirs[99]:.0f} ms)"
+                    )
     return 0
 
 

@@ -106,9 +106,8 @@ def reader(env: dict[str, str], topic: str, db: str, n: int) -> None:
     conn.close()
 
 
-def writer(env: dict[str, str], topic: str, db: str, n: int) -> None:
-    conn = connect(env, "DEST")
-    conn.autocommit(False)
+def follow(env: dict[str, str], topic: str) -> Consumer:
+    """A plain `read_committed` consumer of partition 0 of `topic`, from its beginning."""
     c = Consumer(
         {
             "bootstrap.servers": env["DJLINK_KAFKA_BOOTSTRAP"],
@@ -118,6 +117,13 @@ def writer(env: dict[str, str], topic: str, db: str, n: int) -> None:
         }
     )
     c.assign([TopicPartition(topic, 0, 0)])
+    return c
+
+
+def writer(env: dict[str, str], topic: str, db: str, n: int) -> None:
+    conn = connect(env, "DEST")
+    conn.autocommit(False)
+    c = follow(env, topic)
     masters: list[tuple[Any, ...]] = []
     parts: list[tuple[Any, ...]] = []
     done = 0

@@ -35,11 +35,12 @@ import threading
 from typing import Any
 
 import fastavro
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 from pymysqlreplication import BinLogStreamReader
 from pymysqlreplication.event import HeartbeatLogEvent, RotateEvent, XidEvent
 from pymysqlreplication.row_event import UpdateRowsEvent
 
+from bench.floor import follow
 from cdc.rows import RowReader, decode_rows
 from devtools.services import admin_connection, binlog_settings
 
@@ -120,15 +121,7 @@ def tail(env: dict[str, str], topic: str, db: str, server_id: int) -> None:
 
 def apply(env: dict[str, str], topic: str, db: str, server_id: int) -> None:
     conn = admin_connection(env, "DEST", autocommit=False)
-    c = Consumer(
-        {
-            "bootstrap.servers": env["DJLINK_KAFKA_BOOTSTRAP"],
-            "group.id": topic,
-            "isolation.level": "read_committed",
-            "enable.auto.commit": False,
-        }
-    )
-    c.assign([TopicPartition(topic, 0, 0)])
+    c = follow(env, topic)
     print("ready", flush=True)
     with conn.cursor() as cur:
         while True:

@@ -62,7 +62,8 @@ PART = fastavro.parse_schema(
 END = b"end"
 
 
-def _encode(schema: Any, row: dict[str, Any]) -> bytes:
+def encode(schema: Any, row: dict[str, Any]) -> bytes:
+    """A row as a plain fastavro record (no header, no fingerprint)."""
     out = io.BytesIO()
     fastavro.schemaless_writer(out, schema, row)
     return out.getvalue()
@@ -98,9 +99,9 @@ def reader(env: dict[str, str], topic: str, db: str, n: int) -> None:
             conn.commit()
             p.begin_transaction()
             for row in masters:
-                p.produce(topic, key=b"m", value=_encode(MASTER, row))
+                p.produce(topic, key=b"m", value=encode(MASTER, row))
             for row in parts:
-                p.produce(topic, key=b"p", value=_encode(PART, row))
+                p.produce(topic, key=b"p", value=encode(PART, row))
             p.produce(topic, key=END, value=END)
             p.commit_transaction()
     conn.close()

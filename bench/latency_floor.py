@@ -40,7 +40,7 @@ from pymysqlreplication import BinLogStreamReader
 from pymysqlreplication.event import HeartbeatLogEvent, RotateEvent, XidEvent
 from pymysqlreplication.row_event import UpdateRowsEvent
 
-from bench.floor import follow
+from bench.floor import encode, follow
 from cdc.rows import RowReader, decode_rows
 from devtools.services import admin_connection, binlog_settings
 
@@ -55,12 +55,6 @@ POLL_S = 0.05  # as the capture's and the applier's first wait
 MAX_TAKEN = 500
 
 
-def _encode(row: dict[str, Any]) -> bytes:
-    out = io.BytesIO()
-    fastavro.schemaless_writer(out, ROW, row)
-    return out.getvalue()
-
-
 def tail(env: dict[str, str], topic: str, db: str, server_id: int) -> None:
     conn = admin_connection(env, "SOURCE")
     with conn.cursor() as cur:
@@ -71,7 +65,7 @@ def tail(env: dict[str, str], topic: str, db: str, server_id: int) -> None:
     p.init_transactions(30)
     rows: queue.Queue[dict[str, Any] | None] = queue.Queue()
 
-    def follow() -> None:
+    def read_binlog() -> None:
         stream = BinLogStreamReader(
             connection_settings=binlog_settings(env),
             server_id=server_id,
@@ -98,7 +92,7 @@ def tail(env: dict[str, str], topic: str, db: str, server_id: int) -> None:
                     assert after is not None
                     rows.put({"sample_id": after["sample_id"], "subject": after["subject"]})
 
-    threading.Thread(target=follow, daemon=True).start()
+    threading.Thread(target=read_binlog, daemon=True).start()
     assert rows.get(timeout=30) is None
     print("ready", flush=True)
     while True:
@@ -115,11 +109,11 @@ def tail(env: dict[str, str], topic: str, db: str, server_id: int) -> None:
         p.begin_transaction()
         for row in batch:
             assert row is not None
-            p.produce(topic, value=_encode(row))
+            p.produce(topic, value=encode(ROW, row))
         p.commit_transaction()
 
 
-def apply(env: dict[str, str], topic: str, db: str, server_id: int) -> None:
+def apply(env: dict[str, str], topic: str, db: str) -> None:
     conn = admin_connection(env, "DEST", autocommit=False)
     c = follow(env, topic)
     print("ready", flush=True)
@@ -150,8 +144,10 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     spec = json.loads(argv[2])
-    role = tail if argv[1] == "tail" else apply
-    role(spec["env"], spec["topic"], spec["db"], spec["server_id"])
+    if argv[1] == "tail":
+        tail(spec["env"], spec["topic"], spec["db"], spec["server_id"])
+    else:
+        apply(spec["env"], spec["topic"], spec["db"])
     return 0
 
 

@@ -27,12 +27,14 @@ from foundation.kafka import Transactional, now_ms, produce
 from foundation.topics import Admin, SchemaTopic, Topics
 from schemas import FIXED
 from schemas.registry import Registry
-from schemas.tables import RowEncoder, TableShape, envelope_schema, key_schema, row_record_name
+from schemas.tables import EnvelopeWriter, RowEncoder, TableShape, envelope_schema, key_schema
 
 VERSION = "0.1.0"
-TRANSACTION_BLOCK = "djlink.TransactionBlock"  # full name of the envelope's `transaction` record
 log = logging.getLogger(__name__)
 ConsumedOffsets = tuple[list[TopicPartition], Any]  # offsets and the consumer's group metadata
+# Where an event sits: its `source` block (encoded, without `row`), its unit's transaction id (encoded),
+# its position among the unit's events and among those of its table.
+_Place = tuple[bytes, bytes, int, int]
 
 
 MAX_SHAPE_PAIRS = 10_000  # (binlog shape, current shape) decisions kept
@@ -61,8 +63,9 @@ class _Compiled:
     value_schema: schemas.Schema
     encode: RowEncoder
     key_fields: list[str]
-    row_name: str  # full name of the row record: `(name, row)` spares fastavro resolving the union
+    writer: EnvelopeWriter
     published: bool = False  # both schemas on the schema topic
+    header: bytes | None = None  # of its values: the magic and the fingerprint, or the registry id
 
 
 class EventDispatcher:
@@ -105,7 +108,7 @@ class EventDispatcher:
                     vschema,
                     RowEncoder(shape),
                     [f["name"] for f in kschema.definition["fields"]],
-                    row_record_name(shape, self._topics.prefix),
+                    EnvelopeWriter(vschema),
                 )
             found = self._by_shape[id(shape)] = self._schemas[shape]
             found.shape = shape
@@ -166,35 +169,34 @@ class EventDispatcher:
         counts: Counter[str] = Counter()
         now = now_ms()
         pos = unit.position
-        sources: dict[tuple[str, str], dict[str, Any]] = {}  # what `source` says for every row of a table
+        sources: dict[tuple[str, str], bytes] = {}  # what `source` says for every row of a table, encoded
+        transaction = EnvelopeWriter.transaction(unit.id)
         for order, change in enumerate(unit.changes, 1):
             collection = f"{change.db}.{change.table}"
             counts[collection] += 1
             where = (change.db, change.table)
             if where not in sources:
-                sources[where] = {
-                    "version": VERSION,
-                    "connector": "mariadb",
-                    "name": self._topics.prefix,
-                    "ts_ms": pos.ts_ms,
-                    "snapshot": "true" if unit.snapshot else "false",
-                    "db": change.db,
-                    "table": change.table,
-                    "server_id": pos.server_id,
-                    "gtid": pos.gtid,
-                    "file": pos.file,
-                    "pos": pos.pos,
-                    "row": 0,
-                }
-            source = sources[where]
-            source["row"] = change.row  # encoded before the next row changes it
-            transaction = {"id": unit.id, "total_order": order, "data_collection_order": counts[collection]}
+                sources[where] = EnvelopeWriter.source(
+                    {
+                        "version": VERSION,
+                        "connector": "mariadb",
+                        "name": self._topics.prefix,
+                        "ts_ms": pos.ts_ms,
+                        "snapshot": "true" if unit.snapshot else "false",
+                        "db": change.db,
+                        "table": change.table,
+                        "server_id": pos.server_id,
+                        "gtid": pos.gtid,
+                        "file": pos.file,
+                        "pos": pos.pos,
+                    }
+                )
             names = self._topic_of.get(where)
             if names is None:
                 topic = self._topics.table(*where)
                 subjects = (f"{topic}-key", f"{topic}-value") if self._codec.registry else (None, None)
                 names = self._topic_of[where] = (topic, *subjects)
-            self._row(change, names, source, transaction, now)
+            self._row(change, names, (sources[where], transaction, order, counts[collection]), now)
         self._transaction_event(unit, "END", counts)
 
     def _abort(self) -> None:
@@ -203,24 +205,17 @@ class EventDispatcher:
         except KafkaException:
             log.exception("could not abort the Kafka transaction")
 
-    def _row(
-        self,
-        change: RowChange,
-        names: tuple[str, str | None, str | None],
-        source: dict[str, Any],
-        transaction: dict[str, Any],
-        now: int,
-    ) -> None:
+    def _row(self, change: RowChange, names: tuple[str, str | None, str | None], place: _Place, now: int) -> None:
         topic = names[0]
         shape = self._shape(change)
         try:
-            compiled, key, value = self._encoded(shape, change, names, source, transaction, now)
+            compiled, key, value = self._encoded(shape, change, names, place, now)
         except (ValueError, TypeError, OverflowError):
             if change.binlog_shape is None or change.binlog_shape is shape:
                 raise
             # Logged before a change of column types that kept their names (a narrower decimal, NOT NULL):
             # the row has the shape its binlog event describes.
-            compiled, key, value = self._encoded(change.binlog_shape, change, names, source, transaction, now)
+            compiled, key, value = self._encoded(change.binlog_shape, change, names, place, now)
         if not compiled.published:
             self._schema_topic.publish(self._p, compiled.key_schema)
             self._schema_topic.publish(self._p, compiled.value_schema)
@@ -230,13 +225,7 @@ class EventDispatcher:
             produce(self._p, topic, key, None)
 
     def _encoded(
-        self,
-        shape: TableShape,
-        change: RowChange,
-        names: tuple[str, str | None, str | None],
-        source: dict[str, Any],
-        transaction: dict[str, Any],
-        now: int,
+        self, shape: TableShape, change: RowChange, names: tuple[str, str | None, str | None], place: _Place, now: int
     ) -> tuple[_Compiled, bytes, bytes]:
         """The event's key and value, encoded with the schemas of `shape`."""
         _, key_subject, value_subject = names
@@ -247,18 +236,23 @@ class EventDispatcher:
         image = after if after is not None else before
         assert image is not None
         key = self._codec.encode(compiled.key_schema, {n: image[n] for n in compiled.key_fields}, key_subject)
-        # Records in unions as (name, record): fastavro then writes them without first validating them
-        # against each branch (a third of the capture's encoding time). The bytes are the same.
-        row = compiled.row_name
-        value = {
-            "before": None if before is None else (row, before),
-            "after": None if after is None else (row, after),
-            "source": source,
-            "op": change.op,
-            "ts_ms": now,
-            "transaction": (TRANSACTION_BLOCK, transaction),
-        }
-        return compiled, key, self._codec.encode(compiled.value_schema, value, value_subject)
+        if compiled.header is None:
+            compiled.header = self._codec.header(compiled.value_schema, value_subject)
+        source, transaction, total_order, collection_order = place
+        writer = compiled.writer
+        value = writer.value(
+            compiled.header,
+            writer.image(before),
+            writer.image(after),
+            source,
+            change.row,
+            change.op,
+            now,
+            transaction,
+            total_order,
+            collection_order,
+        )
+        return compiled, key, value
 
     def _transaction_event(self, unit: ChangeUnit, status: str, counts: Counter[str] | None) -> None:
         record = {

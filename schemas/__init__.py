@@ -96,6 +96,23 @@ def _load_fixed() -> dict[str, Schema]:
 FIXED: dict[str, Schema] = _load_fixed()
 
 
+def avro_long(n: int) -> bytes:
+    """An Avro int or long as written: zigzag, then little-endian base 128 (what fastavro writes)."""
+    n = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def avro_string(text: str) -> bytes:
+    """An Avro string as written: its UTF-8 length, then its UTF-8 bytes."""
+    data = text.encode()
+    return avro_long(len(data)) + data
+
+
 class Codec:
     """Writes values in single-object encoding (or, given a registry and a subject, in the Confluent wire
     format); reads both back, by fingerprint or by registry id.
@@ -122,14 +139,15 @@ class Codec:
     def encode(self, schema: Schema, record: dict[str, Any], subject: str | None = None) -> bytes:
         """Single-object encoding; the Confluent wire format when the codec has a registry and `subject` is given."""
         out = io.BytesIO()
-        if self.registry is not None and subject is not None:
-            out.write(WIRE_MAGIC)
-            out.write(self.registry.id_for(subject, schema.fingerprint, schema.definition).to_bytes(4, "big"))
-        else:
-            out.write(MAGIC)
-            out.write(schema.fingerprint)
+        out.write(self.header(schema, subject))
         fastavro.schemaless_writer(out, schema.parsed, record)
         return out.getvalue()
+
+    def header(self, schema: Schema, subject: str | None = None) -> bytes:
+        """What comes before the Avro body in `encode`: magic and fingerprint, or magic and registry id."""
+        if self.registry is not None and subject is not None:
+            return WIRE_MAGIC + self.registry.id_for(subject, schema.fingerprint, schema.definition).to_bytes(4, "big")
+        return MAGIC + schema.fingerprint
 
     def schema_of(self, data: bytes | None) -> Schema:
         if data is not None and len(data) >= 5 and data[:1] == WIRE_MAGIC:

@@ -17,6 +17,7 @@ from foundation.topics import Topics
 from schemas.tables import (
     Column,
     EnvelopeReader,
+    EnvelopeWriter,
     TableShape,
     envelope_schema,
     key_schema,
@@ -84,6 +85,52 @@ def test_a_row_round_trips_through_its_generated_schema() -> None:
     assert decoded["source"]["gtid"] == "0-1-5"
     back = row_from_avro(SHAPE, decoded["after"])
     assert back == ROW
+
+
+@pytest.mark.parametrize(
+    ("op", "before", "after", "row", "orders"),
+    [
+        ("c", None, ROW, 0, (1, 1)),
+        ("u", {**ROW, "name": None, "blob": None}, ROW, 63, (64, 3)),  # nullable columns as null and not
+        ("d", ROW, None, 64, (2**40, 2**31)),  # varints of two and more bytes
+        ("r", {"id": 0}, {"id": 4294967295, "big": 0}, 0, (1, 1)),
+    ],
+)
+def test_an_envelope_written_from_parts_is_byte_for_byte_the_whole_records_encoding(
+    op: str, before: dict[str, object] | None, after: dict[str, object] | None, row: int, orders: tuple[int, int]
+) -> None:
+    schema = envelope_schema(SHAPE, "p")
+    codec = schemas.Codec()
+    whole = envelope(row_to_avro(SHAPE, after or {}))
+    source = {**whole["source"], "gtid": None if op == "r" else "0-1-5", "table": "séance", "row": row}  # type: ignore[dict-item]
+    images = {side: None if r is None else row_to_avro(SHAPE, r) for side, r in (("before", before), ("after", after))}
+    unit_id = "snapshot:9e9f98db-21bf-48fe-8c93-85149c813ac9" if op == "r" else "0-1-5"
+    expected = codec.encode(
+        schema,
+        {
+            **whole,
+            **images,
+            "source": source,
+            "op": op,
+            "ts_ms": -1 if op == "d" else 1796660720244,
+            "transaction": {"id": unit_id, "total_order": orders[0], "data_collection_order": orders[1]},
+        },
+    )
+    writer = EnvelopeWriter(schema)
+    got = writer.value(
+        codec.header(schema),
+        writer.image(images["before"]),
+        writer.image(images["after"]),
+        EnvelopeWriter.source(source),
+        row,
+        op,
+        -1 if op == "d" else 1796660720244,
+        EnvelopeWriter.transaction(unit_id),
+        *orders,
+    )
+    assert got == expected
+    codec.add(schema)
+    assert codec.decode(got)["source"]["row"] == row
 
 
 def test_sql_converters_read_everything_from_the_schema_alone() -> None:

@@ -268,8 +268,8 @@ class EnvelopeWriter:
     do not change from row to row are encoded once: the `source` block of a
     unit's rows of one table (all but `row`, its last field) and the unit's
     transaction id. Only the row images go through fastavro, with the row
-    record's schema; the rest are a few varints. For a small row this is a
-    third of what encoding the whole envelope costs (the capture's hot path).
+    record's schema; the rest are a few varints. Alone, a small row's event
+    costs 4.5 us against 11 for the whole record (bench/README, capture).
     """
 
     def __init__(self, envelope: Schema) -> None:

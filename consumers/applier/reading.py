@@ -176,7 +176,7 @@ class Reader:
         if collection is None:
             return False
         try:
-            vschema, envelope = self._codec.decode_with_schema(value)
+            vschema, envelope = self._envelopes.decode(value)
             convert = self._envelopes.converters(vschema)
         except schemas.DecodeError as exc:
             self._reject(msg, str(exc))

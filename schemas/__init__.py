@@ -113,6 +113,12 @@ def avro_string(text: str) -> bytes:
     return avro_long(len(data)) + data
 
 
+def body_start(data: bytes) -> int:
+    """Where the Avro body of a value `Codec.schema_of` has read starts: after the wire format's magic and
+    registry id, or after the single-object encoding's magic and fingerprint."""
+    return 5 if data[:1] == WIRE_MAGIC else 10
+
+
 class Codec:
     """Writes values in single-object encoding (or, given a registry and a subject, in the Confluent wire
     format); reads both back, by fingerprint or by registry id.
@@ -185,9 +191,9 @@ class Codec:
         """The writer's schema and the decoded value."""
         schema = self.schema_of(data)
         assert data is not None
-        start = 5 if data[:1] == WIRE_MAGIC else 10
         try:
-            record: dict[str, Any] = fastavro.schemaless_reader(io.BytesIO(data[start:]), schema.parsed, None)  # type: ignore[assignment]
+            body = io.BytesIO(data[body_start(data) :])
+            record: dict[str, Any] = fastavro.schemaless_reader(body, schema.parsed, None)  # type: ignore[assignment]
         except Exception as exc:  # fastavro raises many types on corrupt bodies
             raise DecodeError(f"corrupt Avro body for {schema.subject}: {exc}") from exc
         return schema, record

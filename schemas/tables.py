@@ -19,7 +19,7 @@ from typing import Any
 
 import fastavro
 
-from schemas import FIXED, WIRE_MAGIC, DecodeError, Schema, avro_long, avro_string, expand, load_avsc, make_schema
+from schemas import FIXED, DecodeError, Schema, avro_long, avro_string, body_start, expand, load_avsc, make_schema
 
 _NAME_BAD = re.compile(r"[^A-Za-z0-9_]")
 _LENGTH = re.compile(r"\((\d+)\)")
@@ -480,7 +480,7 @@ class EnvelopeReader:
         if parts is None:
             return self.codec.decode_with_schema(data)  # type: ignore[no-any-return]
         try:
-            return vschema, parts.decode(data, 5 if data[:1] == WIRE_MAGIC else 10)
+            return vschema, parts.decode(data, body_start(data))
         except Exception as exc:  # fastavro raises many types on corrupt bodies
             raise DecodeError(f"corrupt Avro body for {vschema.subject}: {str(exc) or type(exc).__name__}") from exc
 

@@ -89,12 +89,18 @@ def cleanup(
             say(f"kept schemas {', '.join(databases + dest_databases)} and topics {prefix}.*")
         else:
             for side, names in (("SOURCE", databases), ("DEST", dest_databases)):
-                with suppress(Exception):
+                try:
                     conn = connect(env, side)
                     with conn.cursor() as cur:
+                        # A helper table's foreign key to its source table refused DROP DATABASE of the source
+                        # schema, silently: every run left its 80 MB at the source, and later runs read a source
+                        # server whose buffer pool no longer held their tables (slower, and more CPU).
+                        cur.execute("SET FOREIGN_KEY_CHECKS=0")
                         for db in names:
                             cur.execute(f"DROP DATABASE IF EXISTS `{db}`")
                     conn.close()
+                except Exception as exc:  # a figure already printed stays valid; say what is left behind
+                    say(f"  could not drop the benchmark's schemas at the {side.lower()}: {exc}")
             with suppress(Exception):
                 delete_prefixed(Settings.from_env(env), prefix)
 
